@@ -1,0 +1,45 @@
+"""``capnet`` command line: ``main(argv) -> exit code``; each sub-command lives in its own module.
+
+Sub-commands: data, train, eval, predict, demo. Library functions never see argparse objects;
+each command module turns its namespace into explicit arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# module name under capnet.cli -> it defines register(subparsers) and sets func on its parser
+COMMANDS = ("data", "train", "evaluate", "predict", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available sub-command."""
+    parser = argparse.ArgumentParser(prog="capnet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"capnet.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"capnet.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``capnet`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from capnet.errors import CapnetError
+
+    try:
+        return int(args.func(args) or 0)
+    except CapnetError as err:
+        print(f"capnet: error: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,306 @@
+"""Typed run configuration: YAML files merged in a written order, validated, then frozen.
+
+Merge order (later wins), as in CoOp/Dassl:
+  1. the defaults of the dataclasses below
+  2. each ``--config`` YAML, in the order given (typically data, then model, then experiment);
+     a file may list others under ``base:`` (paths relative to it) that are merged first
+  3. ``--set key.path=value`` overrides (values parsed as YAML)
+then the result is validated (unknown keys are errors naming the closest valid key) and frozen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+from capnet.errors import CapnetError
+
+
+class ConfigError(CapnetError, ValueError):
+    """A malformed configuration: the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    reader: str = "folder"  # DATASETS registry key: folder | voc | coco | nus_wide
+    root: str = "data/voc_real_lt"  # dataset directory (relative paths resolve against the cwd)
+    split_dir: Optional[str] = None  # VOC-LT / COCO-LT split-file folder for native layouts
+    val_fraction: float = 0.15  # share of train carved out (stratified) for model selection
+    val_seed: int = 0  # seed of that carve-out; fixed so runs compare
+    batch_size: int = 32  # images per optimisation step (before accumulation)
+    eval_batch_size: int = 64  # images per forward pass at evaluation
+    num_workers: int = 2  # DataLoader worker processes
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    enabled: bool = True  # learnable soft prompts (CoOp); off = fixed hand-written templates
+    n_ctx: int = 16  # number of learnable context vectors
+    class_specific: bool = False  # one context per class (CSC) instead of shared
+    init: Optional[str] = "a photo of a"  # phrase to initialise from; null = random N(0, 0.02)
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    source: str = "text"  # GRAPHS key: text (class-name embeddings) | cooccurrence | none
+    topk: Optional[int] = 5  # keep the k strongest neighbours per class (null: no top-k)
+    threshold: Optional[float] = None  # keep similarities >= threshold (null: no threshold)
+    p: float = 0.2  # ML-GCN re-weighting: off-diagonal mass p, self weight 1 - p
+    tau: float = 0.4  # co-occurrence graph binarisation threshold (ML-GCN)
+
+
+@dataclass(frozen=True)
+class GCNConfig:
+    enabled: bool = True  # refine class embeddings by graph convolution
+    layers: int = 2  # graph-convolution layers
+    hidden: int = 1024  # width of hidden layers
+    residual: float = 1.0  # weight of the GCN output added to the prompt embeddings
+    dropout: float = 0.0  # dropout between layers
+
+
+@dataclass(frozen=True)
+class PEFTConfig:
+    method: str = "none"  # PEFT key: none | adaptformer | lora | vpt_shallow | vpt_deep | bitfit | conv_adapter
+    options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of that method
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "capnet"  # HEADS key: capnet | linear_probe | zeroshot
+    backbone: str = "vgg19_minilm.offline"  # BACKBONES key ("arch.tag")
+    weights: Optional[str] = None  # local checkpoint file or directory for the backbone
+    backbone_options: Dict[str, Any] = field(default_factory=dict)  # extra backbone kwargs
+    proj_dim: int = 512  # shared space width when the towers are not aligned (offline default)
+    templates: List[str] = field(default_factory=lambda: ["a photo of a {}."])  # text templates
+    logit_scale: float = 20.0  # initial scale of cosine logits (learnable)
+    learn_logit_scale: bool = True  # train the scale
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    gcn: GCNConfig = field(default_factory=GCNConfig)
+    peft: PEFTConfig = field(default_factory=PEFTConfig)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "db_focal"  # LOSSES key: bce | focal | db_focal
+    options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of that loss
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.002  # base learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 / decoupled weight decay
+    lr_scale: Dict[str, float] = field(default_factory=dict)  # per-group multipliers: prompts, gcn, peft, head
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_epochs: int = 1  # linear warm-up epochs
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20  # passes over train
+    seed: int = 0  # seeds python, numpy and torch
+    amp: str = "none"  # none | bf16 | fp16 (autocast; GPU only for fp16)
+    grad_accum: int = 1  # optimiser step every N batches
+    ema: Optional[float] = None  # EMA decay of trainable tensors (null: off)
+    select: str = "val"  # model selection: val (best val mAP) | last (fixed final epoch)
+    feature_cache: bool = True  # cache frozen image features (only when no PEFT and no augment)
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 20  # progress-bar refresh in steps
+
+
+@dataclass(frozen=True)
+class TTEConfig:
+    views: str = "single"  # single | flip | five_crop | ten_crop
+    templates: bool = False  # average the fixed-template class embeddings over model.templates
+    resize_scale: float = 1.15  # enlarge before cropping views (LIFT expands the resize)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tte: TTEConfig = field(default_factory=TTEConfig)
+
+
+# ------------------------------------------------------------------------ building
+
+def _unwrap_optional(tp: Any) -> Any:
+    if get_origin(tp) is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    tp_inner = _unwrap_optional(tp)
+    if value is None:
+        if tp_inner is not tp:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here")
+    if dataclasses.is_dataclass(tp_inner):
+        return _build(tp_inner, value, where)
+    origin = get_origin(tp_inner)
+    if origin in (list, List, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if origin in (dict, Dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp_inner is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp_inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp_inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp_inner is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key not in ("options",):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read one YAML config (following its ``base:`` list) into a plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    merged: Dict[str, Any] = {}
+    for base in raw.pop("base", []) or []:
+        merged = _deep_merge(merged, read_yaml(path.parent / base))
+    return _deep_merge(merged, raw)
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}} with the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    node: Dict[str, Any] = {}
+    cur = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cur[part] = {}
+        cur = cur[part]
+    cur[parts[-1]] = parsed
+    return node
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    """Validate a plain dict into a frozen Config."""
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(paths: Sequence[Union[str, Path]] = (), overrides: Sequence[str] = ()) -> Config:
+    """Merge YAML files then ``key=value`` overrides (the order in the module docstring)."""
+    merged: Dict[str, Any] = {}
+    for p in paths:
+        merged = _deep_merge(merged, read_yaml(p))
+    for o in overrides:
+        merged = _deep_merge(merged, parse_override(o))
+    try:
+        return config_from_dict(merged)
+    except ConfigError as err:
+        src = ", ".join(str(p) for p in paths) or "<defaults>"
+        raise ConfigError(f"{err} (from {src})") from None
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    """Frozen config -> plain dict (for YAML and JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace re-exported for frozen configs."""
+    return dataclasses.replace(cfg, **changes)
+
+
+_CHOICES = {
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.select": ("val", "last"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "optim.optimizer": ("sgd", "adamw"),
+    "optim.scheduler": ("cosine", "constant"),
+    "tte.views": ("single", "flip", "five_crop", "ten_crop"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(choices)}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    if cfg.train.select == "val" and cfg.data.val_fraction == 0.0:
+        raise ConfigError("train.select=val needs data.val_fraction > 0 (model selection never uses test)")
+    if cfg.model.prompts.n_ctx < 1:
+        raise ConfigError("model.prompts.n_ctx must be >= 1")
+    if cfg.train.grad_accum < 1 or cfg.train.epochs < 1:
+        raise ConfigError("train.grad_accum and train.epochs must be >= 1")
+    for t in cfg.model.templates:
+        if "{}" not in t:
+            raise ConfigError(f"model.templates entry {t!r} has no '{{}}' placeholder for the class name")

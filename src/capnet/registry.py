@@ -1,0 +1,70 @@
+"""The one Registry class: components are registered by name and built from configs.
+
+Dassl/timm style: a decorator registers a builder, a duplicate name is an error, an unknown
+name is an error that lists the available ones (with the closest match first).
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+
+class Registry:
+    """A name -> builder mapping with helpful errors."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: Dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: Optional[str] = None) -> Callable[[T], T]:
+        """Decorator: ``@REG.register("name")`` (defaults to the object's ``__name__``)."""
+
+        def deco(obj: T) -> T:
+            key = name or obj.__name__
+            if key in self._items:
+                raise KeyError(f"{self.kind} '{key}' is already registered")
+            self._items[key] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> Callable[..., Any]:
+        """Return the builder registered as ``name`` or raise a KeyError naming the choices."""
+        try:
+            return self._items[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._items), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise KeyError(
+                f"unknown {self.kind} '{name}'.{hint} Available: {', '.join(sorted(self._items))}"
+            ) from None
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Look up ``name`` and call its builder."""
+        return self.get(name)(*args, **kwargs)
+
+    def names(self, pattern: str = "*") -> List[str]:
+        """Registered names, filtered by a shell-style wildcard."""
+        return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+BACKBONES = Registry("backbone")
+PEFT = Registry("PEFT method")
+LOSSES = Registry("loss")
+DATASETS = Registry("dataset reader")
+GRAPHS = Registry("label graph")
