@@ -1,1 +1,38 @@
-"""TODO"""
+"""Multi-label datasets: one in-memory form (``MultiLabelDataset``) and registered readers.
+
+Importing this package registers every reader in ``capnet.registry.DATASETS``:
+``folder`` (the repository layout of data/voc_real_lt), ``voc`` (VOCdevkit, VOC-LT with a
+split folder), ``coco`` (COCO 2017, COCO-LT with a split folder) and ``nus_wide``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from capnet.data import coco, folder, nus_wide, voc  # noqa: F401  (register the readers)
+from capnet.data.base import ImageDataset, MultiLabelDataset, Split, load_image
+from capnet.data.lt_stats import GROUP_NAMES, assign_groups, class_freq, describe, imbalance_ratio
+from capnet.errors import DataError
+from capnet.registry import DATASETS
+
+PathLike = Union[str, Path]
+
+
+def load_dataset(reader: str, root: PathLike, split_dir: Optional[PathLike] = None, **options: Any) -> MultiLabelDataset:
+    """Build a dataset with the DATASETS reader ``reader`` (options go to that reader)."""
+    try:
+        build = DATASETS.get(reader)
+    except KeyError as err:
+        raise DataError(str(err.args[0])) from None
+    return build(Path(root), split_dir=None if split_dir is None else Path(split_dir), **options)
+
+
+def list_readers() -> list:
+    """Names of the registered dataset readers."""
+    return DATASETS.names()
+
+
+__all__ = [
+    "DATASETS", "GROUP_NAMES", "ImageDataset", "MultiLabelDataset", "Split", "assign_groups",
+    "class_freq", "describe", "imbalance_ratio", "list_readers", "load_dataset", "load_image",
+]

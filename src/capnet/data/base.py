@@ -1,0 +1,160 @@
+"""The in-memory multi-label dataset every reader returns, and the torch Dataset over one split.
+
+A reader (folder, voc, coco, nus_wide) only has to produce image ids, image paths and an
+(N, C) multi-hot array per split; everything downstream (loaders, losses, metrics, the
+head/medium/tail report) works on ``MultiLabelDataset``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from capnet.data.lt_stats import GROUP_NAMES, assign_groups, class_freq
+from capnet.errors import DataError
+
+
+@dataclass
+class Split:
+    """One split: ids, image files and the multi-hot targets, all aligned by row."""
+
+    image_ids: List[str]
+    image_paths: List[Path]
+    labels: np.ndarray  # (N, C) float32 in {0, 1}
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.float32)
+        self.image_paths = [Path(p) for p in self.image_paths]
+        n = len(self.image_ids)
+        if self.labels.ndim != 2 or self.labels.shape[0] != n or len(self.image_paths) != n:
+            raise DataError(
+                f"split rows disagree: {n} ids, {len(self.image_paths)} paths, labels {self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def subset(self, indices: Sequence[int]) -> "Split":
+        """The rows ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return Split([self.image_ids[i] for i in idx], [self.image_paths[i] for i in idx], self.labels[idx])
+
+
+@dataclass
+class MultiLabelDataset:
+    """Classes plus named splits ("train", optional "val", "test") of one dataset."""
+
+    name: str
+    root: Path
+    classes: List[str]
+    splits: Dict[str, Split]
+    class_groups: Optional[Dict[str, List[str]]] = None  # from class_split.json when present
+
+    def __post_init__(self) -> None:
+        for key, split in self.splits.items():
+            if split.labels.shape[1] != len(self.classes):
+                raise DataError(
+                    f"{self.name}: split '{key}' has {split.labels.shape[1]} label columns "
+                    f"for {len(self.classes)} classes"
+                )
+        if self.class_groups is not None:
+            self._group_indices(self.class_groups)  # validate early
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return len(self.classes)
+
+    def class_freq(self, split: str = "train") -> np.ndarray:
+        """Positive images per class in ``split`` (int64, (C,))."""
+        if split not in self.splits:
+            raise DataError(f"{self.name} has no split '{split}' (has: {', '.join(self.splits)})")
+        return class_freq(self.splits[split].labels)
+
+    def groups(self) -> Dict[str, np.ndarray]:
+        """"head"/"medium"/"tail" -> class indices: class_split.json if given, else train thresholds."""
+        if self.class_groups is not None:
+            return self._group_indices(self.class_groups)
+        return assign_groups(self.class_freq("train"))
+
+    def _group_indices(self, class_groups: Dict[str, List[str]]) -> Dict[str, np.ndarray]:
+        index = {c: i for i, c in enumerate(self.classes)}
+        out: Dict[str, np.ndarray] = {}
+        for group in GROUP_NAMES:
+            names = class_groups.get(group, [])
+            unknown = [n for n in names if n not in index]
+            if unknown:
+                raise DataError(f"{self.name}: class group '{group}' names unknown classes {unknown}")
+            out[group] = np.array(sorted(index[n] for n in names), dtype=np.int64)
+        extra = set(class_groups) - set(GROUP_NAMES)
+        if extra:
+            raise DataError(f"{self.name}: unknown class groups {sorted(extra)} (expected {GROUP_NAMES})")
+        return out
+
+    def with_val_split(self, fraction: float, seed: int) -> "MultiLabelDataset":
+        """Carve a stratified multi-label "val" split out of train (unless one exists).
+
+        Deterministic for a given (fraction, seed): iterstrat's MultilabelStratifiedShuffleSplit
+        keeps every class's share roughly equal in both parts. The head/medium/tail groups are
+        frozen from the FULL original train counts (stored in ``class_groups``), so a class does
+        not change group because a val split was held out and results stay comparable with the
+        published splits. fraction == 0 or an existing "val" split returns ``self`` unchanged.
+        """
+        if not 0.0 <= fraction < 1.0:
+            raise DataError(f"val fraction must be in [0, 1), got {fraction}")
+        if fraction == 0.0 or "val" in self.splits:
+            return self
+        if "train" not in self.splits:
+            raise DataError(f"{self.name} has no 'train' split to carve a val split from")
+        from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+        train = self.splits["train"]
+        if len(train) < 2:
+            raise DataError(f"{self.name}: train has {len(train)} image(s), too few to carve a val split")
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        train_idx, val_idx = next(splitter.split(np.zeros((len(train), 1)), train.labels))
+        groups = self.groups()
+        frozen = {g: [self.classes[i] for i in idx] for g, idx in groups.items()}
+        splits = dict(self.splits)
+        splits["train"] = train.subset(np.sort(train_idx))
+        splits["val"] = train.subset(np.sort(val_idx))
+        return dataclasses.replace(self, splits=splits, class_groups=frozen)
+
+
+def load_image(path: Union[str, Path]) -> Image.Image:
+    """Open and fully decode an image as RGB; a missing, truncated or corrupt file is a DataError."""
+    path = Path(path)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise DataError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled; capnet refuses to load truncated images "
+            "silently (something in this process set it)"
+        )
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """torch Dataset over a Split: item i -> (transformed image, float32 target (C,), i)."""
+
+    def __init__(self, split: Split, transform: Callable[[Image.Image], Any]) -> None:
+        self.split = split
+        self.transform = transform
+        self.targets = torch.from_numpy(np.ascontiguousarray(split.labels, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> Tuple[Any, torch.Tensor, int]:
+        image = load_image(self.split.image_paths[i])
+        return self.transform(image), self.targets[i].clone(), i

@@ -1,0 +1,51 @@
+"""The ``folder`` reader: the repository's own simple layout (used by data/voc_real_lt).
+
+    root/classes.txt            one class name per line, in index order
+    root/train.csv              image_id,labels  (labels: space-separated class names; empty = none)
+    root/val.csv                optional, same columns
+    root/test.csv               same columns
+    root/class_split.json       optional {"head": [...], "medium": [...], "tail": [...]}
+    root/images/<image_id>.jpg  (.jpeg / .png too, or image_id already carrying its extension)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+from capnet.data._files import check_disjoint, read_class_split, read_classes, read_label_csv, resolve_image
+from capnet.data.base import MultiLabelDataset, Split
+from capnet.errors import DataError
+from capnet.registry import DATASETS
+
+REQUIRED_SPLITS = ("train", "test")
+OPTIONAL_SPLITS = ("val",)
+
+
+def read_split_csv(path: Path, classes: list, image_dir: Path) -> Split:
+    """One ``image_id,labels`` CSV with its image files resolved under ``image_dir``."""
+    ids, labels = read_label_csv(path, classes)
+    paths = [resolve_image(image_dir, i, f"{path} (image '{i}')") for i in ids]
+    return Split(ids, paths, labels)
+
+
+@DATASETS.register("folder")
+def build_folder(root: Path, split_dir: Optional[Path] = None) -> MultiLabelDataset:
+    """Read a folder-layout dataset (see the module docstring)."""
+    root = Path(root)
+    if split_dir is not None:
+        raise DataError(f"the folder reader reads its labels from {root}; split_dir={split_dir} is not used by it")
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    classes = read_classes(root / "classes.txt")
+    image_dir = root / "images"
+    if not image_dir.is_dir():
+        raise DataError(f"image folder not found: {image_dir}")
+    splits: Dict[str, Split] = {}
+    for name in REQUIRED_SPLITS + OPTIONAL_SPLITS:
+        path = root / f"{name}.csv"
+        if name in OPTIONAL_SPLITS and not path.exists():
+            continue
+        splits[name] = read_split_csv(path, classes, image_dir)
+    check_disjoint({k: s.image_ids for k, s in splits.items()}, str(root))
+    groups = read_class_split(root / "class_split.json", classes)
+    return MultiLabelDataset(root.name, root, classes, splits, groups)

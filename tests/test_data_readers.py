@@ -1,0 +1,190 @@
+"""The voc, coco and nus_wide readers on tiny fake trees of their native layouts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capnet.data import load_dataset
+from capnet.data.voc import VOC_CLASSES
+from capnet.errors import DataError
+
+# ----------------------------------------------------------------------------- VOC
+
+
+def _voc_xml(objects):
+    body = "".join(
+        f"<object><name>{n}</name><difficult>{int(d)}</difficult></object>" for n, d in objects
+    )
+    return f"<annotation><filename>x.jpg</filename>{body}</annotation>"
+
+
+def _voc_year(root: Path, year: str, sets: dict, annotations: dict, write_jpeg) -> None:
+    base = root / f"VOC{year}"
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    (base / "Annotations").mkdir()
+    for name, ids in sets.items():
+        (base / "ImageSets" / "Main" / f"{name}.txt").write_text("\n".join(ids) + "\n")
+    for k, (image_id, objects) in enumerate(annotations.items()):
+        (base / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(objects))
+        write_jpeg(base / "JPEGImages" / f"{image_id}.jpg", seed=k)
+
+
+@pytest.fixture
+def voc_root(tmp_path, write_jpeg):
+    root = tmp_path / "VOCdevkit"
+    _voc_year(root, "2007", {"trainval": ["000005", "000007"], "test": ["000001", "000002"]},
+              {"000005": [("chair", 0), ("chair", 1)], "000007": [("car", 0)],
+               "000001": [("dog", 0), ("person", 0)], "000002": [("train", 0), ("cat", 1)]}, write_jpeg)
+    _voc_year(root, "2012", {"trainval": ["2008_000008", "2008_000023"]},
+              {"2008_000008": [("horse", 0), ("person", 0)], "2008_000023": [("bottle", 1), ("tvmonitor", 0)]},
+              write_jpeg)
+    return root
+
+
+def _row(ds, split, image_id):
+    s = ds.splits[split]
+    return {ds.classes[j] for j in np.flatnonzero(s.labels[s.image_ids.index(image_id)])}
+
+
+def test_voc_full(voc_root):
+    ds = load_dataset("voc", voc_root)
+    assert ds.classes == list(VOC_CLASSES) and ds.class_groups is None
+    assert ds.splits["train"].image_ids == ["000005", "000007", "2008_000008", "2008_000023"]
+    assert ds.splits["test"].image_ids == ["000001", "000002"]
+    assert _row(ds, "train", "2008_000008") == {"horse", "person"}
+    assert _row(ds, "test", "000002") == {"train", "cat"}  # difficult counted by default
+    assert ds.splits["train"].image_paths[2] == voc_root / "VOC2012" / "JPEGImages" / "2008_000008.jpg"
+    strict = load_dataset("voc", voc_root, include_difficult=False)
+    assert _row(strict, "test", "000002") == {"train"}
+    assert _row(strict, "train", "000005") == {"chair"}
+
+
+def test_voc_lt_with_split_dir(voc_root, tmp_path):
+    split = tmp_path / "voc_lt"
+    split.mkdir()
+    (split / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
+    (split / "train.csv").write_text("image_id,labels\n2008_000023,bottle tvmonitor\n")
+    (split / "test.csv").write_text("image_id,labels\n000001,dog person\n000002,cat train\n")
+    (split / "class_split.json").write_text(json.dumps({"head": ["bottle"], "medium": [], "tail": ["tvmonitor"]}))
+    ds = load_dataset("voc", voc_root, split_dir=split)
+    assert ds.name == "voc_lt"
+    assert ds.splits["train"].image_ids == ["2008_000023"] and len(ds.splits["test"]) == 2
+    assert _row(ds, "train", "2008_000023") == {"bottle", "tvmonitor"}
+    assert ds.groups()["tail"].tolist() == [VOC_CLASSES.index("tvmonitor")]
+    with pytest.warns(UserWarning, match="differ from the XML"):
+        load_dataset("voc", voc_root, split_dir=split, include_difficult=False)
+    (split / "train.csv").write_text("image_id,labels\n2008_999999,cat\n")
+    with pytest.raises(DataError, match="2008_999999.xml"):
+        load_dataset("voc", voc_root, split_dir=split)
+
+
+def test_voc_errors(voc_root, tmp_path):
+    with pytest.raises(DataError, match="VOC2007"):
+        load_dataset("voc", tmp_path)
+    (voc_root / "VOC2007" / "JPEGImages" / "000002.jpg").unlink()
+    with pytest.raises(DataError, match="000002.jpg"):
+        load_dataset("voc", voc_root)
+    (voc_root / "VOC2007" / "Annotations" / "000007.xml").write_text(_voc_xml([("unicorn", 0)]))
+    with pytest.raises(DataError, match="000007.xml.*unicorn"):
+        load_dataset("voc", voc_root)
+
+
+# ---------------------------------------------------------------------------- COCO
+
+COCO_CATS = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 10, "name": "traffic light"}]
+
+
+def _coco_file(root: Path, sub: str, images: dict, anns: list, write_jpeg) -> None:
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    raw = {
+        "categories": list(reversed(COCO_CATS)),  # order in the file must not matter
+        "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in images],
+        "annotations": [{"image_id": i, "category_id": c, "iscrowd": 0} for i, c in anns],
+    }
+    (root / "annotations" / f"instances_{sub}.json").write_text(json.dumps(raw))
+    for k, i in enumerate(images):
+        write_jpeg(root / sub / f"{i:012d}.jpg", seed=k)
+
+
+@pytest.fixture
+def coco_root(tmp_path, write_jpeg):
+    root = tmp_path / "coco"
+    _coco_file(root, "train2017", {9: None, 25: None, 30: None}, [(9, 1), (9, 10), (25, 3), (25, 3)], write_jpeg)
+    _coco_file(root, "val2017", {139: None, 285: None}, [(139, 1)], write_jpeg)
+    return root
+
+
+def test_coco_full(coco_root):
+    ds = load_dataset("coco", coco_root)
+    assert ds.classes == ["person", "car", "traffic_light"]
+    assert ds.splits["train"].image_ids == ["9", "25", "30"]
+    np.testing.assert_array_equal(ds.splits["train"].labels, [[1, 0, 1], [0, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(ds.splits["test"].labels, [[1, 0, 0], [0, 0, 0]])  # 285: no annotation
+    assert ds.splits["test"].image_paths[1] == coco_root / "val2017" / "000000000285.jpg"
+
+
+def test_coco_lt_with_split_dir(coco_root, tmp_path):
+    split = tmp_path / "coco_lt"
+    split.mkdir()
+    (split / "classes.txt").write_text("person\ncar\ntraffic_light\n")
+    (split / "train.csv").write_text("image_id,labels\n25,car\n9,person traffic_light\n")
+    (split / "test.csv").write_text("image_id,labels\n285,\n")
+    ds = load_dataset("coco", coco_root, split_dir=split)
+    assert ds.splits["train"].image_ids == ["25", "9"] and ds.splits["test"].image_ids == ["285"]
+    np.testing.assert_array_equal(ds.splits["train"].labels, [[0, 1, 0], [1, 0, 1]])
+    assert ds.splits["test"].labels.sum() == 0
+    (split / "test.csv").write_text("image_id,labels\n9,\n")  # a train2017 id is not in val2017
+    with pytest.raises(DataError, match="'9' is not in .*instances_val2017.json"):
+        load_dataset("coco", coco_root, split_dir=split)
+    (split / "classes.txt").write_text("person\ncar\ntraffic light\n")
+    with pytest.raises(DataError, match="classes differ"):
+        load_dataset("coco", coco_root, split_dir=split)
+
+
+# ------------------------------------------------------------------------ NUS-WIDE
+
+
+@pytest.fixture
+def nus_root(tmp_path, write_jpeg):
+    root = tmp_path / "nus"
+    concepts = ["airport", "animal", "beach"]
+    (root / "ImageList").mkdir(parents=True)
+    (root / "Concepts81.txt").write_text("\n".join(concepts) + "\n")
+    lists = {"Train": ["actor\\0001_11.jpg", "beach\\0002_12.jpg", "beach\\0003_13.jpg"], "Test": ["zoo\\0004_14.jpg"]}
+    labels = {"Train": {"airport": "1 0 0", "animal": "1 0 1", "beach": "0 1 0"},
+              "Test": {"airport": "0", "animal": "1", "beach": "1"}}
+    gt = root / "Groundtruth" / "TrainTestLabels"
+    gt.mkdir(parents=True)
+    for tag, items in lists.items():
+        (root / "ImageList" / f"{tag}Imagelist.txt").write_text("\r\n".join(items) + "\r\n")
+        for k, item in enumerate(items):
+            write_jpeg(root / "Flickr" / item.replace("\\", "/"), seed=k)
+        for concept, values in labels[tag].items():
+            (gt / f"Labels_{concept}_{tag}.txt").write_text("\n".join(values.split()) + "\n")
+    return root
+
+
+def test_nus_wide(nus_root):
+    ds = load_dataset("nus_wide", nus_root)
+    assert ds.classes == ["airport", "animal", "beach"]
+    assert ds.splits["train"].image_ids == ["actor/0001_11.jpg", "beach/0002_12.jpg", "beach/0003_13.jpg"]
+    np.testing.assert_array_equal(ds.splits["train"].labels, [[1, 1, 0], [0, 0, 1], [0, 1, 0]])
+    np.testing.assert_array_equal(ds.splits["test"].labels, [[0, 1, 1]])
+    assert ds.splits["test"].image_paths[0] == nus_root / "Flickr" / "zoo" / "0004_14.jpg"
+
+
+def test_nus_wide_missing_images_and_bad_labels(nus_root):
+    (nus_root / "Flickr" / "beach" / "0002_12.jpg").unlink()
+    with pytest.raises(DataError, match="1 of 3 images are missing.*0002_12.jpg"):
+        load_dataset("nus_wide", nus_root)
+    with pytest.warns(UserWarning, match="dropped 1 of 3"):
+        ds = load_dataset("nus_wide", nus_root, drop_missing=True)
+    assert ds.splits["train"].image_ids == ["actor/0001_11.jpg", "beach/0003_13.jpg"]
+    np.testing.assert_array_equal(ds.splits["train"].labels, [[1, 1, 0], [0, 1, 0]])
+    label_file = nus_root / "Groundtruth" / "TrainTestLabels" / "Labels_beach_Train.txt"
+    label_file.write_text("0\n1\n")
+    with pytest.raises(DataError, match="Labels_beach_Train.txt: 2 labels for 3 images"):
+        load_dataset("nus_wide", nus_root, drop_missing=True)
