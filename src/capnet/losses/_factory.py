@@ -1,0 +1,51 @@
+"""build_loss: the one place that turns a loss name + options dict into a module."""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Mapping, Optional, Sequence
+
+from torch import nn
+
+from capnet.errors import CapnetError
+from capnet.registry import LOSSES
+
+DATA_ARGS = ("class_freq", "train_num")  # supplied from the training set, never from options
+
+
+class LossConfigError(CapnetError, ValueError):
+    """A loss option that the named loss does not accept, or missing class statistics."""
+
+
+def loss_options(name: str) -> list:
+    """The option names a registered loss accepts (constructor args minus the data statistics)."""
+    params = inspect.signature(LOSSES.get(name)).parameters
+    return [p for p in params if p not in DATA_ARGS and p != "self"]
+
+
+def build_loss(
+    name: str,
+    options: Optional[Mapping[str, Any]] = None,
+    class_freq: Optional[Sequence[int]] = None,
+    train_num: Optional[int] = None,
+) -> nn.Module:
+    """Build LOSSES[name](**options), passing class_freq/train_num only where the loss asks."""
+    builder = LOSSES.get(name)
+    options = dict(options or {})
+    valid = loss_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise LossConfigError(
+            f"loss '{name}': unknown option(s) {', '.join(hints)}; valid options: {', '.join(valid) or '(none)'}"
+        )
+    params = inspect.signature(builder).parameters
+    for arg, value in (("class_freq", class_freq), ("train_num", train_num)):
+        if arg in params:
+            if value is None:
+                raise LossConfigError(f"loss '{name}' needs {arg} from the training set, got None")
+            options[arg] = value
+    return builder(**options)

@@ -1,0 +1,77 @@
+"""LoRA (Hu et al., ICLR 2022, eq. 3) on the ViT attention: W + (alpha / r) * B A for qkv and out.
+
+Implemented with ``torch.nn.utils.parametrize`` on ``attn.in_proj_weight`` (the fused q/k/v
+projection of ``nn.MultiheadAttention``) and ``attn.out_proj.weight``; B is zero-initialised so
+the tower is unchanged at initialisation. Note: parametrisation renames the frozen weights in the
+tower's state_dict to ``...parametrizations.<name>.original``; load tower weights before applying.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from capnet.models.peft.base import VIT, PEFTError, PEFTMethod
+from capnet.registry import PEFT
+
+TARGETS = ("qkv", "out")
+
+
+class LoRADelta(nn.Module):
+    """Parametrization W -> W + scaling * B @ A with A (r, in) Kaiming-uniform, B (out, r) zeros."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The effective weight seen by the wrapped layer."""
+        return weight + self.scaling * (self.lora_B @ self.lora_A).to(weight.dtype)
+
+
+class LoRA(PEFTMethod):
+    """Low-rank updates on every block's attention projections."""
+
+    name = "lora"
+    supported = (VIT,)
+
+    def __init__(self, rank: int = 8, alpha: float = 8.0, targets: Sequence[str] = TARGETS) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"PEFT method 'lora': rank must be >= 1, got {rank}")
+        bad = [t for t in targets if t not in TARGETS]
+        if bad or not targets:
+            raise ValueError(f"PEFT method 'lora': targets must be a non-empty subset of {TARGETS}, got {list(targets)}")
+        self.rank, self.alpha, self.targets = int(rank), float(alpha), tuple(targets)
+        self.deltas = nn.ModuleList()
+
+    def _patch(self, visual: nn.Module, kind: str) -> None:
+        for index, block in enumerate(visual.transformer.resblocks):
+            attn = getattr(block, "attn", None)
+            if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+                raise PEFTError(
+                    f"PEFT method 'lora': block {index} of {type(visual).__name__} has no fused "
+                    f"nn.MultiheadAttention ({type(attn).__name__}); custom attention blocks are unsupported"
+                )
+            for module, param_name in self._sites(attn):
+                out_f, in_f = getattr(module, param_name).shape
+                delta = LoRADelta(out_f, in_f, self.rank, self.alpha)
+                parametrize.register_parametrization(module, param_name, delta)
+                self.deltas.append(delta)
+
+    def _sites(self, attn: nn.MultiheadAttention) -> Tuple[Tuple[nn.Module, str], ...]:
+        """(module, parameter name) pairs to adapt, in the order of ``targets``."""
+        sites = {"qkv": (attn, "in_proj_weight"), "out": (attn.out_proj, "weight")}
+        return tuple(sites[t] for t in self.targets)
+
+
+@PEFT.register("lora")
+def lora(rank: int = 8, alpha: float = 8.0, targets: Sequence[str] = TARGETS) -> LoRA:
+    """LoRA of rank ``rank`` and scaling ``alpha / rank`` on ``targets`` ('qkv', 'out')."""
+    return LoRA(rank=rank, alpha=alpha, targets=targets)
