@@ -1,0 +1,70 @@
+"""The registered CLIP variants ("arch.tag", timm style): architecture and usual weight homes.
+
+Architectures are open_clip model configs (data, not code); the table below adds what capnet
+needs on top: where a copy of the weights is usually cached and whether the tag means random
+initialisation (the tiny test architectures).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+import open_clip
+
+OPENAI_LICENSE = "MIT (OpenAI CLIP)"
+
+# Tiny architectures for tests and speed checks: same code paths as the real towers, ~2M
+# parameters (the 49408 x 32 token table dominates), random weights.
+_TINY_TEXT: Dict[str, Any] = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+TINY_VIT_CONFIG: Dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": _TINY_TEXT,
+}
+TINY_RN_CONFIG: Dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+    "text_cfg": _TINY_TEXT,
+}
+
+
+@dataclass(frozen=True)
+class CLIPArch:
+    """One registered CLIP variant: its open_clip architecture and where its weights may be."""
+
+    name: str  # registry key, e.g. "clip_vit_b16.openai"
+    open_clip_name: str  # open_clip architecture name ("ViT-B-16"), or a label for custom ones
+    config: Optional[Mapping[str, Any]] = None  # custom open_clip config; None: open_clip's own
+    openai_file: Optional[str] = None  # file name of the OpenAI release archive ("ViT-B-16.pt")
+    hf_hub_open_clip: Optional[str] = None  # open_clip weights repo on the HF hub
+    hf_transformers: Optional[str] = None  # transformers CLIPModel repo on the HF hub
+    license: Optional[str] = None  # licence of the weights
+    random_tag: bool = False  # the tag is "random": weights=None means random initialisation
+
+    def model_config(self) -> Dict[str, Any]:
+        """A fresh open_clip config dict (embed_dim, vision_cfg, text_cfg) for this architecture."""
+        cfg = self.config if self.config is not None else open_clip.get_model_config(self.open_clip_name)
+        if cfg is None:
+            raise KeyError(f"open_clip {open_clip.__version__} has no architecture '{self.open_clip_name}'")
+        return copy.deepcopy(dict(cfg))
+
+
+CLIP_ARCHS: Dict[str, CLIPArch] = {
+    a.name: a
+    for a in (
+        CLIPArch("clip_rn50.openai", "RN50", openai_file="RN50.pt",
+                 hf_hub_open_clip="timm/resnet50_clip.openai", license=OPENAI_LICENSE),
+        CLIPArch("clip_vit_b16.openai", "ViT-B-16", openai_file="ViT-B-16.pt",
+                 hf_hub_open_clip="timm/vit_base_patch16_clip_224.openai",
+                 hf_transformers="openai/clip-vit-base-patch16", license=OPENAI_LICENSE),
+        CLIPArch("clip_vit_b32.openai", "ViT-B-32", openai_file="ViT-B-32.pt",
+                 hf_hub_open_clip="timm/vit_base_patch32_clip_224.openai",
+                 hf_transformers="openai/clip-vit-base-patch32", license=OPENAI_LICENSE),
+        CLIPArch("clip_vit_l14.openai", "ViT-L-14", openai_file="ViT-L-14.pt",
+                 hf_hub_open_clip="timm/vit_large_patch14_clip_224.openai",
+                 hf_transformers="openai/clip-vit-large-patch14", license=OPENAI_LICENSE),
+        CLIPArch("clip_tiny_vit.random", "tiny-ViT", config=TINY_VIT_CONFIG, random_tag=True),
+        CLIPArch("clip_tiny_rn.random", "tiny-RN", config=TINY_RN_CONFIG, random_tag=True),
+    )
+}
