@@ -1,0 +1,211 @@
+"""Checkpoints as safetensors files, written atomically; ``torch.load`` is never used.
+
+Tensors (trainable weights, EMA weights, optimizer state tensors, torch RNG state) are stored
+under prefixed names (``model.``, ``ema.``, ``optim.<param>.<key>``, ``rng.``); everything
+else (optimizer hyper-parameters, scheduler and grad-scaler state, python/numpy RNG state,
+epoch, metrics, config) is one JSON document in the safetensors metadata under ``capnet``.
+A write goes to a temporary file in the same directory, is fsync'ed, then ``os.replace``d over
+the target, so a crash mid-write leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from capnet.errors import CheckpointError
+
+FORMAT = "capnet-checkpoint-v1"
+PathLike = Union[str, Path]
+
+
+# --------------------------------------------------------------- raw file I/O
+
+def atomic_write_bytes(data: bytes, path: PathLike) -> None:
+    """Write ``data`` to ``path`` via a fsync'ed temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable (POSIX); best effort elsewhere
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], path: PathLike) -> None:
+    """Atomically save tensors plus a JSON-able ``meta`` dict as one safetensors file."""
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"format": FORMAT, "capnet": json.dumps(meta, sort_keys=True)}
+    atomic_write_bytes(st_save(clean, metadata=header), path)
+
+
+def load_file(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Read a file written by :func:`save_file` -> (tensors on CPU, meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a capnet checkpoint (format={header.get('format')!r})")
+    return tensors, json.loads(header.get("capnet", "{}"))
+
+
+def split_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def with_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """Prefix every tensor name."""
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+# ---------------------------------------------------------- weights <-> model
+
+def check_compatible(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], path: PathLike) -> None:
+    """Raise CheckpointError naming the file and every missing / unexpected / mis-shaped key."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches [{'; '.join(shapes)}]")
+        raise CheckpointError(f"{path}: does not match the model: " + ", ".join(parts))
+
+
+def save_weights(model: Any, path: PathLike, meta: Optional[Mapping[str, Any]] = None,
+                 state: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Save the trainable weights (``state`` or the model's own) with the backbone identity."""
+    weights = dict(state) if state is not None else model.trainable_state_dict()
+    save_file(with_prefix(weights, "model."), {**model_identity(model), **(meta or {})}, path)
+
+
+def load_weights(model: Any, path: PathLike) -> Dict[str, Any]:
+    """Load trainable weights saved by :func:`save_weights` into ``model``; returns the meta."""
+    tensors, meta = load_file(path)
+    weights = split_prefix(tensors, "model.")
+    check_compatible(model.trainable_state_dict(), weights, path)
+    model.load_trainable_state_dict(weights)
+    return meta
+
+
+def model_identity(model: Any) -> Dict[str, Any]:
+    """Backbone name and weights checksum, recorded so a checkpoint is not paired with another."""
+    spec = getattr(getattr(model, "backbone", None), "spec", None)
+    if spec is None:
+        return {}
+    return {"backbone": spec.name, "backbone_sha256": spec.weights_sha256}
+
+
+# ------------------------------------------------------------ optimizer state
+
+def flatten_optimizer(opt_state: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``optimizer.state_dict()`` -> (tensors named ``optim.<param>.<key>``, JSON rest)."""
+    tensors: Dict[str, torch.Tensor] = {}
+    scalars: Dict[str, Dict[str, Any]] = {}
+    for pid, pstate in opt_state["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer` (ready for ``optimizer.load_state_dict``)."""
+    state: Dict[int, Dict[str, Any]] = {}
+    for name, value in split_prefix(tensors, "optim.").items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]  # JSON turned tuples (Adam betas) into lists
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------- full training state
+
+def save_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler: Any = None,
+                        scaler: Any = None, ema: Any = None, progress: Optional[Mapping[str, Any]] = None) -> None:
+    """Everything ``resume`` needs: weights, optimizer, scheduler, scaler, EMA, RNG, progress."""
+    from capnet.engine.seed import rng_state
+
+    opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state()
+    tensors = {**with_prefix(model.trainable_state_dict(), "model."), **opt_tensors, **rng_tensors}
+    if ema is not None:
+        tensors.update(with_prefix(ema.state_dict(), "ema."))
+    meta = {
+        **model_identity(model),
+        "optimizer": opt_meta,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": rng_meta,
+        "progress": dict(progress or {}),
+    }
+    save_file(tensors, meta, path)
+
+
+def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler: Any = None,
+                        scaler: Any = None, ema: Any = None) -> Dict[str, Any]:
+    """Restore what :func:`save_training_state` wrote (in place); returns its ``progress`` dict."""
+    from capnet.engine.seed import set_rng_state
+
+    tensors, meta = load_file(path)
+    weights = split_prefix(tensors, "model.")
+    check_compatible(model.trainable_state_dict(), weights, path)
+    model.load_trainable_state_dict(weights)
+    if ema is not None:
+        averages = split_prefix(tensors, "ema.")
+        if not averages:
+            raise CheckpointError(f"{path}: has no EMA weights but train.ema is set (resume with the same config)")
+        check_compatible(ema.state_dict(), averages, path)
+        ema.load_state_dict(averages)
+    try:
+        optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: optimizer state does not match this model's parameter groups ({err})") from None
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("scaler") is not None:
+        scaler.load_state_dict(meta["scaler"])
+    set_rng_state(split_prefix(tensors, ""), meta["rng"])
+    return meta["progress"]

@@ -1,0 +1,78 @@
+"""Scores for a whole loader (views averaged in logit space, ranks gathered) and the mAP report."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from capnet.engine import distributed
+from capnet.engine.loaders import ModelForward, feature_start
+from capnet.errors import CapnetError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``amp`` in none | bf16 | fp16 (fp16 needs CUDA)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise CapnetError(f"train.amp={amp!r} is not one of none, bf16, fp16")
+    if amp == "fp16" and device.type != "cuda":
+        raise CapnetError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def batch_logits(forward: nn.Module, inputs: torch.Tensor, start: Optional[int], tte: bool) -> torch.Tensor:
+    """(B, C) float32 logits; a (B, V, 3, H, W) batch of views is averaged over V in logit space."""
+    if start is None and inputs.ndim == 5:
+        if not tte:
+            raise CapnetError("the loader yields (B, V, 3, H, W) views but tte=False: enable TTE or use a single view")
+        b, v = inputs.shape[:2]
+        return forward(inputs.flatten(0, 1), None).float().view(b, v, -1).mean(dim=1)
+    return forward(inputs, start).float()
+
+
+def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "none",
+                   tte: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores and targets (N, C), in dataset order, gathered over processes.
+
+    The loader yields ``(images | views | cached features, target, index)``; rows are placed
+    by ``index`` so padding added by a DistributedSampler is dropped and every sample appears
+    once. The model's train/eval mode is restored afterwards.
+    """
+    start = feature_start(loader)
+    forward = ModelForward(model)
+    was_training = model.training
+    model.eval()
+    scores, targets, indices = [], [], []
+    try:
+        with torch.inference_mode(), autocast(torch.device(device), amp):
+            for inputs, target, index in loader:
+                logits = batch_logits(forward, inputs.to(device, non_blocking=True), start, tte)
+                scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+                targets.append(np.asarray(target, dtype=np.float32))
+                indices.append(np.asarray(index, dtype=np.int64))
+    finally:
+        model.train(was_training)
+    if not scores:
+        raise CapnetError("evaluation loader is empty: no samples to score")
+    return distributed.gather_predictions(np.concatenate(scores), np.concatenate(targets), np.concatenate(indices))
+
+
+def _map_report() -> Callable[..., Dict[str, Any]]:
+    """capnet.metrics.map_report (imported lazily: metrics is a sibling component)."""
+    from capnet.metrics import map_report
+
+    return map_report
+
+
+def evaluate(model: nn.Module, loader: DataLoader, groups: Dict[str, np.ndarray], class_names: Sequence[str], *,
+             device: torch.device, amp: str = "none", tte: bool = False) -> Dict[str, Any]:
+    """mAP overall / head / medium / tail (``capnet.metrics.map_report``) of ``model`` on ``loader``."""
+    scores, targets = predict_scores(model, loader, device, amp, tte)
+    return _map_report()(scores, targets, groups, list(class_names))

@@ -1,0 +1,250 @@
+"""The training loop: epochs of (accumulated, autocast) steps, validation, checkpoints, CSV log.
+
+Files in ``run_dir`` (written by rank 0 only, each atomically):
+  ``last.safetensors``  full training state after every epoch (``resume=True`` continues from it
+                        and reproduces an uninterrupted run exactly)
+  ``best.safetensors``  the SELECTED trainable weights: best validation mAP (``train.select=val``,
+                        earliest epoch on ties) or the final epoch (``train.select=last``); EMA
+                        weights when ``train.ema`` is set, since those are what was evaluated
+  ``log.csv``           one row per epoch: epoch, lr per group, train loss, val mAP
+                        (overall/head/medium/tail), seconds
+Model selection only ever sees the validation loader; the test split is never passed here.
+On return the model holds the selected weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from capnet.config import Config, to_dict
+from capnet.engine import checkpoint, distributed
+from capnet.engine.ema import EMA
+from capnet.engine.evaluate import autocast, evaluate
+from capnet.engine.loaders import ModelForward, feature_start
+from capnet.engine.optim import build_optimizer, build_scheduler, group_lrs
+from capnet.engine.seed import reseed_loader, seed_everything
+from capnet.errors import CheckpointError, TrainingError
+
+log = logging.getLogger(__name__)
+
+RUNTIME_KEYS = ("train.device", "train.log_every", "data.num_workers")  # may change on resume
+Callback = Callable[[Dict[str, Any]], None]
+
+
+@dataclass
+class FitResult:
+    """Outcome of ``fit``: the selected epoch, its val mAP and one dict per epoch."""
+
+    best_epoch: int
+    best_val_map: Optional[float]
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    best_path: Optional[Path] = None  # file holding the selected trainable weights
+    last_path: Optional[Path] = None  # full training state of the last finished epoch
+
+
+@dataclass
+class _Parts:
+    """What one optimisation step touches (kept together so helpers take one argument)."""
+
+    forward: nn.Module
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    ema: Optional[EMA]
+    device: torch.device
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options" and k != "lr_scale" and k != "backbone_options":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_config(saved: Dict[str, Any], cfg: Config, path: Path) -> None:
+    """Resuming under another config would not reproduce anything: refuse, naming the keys."""
+    now, before = _flat(to_dict(cfg)), _flat(saved)
+    diff = sorted(k for k in set(now) | set(before) if k not in RUNTIME_KEYS and now.get(k) != before.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:8])
+        raise CheckpointError(f"{path} was written with a different config ({shown}); resume with the same config")
+
+
+def _write_log(history: Sequence[Dict[str, Any]], path: Path) -> None:
+    """Rewrite log.csv from the history (so a resumed run never duplicates or loses rows)."""
+    columns: List[str] = []
+    for row in history:
+        columns += [c for c in row if c not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    checkpoint.atomic_write_bytes(buf.getvalue().encode(), path)
+
+
+def _non_finite(epoch: int, step: int, value: float, last_path: Path) -> TrainingError:
+    kept = f"last good checkpoint kept at {last_path}" if last_path.is_file() else "no checkpoint was written yet"
+    return TrainingError(
+        f"non-finite loss ({value}) at epoch {epoch} step {step}; {kept}. "
+        "Try a lower optim.lr or train.amp=none"
+    )
+
+
+def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, last_path: Path) -> float:
+    """One pass over ``loader`` with gradient accumulation; returns the mean batch loss."""
+    parts.forward.train()
+    start, accum, n = feature_start(loader), cfg.train.grad_accum, len(loader)
+    total, seen = 0.0, 0
+    parts.optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, miniters=cfg.train.log_every,
+               disable=not distributed.is_main())
+    for step, (inputs, target, _) in enumerate(bar, start=1):
+        group_start = (step - 1) // accum * accum
+        group_size = min(accum, n - group_start)  # the last group may be shorter
+        boundary = step - group_start == group_size
+        with distributed.no_sync(parts.forward, skip=not boundary):
+            with autocast(parts.device, cfg.train.amp):
+                logits = parts.forward(inputs.to(parts.device, non_blocking=True), start)
+            loss = parts.loss_fn(logits.float(), target.to(parts.device, non_blocking=True))
+            mean_loss = distributed.all_reduce_sum(loss.detach().float()).item() / distributed.world_size()
+            if not math.isfinite(mean_loss):
+                raise _non_finite(epoch, step, mean_loss, last_path)
+            parts.scaler.scale(loss / group_size).backward()
+        if boundary:
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+            parts.optimizer.zero_grad(set_to_none=True)
+            parts.scheduler.step()
+            if parts.ema is not None:
+                parts.ema.update(parts.model.trainable_state_dict())
+        total, seen = total + mean_loss, seen + 1
+        if step % cfg.train.log_every == 0:
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total / max(seen, 1)
+
+
+def _validate(parts: _Parts, loader: Optional[DataLoader], cfg: Config, groups: Optional[Dict[str, np.ndarray]],
+              class_names: Optional[Sequence[str]]) -> Dict[str, float]:
+    """Val mAP overall/head/medium/tail (EMA weights when enabled); empty without a loader."""
+    if loader is None:
+        return {}
+    names = list(class_names) if class_names is not None else None
+    if names is None:
+        names = [f"class_{i}" for i in range(len(loader.dataset[0][1]))]
+    with parts.ema.applied(parts.model) if parts.ema is not None else contextlib.nullcontext():
+        report = evaluate(parts.model, loader, groups or {}, names, device=parts.device, amp=cfg.train.amp)
+    return {f"val_{k}": float(report[k]) for k in ("mAP", "head", "medium", "tail") if k in report}
+
+
+def _selected_weights(parts: _Parts) -> Dict[str, torch.Tensor]:
+    """The weights model selection judges: the EMA when enabled, else the raw ones."""
+    return parts.ema.state_dict() if parts.ema is not None else parts.model.trainable_state_dict()
+
+
+def _build_parts(model: nn.Module, loss_fn: Any, cfg: Config, steps_per_epoch: int, device: torch.device) -> _Parts:
+    """Optimizer, scheduler, scaler, EMA and the (DDP-wrapped) forward for ``model``."""
+    autocast(device, cfg.train.amp)  # fail now, not at the first step, on e.g. fp16 without CUDA
+    model.to(device)
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.to(device)
+    optimizer = build_optimizer(model.param_groups(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
+    ema = EMA(model.trainable_state_dict(), cfg.train.ema) if cfg.train.ema is not None else None
+    forward = distributed.wrap_ddp(ModelForward(model), device)
+    return _Parts(forward, model, loss_fn, optimizer, scheduler, scaler, ema, device)
+
+
+def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], train_loader: DataLoader,
+        val_loader: Optional[DataLoader], cfg: Config, run_dir: Path, *, resume: bool = False,
+        callbacks: Optional[Sequence[Callback]] = None, groups: Optional[Dict[str, np.ndarray]] = None,
+        class_names: Optional[Sequence[str]] = None, device: Optional[torch.device] = None) -> FitResult:
+    """Train ``model``'s trainable parameters; select on validation mAP; checkpoint every epoch.
+
+    ``groups`` / ``class_names`` feed the head/medium/tail report (``dataset.groups()``,
+    ``dataset.classes``). ``device`` defaults to ``train.device`` (this rank's GPU under
+    torchrun). ``callbacks`` get each epoch's log row, on every process, after its checkpoint.
+    """
+    if cfg.train.select == "val" and val_loader is None:
+        raise TrainingError("train.select=val needs a validation loader (data.val_fraction > 0)")
+    run_dir = Path(run_dir)
+    best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
+    if device is None:
+        device = distributed.resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    parts = _build_parts(model, loss_fn, cfg, steps_per_epoch, device)
+    progress: Dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best_val_map": None, "history": []}
+    if resume and last_path.is_file():
+        saved = checkpoint.load_training_state(last_path, model=model, optimizer=parts.optimizer,
+                                               scheduler=parts.scheduler, scaler=parts.scaler, ema=parts.ema)
+        _check_same_config(saved["config"], cfg, last_path)
+        progress = {k: saved[k] for k in progress}
+        log.info("resumed from %s after epoch %d", last_path, progress["epoch"])
+    else:
+        if resume:
+            log.warning("resume requested but %s does not exist: starting from epoch 1", last_path)
+        seed_everything(cfg.train.seed)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    for epoch in range(progress["epoch"] + 1, cfg.train.epochs + 1):
+        _run_epoch(parts, train_loader, val_loader, cfg, epoch, progress, run_dir, groups, class_names)
+        for callback in callbacks or ():
+            callback(progress["history"][-1])
+    distributed.barrier()
+    if best_path.is_file():
+        checkpoint.load_weights(model, best_path)
+    else:  # select=val with a NaN val mAP in every epoch: nothing was ever selected
+        log.warning("no epoch had a finite val mAP; %s was not written, the model keeps its final weights", best_path)
+    return FitResult(progress["best_epoch"], progress["best_val_map"], progress["history"], best_path, last_path)
+
+
+def _run_epoch(parts: _Parts, train_loader: DataLoader, val_loader: Optional[DataLoader], cfg: Config, epoch: int,
+               progress: Dict[str, Any], run_dir: Path, groups: Optional[Dict[str, np.ndarray]],
+               class_names: Optional[Sequence[str]]) -> None:
+    """Train, validate, select, then write best / last / log.csv (rank 0) and update ``progress``."""
+    tic = time.perf_counter()
+    reseed_loader(train_loader, cfg.train.seed, epoch)
+    lrs = {f"lr_{name}": lr for name, lr in group_lrs(parts.optimizer).items()}
+    train_loss = train_one_epoch(parts, train_loader, cfg, epoch, run_dir / "last.safetensors")
+    metrics = _validate(parts, val_loader, cfg, groups, class_names)
+    val_map = metrics.get("val_mAP")
+    if cfg.train.select == "val":
+        best = progress["best_val_map"]
+        improved = val_map is not None and not math.isnan(val_map) and (best is None or val_map > best)
+    else:
+        improved = epoch == cfg.train.epochs
+    if improved:
+        progress["best_epoch"], progress["best_val_map"] = epoch, val_map
+    row = {"epoch": epoch, **lrs, "train_loss": train_loss, **metrics, "seconds": round(time.perf_counter() - tic, 3)}
+    progress["history"].append(row)
+    progress["epoch"] = epoch
+    if distributed.is_main():
+        meta = {"epoch": epoch, "val_mAP": val_map, "select": cfg.train.select, "config": to_dict(cfg)}
+        if improved:  # best before last: a crash in between just repeats this epoch on resume
+            checkpoint.save_weights(parts.model, run_dir / "best.safetensors", meta, state=_selected_weights(parts))
+        checkpoint.save_training_state(
+            run_dir / "last.safetensors", model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
+            scaler=parts.scaler, ema=parts.ema, progress={**progress, "config": to_dict(cfg)},
+        )
+        _write_log(progress["history"], run_dir / "log.csv")
+        log.info("epoch %d: train loss %.4f, val mAP %s, %.1fs", epoch, train_loss, val_map, row["seconds"])
+    distributed.barrier()

@@ -1,0 +1,80 @@
+"""make_loaders: cached-feature loaders vs image loaders, test-time transform override, seeding."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+from capnet.data import ImageDataset, MultiLabelDataset, Split
+from capnet.engine.evaluate import predict_scores
+from capnet.engine.loaders import FeatureDataset, feature_start, make_loaders
+from capnet.engine.seed import EpochSampler, reseed_loader
+
+from _engine_toys import ToyModel, toy_config
+
+CPU = torch.device("cpu")
+
+
+def _dataset(tmp_path, write_jpeg):
+    rng = np.random.default_rng(0)
+    splits = {}
+    k = 0
+    for name, n in {"train": 6, "val": 3, "test": 4}.items():
+        paths = [write_jpeg(tmp_path / "img" / f"{name}{i}.jpg", seed=(k := k + 1)) for i in range(n)]
+        labels = (rng.random((n, 4)) > 0.5).astype(np.float32)
+        splits[name] = Split([p.stem for p in paths], paths, labels)
+    return MultiLabelDataset("toy", tmp_path, ["a", "b", "c", "d"], splits)
+
+
+def test_feature_cache_loaders(tmp_path, write_jpeg):
+    ds = _dataset(tmp_path, write_jpeg)
+    torch.manual_seed(0)
+    model = ToyModel(dropout=0.0)
+    cfg = toy_config(data={"batch_size": 4, "eval_batch_size": 2})
+    loaders = make_loaders(ds, model, cfg, cache_dir=tmp_path / "cache", device=CPU)
+    assert set(loaders) == {"train", "val", "test"}
+    for name, loader in loaders.items():
+        assert isinstance(loader.dataset, FeatureDataset) and feature_start(loader) == 1
+        assert len(loader.dataset) == len(ds.splits[name])
+    assert isinstance(loaders["train"].sampler, EpochSampler) and loaders["train"].batch_size == 4
+    assert any((tmp_path / "cache").iterdir())
+    feats, target, index = loaders["val"].dataset[2]
+    assert feats.shape == (12,) and index == 2 and torch.equal(target, torch.from_numpy(ds.splits["val"].labels[2]))
+    # cached and image paths give the same scores (features stored as float16)
+    model.calls.clear()
+    cached, _ = predict_scores(model, loaders["test"], CPU)
+    assert model.calls and all(c == "features@1" for c in model.calls)
+    images = make_loaders(ds, model, toy_config(train={"feature_cache": False}), cache_dir=None, device=CPU)
+    direct, targets = predict_scores(model, images["test"], CPU)
+    np.testing.assert_allclose(cached, direct, atol=2e-3)
+    np.testing.assert_array_equal(targets, ds.splits["test"].labels)
+
+
+def test_image_loaders_and_test_transform(tmp_path, write_jpeg):
+    ds = _dataset(tmp_path, write_jpeg)
+    model = ToyModel(cache_depth=0)  # nothing cacheable: images even with feature_cache on
+    views = lambda im: torch.stack([model.backbone.transform(False)(im)] * 2)  # noqa: E731
+    loaders = make_loaders(ds, model, toy_config(), cache_dir=None, device=CPU, test_transform=views)
+    assert all(isinstance(l.dataset, ImageDataset) and feature_start(l) is None for l in loaders.values())
+    x, _, _ = next(iter(loaders["test"]))
+    assert x.shape == (4, 2, 3, 8, 8)
+    x, _, _ = next(iter(loaders["val"]))
+    assert x.shape == (3, 3, 8, 8)
+
+
+def test_train_order_depends_only_on_seed_and_epoch(tmp_path, write_jpeg):
+    ds = _dataset(tmp_path, write_jpeg)
+    model = ToyModel()
+    cfg = toy_config(data={"batch_size": 2})
+
+    def order(epoch, warm_epochs):
+        loader = make_loaders(ds, model, cfg, cache_dir=None, device=CPU)["train"]
+        for e in range(warm_epochs):  # consume other epochs first
+            reseed_loader(loader, cfg.train.seed, e)
+            list(loader)
+        reseed_loader(loader, cfg.train.seed, epoch)
+        return torch.cat([idx for _, _, idx in loader]).tolist()
+
+    assert order(3, 0) == order(3, 2)
+    assert sorted(order(3, 0)) == list(range(6)) and order(3, 0) != order(4, 0)
+    assert not isinstance(make_loaders(ds, model, cfg, cache_dir=None, device=CPU)["val"].sampler, DistributedSampler)

@@ -1,0 +1,152 @@
+"""fit(): exact resume, NaN stop keeping the last good checkpoint, CSV log, selection, accumulation."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from capnet.engine import checkpoint
+from capnet.engine.loaders import build_loader
+from capnet.engine.train import fit
+from capnet.errors import CapnetError, CheckpointError, TrainingError
+
+from _engine_toys import CLASS_NAMES, GROUPS, ToyModel, toy_config, toy_data
+
+CPU = torch.device("cpu")
+
+
+def _setup(n_train=20, **sections):
+    cfg = toy_config(**sections)
+    torch.manual_seed(0)
+    model = ToyModel(dropout=0.3)
+    train = build_loader(toy_data(n_train, seed=1), cfg.data.batch_size, True, cfg.train.seed, 0, CPU)
+    val = build_loader(toy_data(12, seed=2), cfg.data.eval_batch_size, False, cfg.train.seed, 0, CPU)
+    return cfg, model, train, val
+
+
+def _fit(run_dir, resume=False, callbacks=None, loss_fn=None, **sections):
+    cfg, model, train, val = _setup(**sections)
+    result = fit(model, loss_fn or nn.BCEWithLogitsLoss(), train, val, cfg, run_dir, resume=resume,
+                 callbacks=callbacks, groups=GROUPS, class_names=CLASS_NAMES, device=CPU)
+    return model, result
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_after(epoch):
+    def callback(row):
+        if row["epoch"] == epoch:
+            raise Crash
+
+    return callback
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    opts = dict(train={"epochs": 4, "ema": 0.5, "grad_accum": 2}, optim={"lr": 0.2, "warmup_epochs": 1})
+    straight, res_a = _fit(tmp_path / "a", **opts)
+    with pytest.raises(Crash):
+        _fit(tmp_path / "b", callbacks=[_crash_after(2)], **opts)
+    _, meta = checkpoint.load_file(tmp_path / "b" / "last.safetensors")
+    assert meta["progress"]["epoch"] == 2
+    resumed, res_b = _fit(tmp_path / "b", resume=True, **opts)
+    for k, v in straight.trainable_state_dict().items():
+        assert torch.equal(resumed.trainable_state_dict()[k], v), k
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(res_a.history) == strip(res_b.history)
+    assert (res_a.best_epoch, res_a.best_val_map) == (res_b.best_epoch, res_b.best_val_map)
+    assert len(res_b.history) == 4
+    a_last, _ = checkpoint.load_file(tmp_path / "a" / "last.safetensors")
+    b_last, _ = checkpoint.load_file(tmp_path / "b" / "last.safetensors")
+    assert a_last.keys() == b_last.keys() and all(torch.equal(a_last[k], b_last[k]) for k in a_last)
+    rows = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+
+
+def test_resume_refuses_another_config(tmp_path):
+    _fit(tmp_path, train={"epochs": 1})
+    with pytest.raises(CheckpointError, match=r"different config.*optim.lr: 0.1 -> 0.5"):
+        _fit(tmp_path, resume=True, train={"epochs": 1}, optim={"lr": 0.5})
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+    bce = nn.BCEWithLogitsLoss()
+
+    def loss_fn(logits, target):
+        calls["n"] += 1
+        loss = bce(logits, target)
+        return loss * float("nan") if calls["n"] == 8 else loss  # 5 steps/epoch: epoch 2, step 3
+
+    with pytest.raises(TrainingError) as err:
+        _fit(tmp_path, loss_fn=loss_fn, train={"epochs": 3})
+    last = tmp_path / "last.safetensors"
+    assert "non-finite loss" in str(err.value) and "epoch 2 step 3" in str(err.value)
+    assert f"last good checkpoint kept at {last}" in str(err.value)
+    _, meta = checkpoint.load_file(last)
+    assert meta["progress"]["epoch"] == 1
+
+
+def test_log_csv_and_selection(tmp_path):
+    model, result = _fit(tmp_path, train={"epochs": 3})
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert list(rows[0]) == ["epoch", "lr_head", "lr_prompts", "train_loss", "val_mAP", "val_head",
+                             "val_medium", "val_tail", "seconds"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[0]["lr_head"]) == pytest.approx(0.1 / 5)  # warm-up step 1 of 5
+    maps = [float(r["val_mAP"]) for r in rows]
+    assert result.best_val_map == pytest.approx(max(maps))
+    assert result.best_epoch == 1 + maps.index(max(maps))
+    assert all(0.0 <= float(r["val_mAP"]) <= 100.0 and float(r["train_loss"]) > 0 for r in rows)
+    best, meta = checkpoint.load_file(tmp_path / "best.safetensors")
+    assert meta["epoch"] == result.best_epoch
+    for k, v in model.trainable_state_dict().items():  # the model holds the selected weights
+        assert torch.equal(best["model." + k], v)
+
+
+def test_select_last_without_val(tmp_path):
+    cfg, model, train, _ = _setup(train={"epochs": 2, "select": "last"})
+    result = fit(model, nn.BCEWithLogitsLoss(), train, None, cfg, tmp_path, device=CPU)
+    assert result.best_epoch == 2 and result.best_val_map is None
+    assert "val_mAP" not in result.history[0]
+    cfg_val, model, train, _ = _setup(train={"epochs": 1})
+    with pytest.raises(TrainingError, match="needs a validation loader"):
+        fit(model, nn.BCEWithLogitsLoss(), train, None, cfg_val, tmp_path, device=CPU)
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path):
+    common = dict(optim={"warmup_epochs": 0, "scheduler": "constant", "weight_decay": 0.0}, train={"epochs": 1, "select": "last"})
+    models = []
+    for sub, (bs, accum) in {"big": (8, 1), "acc": (4, 2)}.items():
+        cfg, _, train, _ = _setup(n_train=16, data={"batch_size": bs}, train={**common["train"], "grad_accum": accum},
+                                  optim=common["optim"])
+        torch.manual_seed(0)
+        model = ToyModel(dropout=0.0)
+        fit(model, nn.BCEWithLogitsLoss(), train, None, cfg, tmp_path / sub, device=CPU)
+        models.append(model.trainable_state_dict())
+    for k in models[0]:
+        assert torch.allclose(models[0][k], models[1][k], atol=1e-6), k
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    model, result = _fit(tmp_path, train={"epochs": 1, "amp": "bf16"})
+    assert len(result.history) == 1 and result.history[0]["train_loss"] > 0
+
+
+def test_ema_weights_are_evaluated_and_selected(tmp_path):
+    model, result = _fit(tmp_path, train={"epochs": 1, "ema": 0.9, "select": "last"})
+    last, _ = checkpoint.load_file(tmp_path / "last.safetensors")
+    best, _ = checkpoint.load_file(tmp_path / "best.safetensors")
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(best["model." + k], last["ema." + k]) and torch.equal(v, last["ema." + k])
+    assert not torch.equal(last["model.head.weight"], last["ema.head.weight"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed on CUDA")
+def test_fp16_without_cuda_fails_before_training(tmp_path):
+    with pytest.raises(CapnetError, match="fp16 needs a CUDA device"):
+        _fit(tmp_path, train={"epochs": 1, "amp": "fp16"})
+    assert not (tmp_path / "last.safetensors").exists()
