@@ -1,1 +1,23 @@
-"""TODO"""
+"""CAPNET and its parts. Importing this package fills BACKBONES, PEFT, GRAPHS and MODEL_KINDS."""
+from capnet.models import backbones, peft  # noqa: F401  (register backbones and PEFT methods)
+from capnet.models import label_graph  # noqa: F401  (registers the GRAPHS sources)
+from capnet.models.build import MODEL_KINDS, build_model
+from capnet.models.capnet import CAPNET
+from capnet.models.gcn import GCN
+from capnet.models.heads import ClassifierBase, LinearProbe, ZeroShot
+from capnet.models.prompts import PromptLearner
+from capnet.models.tte import build_view_transform, tte_logits, view_transform
+
+__all__ = [
+    "CAPNET",
+    "GCN",
+    "MODEL_KINDS",
+    "ClassifierBase",
+    "LinearProbe",
+    "PromptLearner",
+    "ZeroShot",
+    "build_model",
+    "build_view_transform",
+    "tte_logits",
+    "view_transform",
+]

@@ -1,0 +1,110 @@
+"""``build_model``: the one place that reads the model config and composes a model kind.
+
+Model kinds live in MODEL_KINDS (``capnet``, ``linear_probe``, ``zeroshot``); each builder
+takes (cfg, backbone, class_names, train_labels). CoOp and the "DB-focal fine-tune" baseline
+are configs of ``capnet`` (docs/components.md), not classes.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from capnet.config import Config
+from capnet.models.backbones.base import Backbone
+from capnet.models.capnet import CAPNET
+from capnet.models.gcn import GCN
+from capnet.models.heads import ClassifierBase, LinearProbe, ZeroShot, backbone_logit_scale
+from capnet.models.label_graph import GraphInputs
+from capnet.models.prompts import PromptLearner
+from capnet.registry import BACKBONES, GRAPHS, Registry
+
+MODEL_KINDS = Registry("model kind")
+
+
+def is_aligned(backbone: Backbone) -> bool:
+    """Whether image and text features already live in one space (CLIP yes, offline VGG+MiniLM no)."""
+    return backbone.image_dim == backbone.text_dim and bool(backbone.spec.extra.get("aligned", True))
+
+
+def lazy_template_embeddings(backbone: Backbone, class_names: List[str], templates: Sequence[str]) -> Callable[[], torch.Tensor]:
+    """A memoised () -> (C, text_dim) template-ensemble embedding, computed without grad."""
+    memo: List[torch.Tensor] = []
+
+    def get() -> torch.Tensor:
+        if not memo:
+            from capnet.models.zeroshot import template_embeddings  # sibling module, imported late
+
+            with torch.no_grad():
+                memo.append(template_embeddings(backbone, class_names, list(templates)).detach().float())
+        return memo[0]
+
+    return get
+
+
+@MODEL_KINDS.register("capnet")
+def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_labels: Optional[np.ndarray]) -> CAPNET:
+    """Compose prompts, graph, GCN, PEFT and projections as ``cfg.model`` asks."""
+    m = cfg.model
+    backbone.requires_grad_(False)
+    text_emb = lazy_template_embeddings(backbone, class_names, m.templates)
+    prompts = PromptLearner(backbone, class_names, m.prompts.n_ctx, m.prompts.class_specific, m.prompts.init) if m.prompts.enabled else None
+    adjacency = gcn = None
+    if m.gcn.enabled:
+        inputs = GraphInputs(len(class_names), text_emb, train_labels)
+        g = m.graph
+        adjacency = GRAPHS.build(g.source, inputs, topk=g.topk, threshold=g.threshold, p=g.p, tau=g.tau)
+        gcn = GCN(backbone.text_dim, m.gcn.hidden, m.gcn.layers, m.gcn.dropout)
+    peft = None
+    if m.peft.method != "none":
+        from capnet.models.peft import apply_peft  # sibling package, imported late
+
+        peft = apply_peft(m.peft.method, backbone.visual, **m.peft.options)
+    need_templates = prompts is None or cfg.tte.templates
+    return CAPNET(
+        backbone,
+        len(class_names),
+        prompt_learner=prompts,
+        template_embeddings=text_emb() if need_templates else None,
+        adjacency=adjacency,
+        gcn=gcn,
+        gcn_residual=m.gcn.residual,
+        peft=peft,
+        proj_dim=None if is_aligned(backbone) else m.proj_dim,
+        logit_scale=m.logit_scale,
+        learn_logit_scale=m.learn_logit_scale,
+        ensemble_templates=bool(cfg.tte.templates and prompts is not None),
+    )
+
+
+@MODEL_KINDS.register("linear_probe")
+def build_linear_probe(cfg: Config, backbone: Backbone, class_names: List[str], train_labels: Optional[np.ndarray]) -> LinearProbe:
+    """Linear probe; on aligned towers its weights start at the zero-shot classifier."""
+    backbone.requires_grad_(False)
+    init = None
+    if is_aligned(backbone):
+        emb = lazy_template_embeddings(backbone, class_names, cfg.model.templates)()
+        init = F.normalize(emb, dim=-1) * cfg.model.logit_scale
+    return LinearProbe(backbone, len(class_names), init_weight=init)
+
+
+@MODEL_KINDS.register("zeroshot")
+def build_zeroshot(cfg: Config, backbone: Backbone, class_names: List[str], train_labels: Optional[np.ndarray]) -> ZeroShot:
+    """Zero-shot CLIP with the template ensemble and the backbone's own logit scale."""
+    backbone.requires_grad_(False)
+    emb = lazy_template_embeddings(backbone, class_names, cfg.model.templates)()
+    return ZeroShot(backbone, emb, backbone_logit_scale(backbone, cfg.model.logit_scale))
+
+
+def build_model(
+    cfg: Config,
+    class_names: Sequence[str],
+    train_labels: Optional[np.ndarray] = None,
+    backbone: Optional[Backbone] = None,
+) -> ClassifierBase:
+    """Build ``cfg.model.kind`` on ``cfg.model.backbone`` (or on a ready ``backbone``)."""
+    if backbone is None:
+        backbone = BACKBONES.build(cfg.model.backbone, weights=cfg.model.weights, **cfg.model.backbone_options)
+    return MODEL_KINDS.build(cfg.model.kind, cfg, backbone, list(class_names), train_labels)

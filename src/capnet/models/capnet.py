@@ -1,0 +1,156 @@
+"""CAPNET: the correlation adaptation prompt network (arXiv 2511.20641, Sec. 3).
+
+Text branch (once per call, for all C classes; cached in eval mode under no_grad):
+    E_prompt = PromptLearner()                      (or fixed template-ensemble embeddings)
+    E        = E_prompt + residual * GCN(A, E_prompt)  (Sec. 3.3; zero-init => E = E_prompt)
+    W        = normalize(text_proj(E))               (text_proj only for unaligned towers)
+Image branch: f = normalize(image_proj(backbone.encode_image(x)))  (PEFT inside the tower)
+Logits:      scale * f @ W^T, scale = exp(log_scale) clamped at 100 (learnable).
+
+Template ensembling (``ensemble_templates``, config ``tte.templates``) with prompts on: the
+class embeddings are the mean of the unit-norm learned-prompt embeddings and the unit-norm
+template-ensemble embeddings, both passed through the same GCN and projection (template rows
+are first rescaled to the norms of the prompt rows so the head sees inputs of one scale). Because the
+logits are linear in the class embeddings, this equals the mean of the two classifiers'
+logits (the same logit-space averaging as the image views in tte.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capnet.errors import CapnetError
+from capnet.models.backbones.base import Backbone
+from capnet.models.gcn import GCN
+from capnet.models.heads import ClassifierBase, cosine_logits
+from capnet.models.prompts import EvalCache, PromptLearner
+
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learned temperature
+
+
+class CAPNET(ClassifierBase):
+    """Frozen backbone + soft prompts + label graph + residual GCN + (optional) PEFT and projections."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        prompt_learner: Optional[PromptLearner] = None,
+        template_embeddings: Optional[torch.Tensor] = None,
+        adjacency: Optional[torch.Tensor] = None,
+        gcn: Optional[GCN] = None,
+        gcn_residual: float = 1.0,
+        peft: Optional[nn.Module] = None,
+        proj_dim: Optional[int] = None,
+        logit_scale: float = 20.0,
+        learn_logit_scale: bool = True,
+        ensemble_templates: bool = False,
+    ) -> None:
+        super().__init__(backbone, peft)
+        if prompt_learner is None and template_embeddings is None:
+            raise CapnetError("CAPNET needs a PromptLearner or fixed template embeddings for its text branch")
+        if gcn is not None and adjacency is None:
+            raise CapnetError("CAPNET: a GCN needs an adjacency matrix (model.graph.source)")
+        if ensemble_templates and template_embeddings is None:
+            raise CapnetError("CAPNET: template ensembling needs the template embeddings")
+        self.num_classes = num_classes
+        self.prompt_learner = prompt_learner
+        self.gcn = gcn
+        self.gcn_residual = float(gcn_residual)
+        self.register_buffer("template_embeddings", None if template_embeddings is None else template_embeddings.detach().float(), persistent=False)
+        self.register_buffer("adjacency", None if adjacency is None else adjacency.detach().float(), persistent=False)
+        for name, t in (("template embeddings", template_embeddings), ("adjacency", adjacency)):
+            if t is not None and t.shape[0] != num_classes:
+                raise CapnetError(f"CAPNET: {name} have {t.shape[0]} rows for {num_classes} classes")
+        aligned = backbone.image_dim == backbone.text_dim and backbone.spec.extra.get("aligned", True)
+        if proj_dim is None and not aligned:
+            raise CapnetError(f"{backbone.spec.name}: towers are not aligned, set model.proj_dim")
+        self.image_proj = nn.Linear(backbone.image_dim, proj_dim) if proj_dim else None
+        self.text_proj = nn.Linear(backbone.text_dim, proj_dim) if proj_dim else None
+        log_scale = torch.tensor(math.log(logit_scale))
+        if learn_logit_scale:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+        self._ensemble_templates = ensemble_templates
+        self._cache = EvalCache()
+
+    # ---------------------------------------------------------------- text branch
+    @property
+    def ensemble_templates(self) -> bool:
+        """Average learned-prompt and template-ensemble classifiers (test-time, text side)."""
+        return self._ensemble_templates
+
+    @ensemble_templates.setter
+    def ensemble_templates(self, value: bool) -> None:
+        if value and self.template_embeddings is None:
+            raise CapnetError("CAPNET: template ensembling needs the template embeddings (build with tte.templates=true)")
+        self._ensemble_templates = bool(value)
+        self._cache.clear()
+
+    def logit_scale(self) -> torch.Tensor:
+        """exp(log scale), clamped at 100."""
+        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def _text_head(self, emb: torch.Tensor) -> torch.Tensor:
+        """GCN refinement (residual) then projection then L2 normalisation."""
+        emb = emb.float()
+        if self.gcn is not None:
+            emb = emb + self.gcn_residual * self.gcn(self.adjacency, emb)
+        if self.text_proj is not None:
+            emb = self.text_proj(emb)
+        return F.normalize(emb, dim=-1)
+
+    def _text_tensors(self) -> List[torch.Tensor]:
+        """Everything the text branch depends on (the eval cache key)."""
+        mods = [m for m in (self.prompt_learner, self.gcn, self.text_proj) if m is not None]
+        bufs = [b for b in (self.template_embeddings, self.adjacency) if b is not None]
+        return [p for m in mods for p in m.parameters()] + bufs
+
+    def class_embeddings(self) -> torch.Tensor:
+        """(C, D) class embeddings, unit-norm (a mean of two unit-norm rows when ensembling)."""
+        key = self._text_tensors()
+        cached = self._cache.get(self.training, key)
+        if cached is not None:
+            return cached
+        if self.prompt_learner is None:
+            out = self._text_head(self.template_embeddings)
+        else:
+            prompt = self.prompt_learner().float()
+            out = self._text_head(prompt)
+            if self.ensemble_templates:
+                # Template rows rescaled to the prompt rows' norms: the head sees one scale.
+                templ = F.normalize(self.template_embeddings, dim=-1) * prompt.norm(dim=-1, keepdim=True)
+                out = (out + self._text_head(templ)) / 2
+        return self._cache.put(self.training, key, out)
+
+    def train(self, mode: bool = True) -> "CAPNET":
+        """Switch modes and drop the cached class embeddings."""
+        self._cache.clear()
+        return super().train(mode)
+
+    # --------------------------------------------------------------------- logits
+    def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, image_dim) final image features -> (B, C) scaled cosine logits."""
+        emb = self.class_embeddings() if class_embeddings is None else class_embeddings
+        feats = image_features.float()
+        if self.image_proj is not None:
+            feats = self.image_proj(feats)
+        return cosine_logits(feats, emb, self.logit_scale())
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """prompts / gcn / peft / head (projections + logit scale); only trainable tensors."""
+        head = [p for m in (self.image_proj, self.text_proj) if m is not None for p in m.parameters()]
+        if isinstance(self.log_logit_scale, nn.Parameter):
+            head.append(self.log_logit_scale)
+        groups = {
+            "prompts": list(self.prompt_learner.parameters()) if self.prompt_learner is not None else [],
+            "gcn": list(self.gcn.parameters()) if self.gcn is not None else [],
+            "peft": list(self.peft.trainable_parameters()) if self.peft is not None else [],
+            "head": head,
+        }
+        return self._checked_groups(groups)

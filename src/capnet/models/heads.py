@@ -1,0 +1,168 @@
+"""The model contract shared by CAPNET and its baselines, and the two baseline heads.
+
+Every model kind (``capnet``, ``linear_probe``, ``zeroshot``) is a ``ClassifierBase``: the
+engine calls forward / forward_features / frozen_image_stages / param_groups /
+trainable_state_dict and never needs to know which one it holds. The backbone stays frozen
+and in eval mode (BatchNorm statistics of RN50/VGG never drift, so cached features stay valid).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capnet.errors import CapnetError, CheckpointError
+from capnet.models.backbones.base import Backbone
+
+GROUP_NAMES = ("prompts", "gcn", "peft", "head")  # keys param_groups() may return
+
+
+def cosine_logits(image_features: torch.Tensor, class_embeddings: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale * cos(image, class)`` with ``class_embeddings`` already unit-norm (CAPNET Eq. logits)."""
+    image = F.normalize(image_features.to(class_embeddings.dtype), dim=-1)
+    return scale * image @ class_embeddings.T
+
+
+def backbone_logit_scale(backbone: Backbone, default: float) -> float:
+    """The backbone's own (CLIP: log-parametrised) logit scale, clamped at 100, else ``default``."""
+    value = getattr(backbone, "logit_scale", None)
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().exp().clamp(max=100.0))
+    return float(default)
+
+
+class ClassifierBase(nn.Module):
+    """Frozen backbone + a head; subclasses define the logits and the trainable groups."""
+
+    def __init__(self, backbone: Backbone, peft: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        # PEFT is registered first so parameters it shares with the backbone are named peft.*.
+        self.peft = peft
+        self.backbone = backbone
+        trainable = {id(p) for p in peft.trainable_parameters()} if peft is not None else set()
+        for p in backbone.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.backbone.train(False)
+
+    # ------------------------------------------------------------------ forward paths
+    def class_embeddings(self) -> Optional[torch.Tensor]:
+        """(C, D) unit-norm class embeddings of the text branch (None for a linear probe)."""
+        return None
+
+    def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, image_dim) final image features -> (B, C) logits."""
+        raise NotImplementedError
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, image_dim) through the (possibly PEFT-adapted) image tower."""
+        return self.backbone.encode_image(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C) logits."""
+        return self.logits_from_image_features(self.image_features(images))
+
+    def forward_features(self, features: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits from ``backbone.image_prefix(images, start)`` (features cached by the engine)."""
+        if start > self.frozen_image_stages():
+            raise CapnetError(f"cannot start at stage {start}: only {self.frozen_image_stages()} stages are frozen")
+        return self.logits_from_image_features(self.backbone.image_suffix(features, start))
+
+    def frozen_image_stages(self) -> int:
+        """Depth of the frozen visual prefix whose output may be cached."""
+        return self.peft.first_stage if self.peft is not None else self.backbone.num_image_stages
+
+    def train(self, mode: bool = True) -> "ClassifierBase":
+        """Train the head (and PEFT modules); the frozen backbone always stays in eval mode."""
+        super().train(mode)
+        self.backbone.train(False)
+        if self.peft is not None:
+            self.peft.train(mode)
+        return self
+
+    # ------------------------------------------------------------- trainable tensors
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """Trainable parameters by optimiser group (keys among GROUP_NAMES, empty ones left out)."""
+        raise NotImplementedError
+
+    def _checked_groups(self, groups: Dict[str, List[nn.Parameter]]) -> Dict[str, List[nn.Parameter]]:
+        """Drop frozen/empty entries and check every trainable parameter is in exactly one group."""
+        out = {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+        out = {k: v for k, v in out.items() if v}
+        listed = [id(p) for v in out.values() for p in v]
+        trainable = {id(p): n for n, p in self.named_parameters() if p.requires_grad}
+        if len(listed) != len(set(listed)) or set(listed) != set(trainable):
+            missing = [n for i, n in trainable.items() if i not in set(listed)]
+            raise CapnetError(
+                f"{type(self).__name__}.param_groups is inconsistent: parameters in no group: {missing}; "
+                f"{len(listed) - len(set(listed))} listed twice"
+            )
+        return out
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Only the trainable tensors, by stable module path (the tensors share storage)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Strictly load tensors saved by ``trainable_state_dict`` (CheckpointError on any mismatch)."""
+        own = dict((n, p) for n, p in self.named_parameters() if p.requires_grad)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or wrong:
+            parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "", f"shape mismatches {wrong}" if wrong else ""]
+            raise CheckpointError(f"trainable state does not fit this {type(self).__name__}: " + "; ".join(p for p in parts if p))
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(state[k].to(device=p.device, dtype=p.dtype))
+
+
+class LinearProbe(ClassifierBase):
+    """Baseline: a linear layer on L2-normalised frozen image features."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, init_weight: Optional[torch.Tensor] = None) -> None:
+        super().__init__(backbone)
+        self.fc = nn.Linear(backbone.image_dim, num_classes)
+        if init_weight is not None:
+            if tuple(init_weight.shape) != (num_classes, backbone.image_dim):
+                raise CapnetError(f"linear probe init weight has shape {tuple(init_weight.shape)}, expected {(num_classes, backbone.image_dim)}")
+            with torch.no_grad():
+                self.fc.weight.copy_(init_weight)
+                self.fc.bias.zero_()
+
+    def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W normalize(f) + b``."""
+        return self.fc(F.normalize(image_features.to(self.fc.weight.dtype), dim=-1))
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """Everything trainable is the head."""
+        return self._checked_groups({"head": list(self.fc.parameters())})
+
+
+class ZeroShot(ClassifierBase):
+    """Baseline: fixed template-ensemble class embeddings, the backbone's scale, nothing trained."""
+
+    def __init__(self, backbone: Backbone, class_embeddings: torch.Tensor, logit_scale: float) -> None:
+        super().__init__(backbone)
+        if backbone.image_dim != backbone.text_dim or not backbone.spec.extra.get("aligned", True):
+            raise CapnetError(f"zero-shot needs aligned towers; {backbone.spec.name} has image_dim {backbone.image_dim}, text_dim {backbone.text_dim} and is not aligned")
+        self.register_buffer("text_features", F.normalize(class_embeddings.detach().float(), dim=-1))
+        self.register_buffer("fixed_logit_scale", torch.tensor(float(logit_scale)))
+
+    def class_embeddings(self) -> torch.Tensor:
+        """The fixed unit-norm template-ensemble embeddings."""
+        return self.text_features
+
+    def logit_scale(self) -> torch.Tensor:
+        """The fixed multiplier on cosine similarities."""
+        return self.fixed_logit_scale
+
+    def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``scale * cos(image, class)``."""
+        emb = self.text_features if class_embeddings is None else class_embeddings
+        return cosine_logits(image_features, emb, self.fixed_logit_scale)
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """No trainable parameters."""
+        return self._checked_groups({})

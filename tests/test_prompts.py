@@ -1,0 +1,77 @@
+"""PromptLearner: placeholder layout, context shapes and init, one text pass, eval cache."""
+import pytest
+import torch
+
+from capnet.errors import CapnetError
+from capnet.models.prompts import PromptLearner, count_tokens
+from toy_backbone import ToyBackbone
+
+NAMES = ["dog", "pottedplant", "dining_table", "cat"]
+
+
+@pytest.fixture
+def backbone():
+    return ToyBackbone(seed=0)
+
+
+def test_count_tokens(backbone):
+    assert count_tokens(backbone, "a photo of a") == 4
+    assert count_tokens(backbone, "") == 0
+
+
+@pytest.mark.parametrize("class_specific,shape", [(False, (4, 16)), (True, (4, 4, 16))])
+def test_context_shape_and_output(backbone, class_specific, shape):
+    pl = PromptLearner(backbone, NAMES, n_ctx=4, class_specific=class_specific, init=None)
+    assert tuple(pl.ctx.shape) == shape
+    out = pl()
+    assert out.shape == (4, backbone.text_dim)
+    assert pl.tokens.shape == (4, backbone.context_length)
+
+
+def test_init_phrase_equals_hand_prompt(backbone):
+    """With init = the phrase and n_ctx = its length, the soft prompt IS "a photo of a <cls>."."""
+    pl = PromptLearner(backbone, NAMES, n_ctx=4, class_specific=False, init="a photo of a")
+    hand = backbone.encode_text(["a photo of a dog.", "a photo of a potted plant.", "a photo of a dining table.", "a photo of a cat."])
+    assert torch.allclose(pl(), hand, atol=1e-5)
+
+
+def test_short_init_fills_last_slots(backbone):
+    torch.manual_seed(0)
+    pl = PromptLearner(backbone, NAMES, n_ctx=6, class_specific=True, init="a photo")
+    phrase = backbone.embed_tokens(backbone.tokenize(["a photo"]))[0, 1:3]
+    for c in range(4):
+        assert torch.allclose(pl.ctx[c, 4:], phrase)
+        assert pl.ctx[c, :4].std() < 0.1  # random N(0, 0.02) slots
+
+
+def test_long_init_is_an_error(backbone):
+    with pytest.raises(CapnetError, match="n_ctx"):
+        PromptLearner(backbone, NAMES, n_ctx=2, init="a photo of a")
+
+
+def test_frozen_parts_are_buffers_and_grad_reaches_ctx(backbone):
+    pl = PromptLearner(backbone, NAMES, n_ctx=4)
+    assert [n for n, _ in pl.named_parameters()] == ["ctx"]
+    pl().sum().backward()
+    assert pl.ctx.grad is not None and pl.ctx.grad.abs().sum() > 0
+
+
+def test_eval_cache_and_invalidation(backbone):
+    pl = PromptLearner(backbone, NAMES, n_ctx=4).eval()
+    with torch.no_grad():
+        calls = backbone.text_calls
+        a = pl()
+        b = pl()
+        assert backbone.text_calls == calls + 1 and a is b
+        pl.ctx.add_(1.0)  # an optimiser step bumps the version
+        c = pl()
+        assert backbone.text_calls == calls + 2 and not torch.allclose(a, c)
+    pl.train()
+    pl.eval()
+    with torch.no_grad():
+        pl()
+    assert backbone.text_calls == calls + 3
+    pl.train()
+    pl()
+    pl()
+    assert backbone.text_calls == calls + 5  # never cached in train mode
