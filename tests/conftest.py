@@ -54,3 +54,10 @@ def folder_tree(tmp_path: Path) -> Path:
 def make_folder_tree() -> Callable[..., Path]:
     """make_folder_tree(root, rows=..., classes=...) -> root, for custom folder datasets."""
     return write_folder_tree
+
+
+# One intra-op thread: the test models are tiny, so threads only add overhead (and CI has 2 cores
+# shared with DataLoader workers).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -51,6 +51,12 @@ def test_unknown_lr_scale_group_is_a_clear_error():
         build_optimizer(groups, OptimConfig(lr_scale={"gnc": 10.0}))
 
 
+def test_lr_scale_for_a_switched_off_component_is_accepted():
+    groups, *_ = _groups()  # no GCN in this model: a recipe's gcn scale must not break ablations
+    opt = build_optimizer(groups, OptimConfig(lr_scale={"gcn": 10.0, "head": 2.0}))
+    assert {g["name"] for g in opt.param_groups} == {"head", "prompts"}
+
+
 def test_no_trainable_params_and_duplicates_fail():
     with pytest.raises(TrainingError, match="no trainable parameters"):
         build_optimizer({"head": []}, OptimConfig())

@@ -176,8 +176,9 @@ def test_none_freezes_and_returns_none():
 
 
 def test_first_stage_on_staged_cnn():
-    assert apply_peft("conv_adapter", TinyVGG()).first_stage == 4
-    assert apply_peft("conv_adapter", TinyVGG(), stages=[2, 4]).first_stage == 2
+    # the adapter after stage k is a pre-hook on the next module: stage k stays in the cached prefix
+    assert apply_peft("conv_adapter", TinyVGG()).first_stage == 5
+    assert apply_peft("conv_adapter", TinyVGG(), stages=[2, 4]).first_stage == 3
     assert apply_peft("bitfit", TinyVGG()).first_stage == 0
     assert apply_peft("bitfit", TinyVGG(), stages=[3, 4]).first_stage == 3
     assert apply_peft("conv_adapter", tiny_rn(), stages=[1, 3]).first_stage == 0

@@ -39,11 +39,13 @@ def _split_decay(name: str, params: Sequence[nn.Parameter], lr: float, weight_de
 
 def build_optimizer(param_groups: Dict[str, List[nn.Parameter]], cfg: OptimConfig) -> Optimizer:
     """SGD (momentum, no Nesterov) or AdamW over named groups with per-group lr scales."""
-    unknown = sorted(set(cfg.lr_scale) - set(param_groups))
+    # A scale for a known group the model lacks (e.g. gcn with the GCN switched off) is fine:
+    # ablations switch components off without editing the recipe; a misspelt name is an error.
+    unknown = sorted(set(cfg.lr_scale) - set(GROUP_NAMES) - set(param_groups))
     if unknown:
         raise TrainingError(
             f"optim.lr_scale names unknown parameter group(s) {unknown}; "
-            f"this model's groups are {sorted(param_groups)} (of {', '.join(GROUP_NAMES)})"
+            f"valid groups are {', '.join(GROUP_NAMES)} (this model has {sorted(param_groups)})"
         )
     if cfg.optimizer not in _OPTIMIZERS:
         raise TrainingError(f"optim.optimizer={cfg.optimizer!r} is not one of {', '.join(_OPTIMIZERS)}")

@@ -3,8 +3,13 @@
 After stage k: ``y = x + up(ReLU(down(x)))`` with 1x1 convs C -> C/reduction -> C and ``up``
 zero-initialised, so the tower is unchanged at initialisation. Stages are 0-based: for
 ModifiedResNet index k is ``layer{k+1}``; for a staged CNN it is ``visual.stages[k]``. Default:
-the last stage only. The adapter is a forward hook on stage k, so stage k must run in the
-trainable suffix: ``first_stage = min(stages)`` on a staged CNN, 0 on the (unsplit) CLIP tower.
+the last stage only.
+
+On a staged CNN the adapter is a forward PRE-hook on the module after stage k (``stages[k+1]``,
+or ``visual.pool`` after the last stage), so stage k itself stays in the frozen, cacheable
+prefix: ``first_stage = min(stages) + 1``. An adapter on the last VGG block therefore trains on
+cached block-5 maps and never re-runs a convolution of the tower. A tower without ``pool`` falls
+back to a forward hook on stage k (``first_stage = k``). On the unsplit CLIP RN50, first_stage=0.
 """
 from __future__ import annotations
 
@@ -55,13 +60,25 @@ class ConvAdapter(PEFTMethod):
         else:
             blocks = list(visual.stages)
         chosen = resolve_stages(self.name, self.stages, len(blocks), [len(blocks) - 1])
-        self.first_stage = chosen[0] if kind == STAGED_CNN else 0
         self.stages = chosen
+        first = []
         for k in chosen:
             channels = stage_out_channels(blocks[k], f"stage {k} of {type(visual).__name__}")
             adapter = ConvBottleneck(channels, max(1, channels // self.reduction))
             self.adapters[str(k)] = adapter
-            self.hook(blocks[k].register_forward_hook(self._residual(adapter)))
+            after = self._next_module(visual, blocks, k) if kind == STAGED_CNN else None
+            if after is not None:
+                self.hook(after.register_forward_pre_hook(self._residual_input(adapter)))
+                first.append(k + 1)
+            else:
+                self.hook(blocks[k].register_forward_hook(self._residual(adapter)))
+                first.append(k)
+        self.first_stage = min(first) if kind == STAGED_CNN else 0
+
+    @staticmethod
+    def _next_module(visual: nn.Module, blocks: List[nn.Module], k: int) -> Optional[nn.Module]:
+        """The module that consumes stage k's output (None when the tower has no ``pool``)."""
+        return blocks[k + 1] if k + 1 < len(blocks) else getattr(visual, "pool", None)
 
     @staticmethod
     def _residual(adapter: ConvBottleneck):
@@ -69,6 +86,15 @@ class ConvAdapter(PEFTMethod):
 
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
             return output + adapter(output)
+
+        return hook
+
+    @staticmethod
+    def _residual_input(adapter: ConvBottleneck):
+        """Forward pre-hook on the next module: its input x -> x + adapter(x)."""
+
+        def hook(module: nn.Module, args: Any) -> Any:
+            return (args[0] + adapter(args[0]),) + tuple(args[1:])
 
         return hook
 
