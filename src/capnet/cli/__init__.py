@@ -11,7 +11,7 @@ import sys
 from typing import List, Optional
 
 # module name under capnet.cli -> it defines register(subparsers) and sets func on its parser
-COMMANDS = ("data", "train", "evaluate", "predict", "demo")
+COMMANDS = ("data", "train", "evaluate", "predict", "demo")  # module names; "evaluate" adds `eval`
 
 
 def build_parser() -> argparse.ArgumentParser:

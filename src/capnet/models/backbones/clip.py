@@ -7,6 +7,8 @@ attends to a cut one, so the result equals ``CLIP.encode_text`` at a fraction of
 """
 from __future__ import annotations
 
+import hashlib
+
 import functools
 import glob
 import os
@@ -28,6 +30,17 @@ from capnet.models.backbones.specs import CLIP_ARCHS, CLIPArch
 from capnet.registry import BACKBONES
 
 RANDOM = "random"  # the `weights` value asking for random initialisation
+RANDOM_INIT_SEED = 0  # random-init backbones are seeded: one name, one set of weights
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    """sha256 over a model's tensors (names, shapes, bytes): identifies seeded random weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 _OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -168,7 +181,13 @@ def build_clip(name: str, weights: Optional[str] = None, image_size: Optional[in
         if not arch.random_tag:
             warnings.warn(f"backbone '{name}' built with random weights: its features are meaningless",
                           stacklevel=3)
-        model, source = _open_clip_model(arch, image_size), RANDOM
+        # Seeded, so "random" names one fixed set of weights: a saved run rebuilds the same
+        # backbone, and the recorded digest lets load_run detect any drift.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = _open_clip_model(arch, image_size)
+        source = RANDOM
+        sha = _state_digest(model)
     else:
         path = Path(weights).expanduser() if weights is not None else find_weights(arch)
         model = _open_clip_model(arch, image_size)
