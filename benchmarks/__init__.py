@@ -1,0 +1,1 @@
+"""Benchmarks of capnet (speed: `python -m benchmarks.speed`); not part of the installed package."""

@@ -1,0 +1,95 @@
+"""Markdown rendering of the speed results (the JSON next to it holds every raw timing)."""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List
+
+from benchmarks._timing import fmt_ms, fmt_ratio, md_table
+
+
+def _machine(results: Dict[str, Any]) -> str:
+    m = results["machine"]
+    gpu = f", GPU {m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']})" if "gpu" in m else ", no GPU"
+    share = {k: round(v, 2) for k, v in m.get("cpu_share_by_section", {}).items() if v is not None}
+    return (f"Machine: {m['cpu']}, {m['cpu_cores_logical']} logical cores, torch {m['torch']} with "
+            f"{m['torch_threads']} threads{gpu}; load average {m['load_average_start']} at start, "
+            f"{m.get('load_average_end')} at end; CPU share of our threads by section {share}; commit {m['git_commit']}; wall time {results.get('wall_time_s')} s.")
+
+
+def _settings(results: Dict[str, Any]) -> str:
+    s = results["settings"]
+    return (f"Settings: device {s['device']}, amp {s['amp']}, batch {s['batch']}, image size "
+            f"{s['image_size'] or 'backbone default'}, median of {s['repeats']} interleaved repeats after "
+            f"{s['warmup']} warm-up call(s); ratios are medians of per-round paired ratios.")
+
+
+def _ok(row: Dict[str, Any]) -> str:
+    return "yes" if row.get("meets_target") else "NO"
+
+
+def _train(rows: List[Dict[str, Any]]) -> str:
+    header = ["backbone", "C", "px", "batch", "PEFT", "trainable CAPNET / bare", "CAPNET step", "bare step",
+              "ratio (target <= 1.10)", "ratio of mins", "met", "text+GCN fwd+bwd", "image fwd+bwd", "text share of step",
+              "eval text uncached", "eval text cached"]
+    body = []
+    for r in rows:
+        if r["measured"]:
+            t = {k: v["median_s"] for k, v in r["times"].items()}
+            counts = f"{r['trainable']['capnet']:,} / {r['trainable']['bare']:,}"
+            peft = r["peft"]
+        else:
+            t, counts, peft = r["estimate_s"], f"(extrapolated from C={r['extrapolated_from']})", "-"
+        body.append([r["arch"], r["classes"], r["image_size"], r["batch"], peft, counts,
+                     fmt_ms(t["capnet_step"]), fmt_ms(t["bare_step"]), fmt_ratio(r["step_ratio"]["median_of_paired"]),
+                     fmt_ratio(r["step_ratio"].get("of_minimums")), _ok(r), fmt_ms(t["text_branch"]),
+                     fmt_ms(t["image_branch"]), f"{r['text_share_of_step']:.1%}",
+                     fmt_ms(t["eval_text_uncached"]), fmt_ms(t.get("eval_text_cached"))])
+    return "## 1 + 5. Training step: CAPNET vs bare encoder, by number of classes\n\n" + md_table(header, body)
+
+
+def _inference(rows: List[Dict[str, Any]]) -> str:
+    header = ["backbone", "C", "px", "batch", "CAPNET", "bare", "ratio (target <= 1.05)", "ratio of mins", "met",
+              "TTE batch", "flip: time/view vs 1", "five_crop", "ten_crop"]
+    body = []
+    for r in rows:
+        pv = r["tte"]["time_per_view_vs_single"]
+        body.append([r["arch"], r["classes"], r["image_size"], r["batch"], fmt_ms(r["times"]["capnet"]["median_s"]),
+                     fmt_ms(r["times"]["bare"]["median_s"]), fmt_ratio(r["ratio"]["median_of_paired"]),
+                     fmt_ratio(r["ratio"]["of_minimums"]), _ok(r),
+                     r["tte"]["batch"], fmt_ratio(pv["flip"]), fmt_ratio(pv["five_crop"]), fmt_ratio(pv["ten_crop"])])
+    return ("## 2. Inference (eval, class embeddings cached) and test-time ensembling\n\n" + md_table(header, body)
+            + "\n\nTTE columns: time of a k-view call divided by k x the single-view call (1.0 = linear).")
+
+
+def _throughput(rows: List[Dict[str, Any]]) -> str:
+    header = ["backbone", "variant", "px", "batch", "inference images/s", "training images/s"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["arch"], r["variant"], "-", "-", f"failed: {r['error'][:80]}", "-"])
+        else:
+            body.append([r["arch"], r["variant"], r["image_size"], r["batch"],
+                         f"{r['infer_images_per_s']:.2f}", f"{r['train_images_per_s']:.2f}"])
+    return "## 3. Throughput of CAPNET (random-init weights)\n\n" + md_table(header, body)
+
+
+def _offline(rows: List[Dict[str, Any]]) -> str:
+    header = ["image size", "images", "model only s/img", "end to end s/img (decode + transform + model)"]
+    body = [[r["image_size"], r["images"], f"{r['model_only_s_per_image']:.4f}", f"{r['end_to_end_s_per_image']:.4f}"]
+            for r in rows]
+    return "## 4. Offline backbone (vgg19_minilm.offline) feature extraction\n\n" + md_table(header, body)
+
+
+def render_markdown(results: Dict[str, Any]) -> str:
+    """The human-readable report: machine, settings, one table per section, notes."""
+    parts = ["# capnet speed benchmark", _machine(results), _settings(results)]
+    renderers = {"train": _train, "inference": _inference, "throughput": _throughput, "offline": _offline}
+    for name, render in renderers.items():
+        if results.get(name):
+            parts.append(render(results[name]))
+    demo = results.get("demo", {})
+    text = f"From {demo['source']}: `{json.dumps(demo['times'])}`" if "times" in demo else demo.get("note", "-")
+    parts.append("## Demo timings\n\n" + text)
+    if results.get("notes"):
+        parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in results["notes"]))
+    return "\n\n".join(parts) + "\n"
