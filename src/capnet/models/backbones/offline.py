@@ -86,10 +86,12 @@ class VGG19MiniLM(Backbone):
         context_length: int = 77,
         cache_dir: Optional[Union[str, Path]] = None,
         freeze: bool = True,
+        pooling: str = "avg",
     ) -> None:
         super().__init__()
         cache = Path(cache_dir) if cache_dir is not None else None
-        self.visual, vgg_path = build_vgg19_visual(Path(weights) if weights is not None else None)
+        self.visual, vgg_path = build_vgg19_visual(Path(weights) if weights is not None else None, pooling)
+        self.image_dim = self.visual.out_dim
         zip_path = minilm_zip_path()
         self.text = MiniLMText(extract_minilm(zip_path, cache), context_length=context_length)
         self.spec = BackboneSpec(
@@ -101,7 +103,8 @@ class VGG19MiniLM(Backbone):
             weights=f"{vgg_path} + {zip_path}",
             weights_sha256=weights_sha256([vgg_path, zip_path], cache),
             license=LICENSE,
-            extra={"image_weights": str(vgg_path), "text_weights": str(zip_path), "aligned": False},
+            extra={"image_weights": str(vgg_path), "text_weights": str(zip_path), "aligned": False,
+                   "pooling": pooling},
         )
         if freeze:
             self.requires_grad_(False)

