@@ -5,7 +5,8 @@ Merge order (later wins), as in CoOp/Dassl:
   2. each ``--config`` YAML, in the order given (typically data, then model, then experiment);
      a file may list others under ``base:`` (paths relative to it) that are merged first
   3. ``--set key.path=value`` overrides (values parsed as YAML)
-then the result is validated (unknown keys are errors naming the closest valid key) and frozen.
+Mappings merge key by key, except that a section whose selector changes (``loss.name``,
+``model.peft.method``) is replaced whole: its ``options`` belong to the old selector. Then the result is validated (unknown keys are errors naming the closest valid key) and frozen.
 """
 from __future__ import annotations
 
@@ -194,14 +195,24 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+SELECTORS = ("name", "method")  # a section keyed by one of these owns its ``options``
+
+
 def _deep_merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
+    """Merge mappings key by key; a section whose selector (loss ``name``, PEFT ``method``)
+    changes is replaced whole, so options meant for one loss/method never leak into another."""
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key not in ("options",):
-            out[key] = _deep_merge(out[key], value)
+        old = out.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping) and not _selector_changed(old, value):
+            out[key] = _deep_merge(old, value)
         else:
-            out[key] = value
+            out[key] = dict(value) if isinstance(value, Mapping) else value
     return out
+
+
+def _selector_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return any(k in new and k in old and new[k] != old[k] for k in SELECTORS)
 
 
 def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
