@@ -285,7 +285,6 @@ def run_offline(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
         rows.append({"image_size": size, "images": len(paths),
                      **{f"{k}_s_per_image": summarize(v)["median_s"] / len(paths) for k, v in times.items()},
                      "times": _medians(times)})
-        del backbone
         _free()
     return rows
 

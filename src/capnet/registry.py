@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -68,3 +68,15 @@ PEFT = Registry("PEFT method")
 LOSSES = Registry("loss")
 DATASETS = Registry("dataset reader")
 GRAPHS = Registry("label graph")
+
+
+def unknown_options_message(owner: str, options: Iterable[str], valid: List[str]) -> Optional[str]:
+    """A one-line error for keyword options ``owner`` does not accept (None when all are valid)."""
+    unknown = sorted(set(options) - set(valid))
+    if not unknown:
+        return None
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1)
+        hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return f"{owner}: unknown option(s) {', '.join(hints)}; valid options: {', '.join(valid) or '(none)'}"

@@ -1,14 +1,13 @@
 """build_loss: the one place that turns a loss name + options dict into a module."""
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
 from capnet.errors import CapnetError
-from capnet.registry import LOSSES
+from capnet.registry import LOSSES, unknown_options_message
 
 DATA_ARGS = ("class_freq", "train_num")  # supplied from the training set, never from options
 
@@ -33,15 +32,9 @@ def build_loss(
     builder = LOSSES.get(name)
     options = dict(options or {})
     valid = loss_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise LossConfigError(
-            f"loss '{name}': unknown option(s) {', '.join(hints)}; valid options: {', '.join(valid) or '(none)'}"
-        )
+    message = unknown_options_message(f"loss '{name}'", options, valid)
+    if message:
+        raise LossConfigError(message)
     params = inspect.signature(builder).parameters
     for arg, value in (("class_freq", class_freq), ("train_num", train_num)):
         if arg in params:

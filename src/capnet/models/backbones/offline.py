@@ -8,7 +8,6 @@ into a shared space. See docs/offline_backbone.md.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +18,7 @@ import torch
 from torchvision import transforms as T
 
 from capnet.models.backbones.base import Backbone, BackboneSpec
+from capnet.models.backbones.checkpoints import sha256_of
 from capnet.models.backbones.offline_text import MiniLMText, capnet_cache_dir, extract_minilm, minilm_zip_path
 from capnet.models.backbones.offline_vision import CAFFE_MEAN_RGB, build_vgg19_visual
 from capnet.registry import BACKBONES
@@ -34,14 +34,7 @@ LICENSE = (
 DIGEST_FILE = "weights_sha256.json"
 
 
-def _hash_files(paths: Sequence[Path]) -> str:
-    """sha256 over the bytes of ``paths``, in order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+_hash_files = sha256_of  # one implementation of "sha256 over these files, in order"
 
 
 def weights_sha256(paths: Sequence[Path], cache_dir: Optional[Path] = None) -> str:

@@ -12,7 +12,6 @@ method that changes ``stages[k]`` or hooks its output reports ``k``.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from capnet.errors import CapnetError
-from capnet.registry import PEFT
+from capnet.registry import PEFT, unknown_options_message
 
 VIT, RESNET, STAGED_CNN = "vit", "resnet", "staged_cnn"
 TOWER_NAMES = {
@@ -141,16 +140,9 @@ def apply_peft(name: str, visual: nn.Module, **options: Any) -> Optional[PEFTMet
     """Build PEFT[name](**options) and apply it to ``visual``; 'none' returns None."""
     builder: Callable[..., Optional[PEFTMethod]] = PEFT.get(name)
     valid = peft_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise PEFTError(
-            f"PEFT method '{name}': unknown option(s) {', '.join(hints)}; "
-            f"valid options: {', '.join(valid) or '(none)'}"
-        )
+    message = unknown_options_message(f"PEFT method '{name}'", options, valid)
+    if message:
+        raise PEFTError(message)
     method = builder(**options)
     if method is None:
         for param in visual.parameters():
