@@ -56,6 +56,38 @@ def make_folder_tree() -> Callable[..., Path]:
     return write_folder_tree
 
 
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "voc_real_lt"
+SMALL_REAL_CLASSES = ["cat", "dog", "person", "horse"]
+
+
+def write_small_real_dataset(root: Path, n_train: int = 48, n_test: int = 24) -> Path:
+    """A 4-class folder dataset of real bundled VOC images (first rows with a kept label)."""
+    import csv
+    import shutil
+
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("\n".join(SMALL_REAL_CLASSES) + "\n")
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        with open(BUNDLED / f"{split}.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                labels = [c for c in row["labels"].split() if c in SMALL_REAL_CLASSES]
+                if labels:
+                    rows.append((row["image_id"], " ".join(labels)))
+                if len(rows) == n:
+                    break
+        for image_id, _ in rows:
+            shutil.copy(BUNDLED / "images" / f"{image_id}.jpg", root / "images" / f"{image_id}.jpg")
+        (root / f"{split}.csv").write_text("image_id,labels\n" + "".join(f"{i},{l}\n" for i, l in rows))
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_real(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 train / 24 test real bundled images over 4 classes (cat, dog, person, horse)."""
+    return write_small_real_dataset(tmp_path_factory.mktemp("data") / "small")
+
+
 # One intra-op thread: the test models are tiny, so threads only add overhead (and CI has 2 cores
 # shared with DataLoader workers).
 import torch  # noqa: E402

@@ -92,10 +92,10 @@ def test_param_groups_cover_each_trainable_once():
     listed = [id(p) for v in groups.values() for p in v]
     trainable = [id(p) for p in m.parameters() if p.requires_grad]
     assert len(listed) == len(set(listed)) and set(listed) == set(trainable)
-    assert len(groups["head"]) == 5  # image_proj w/b, text_proj w/b, logit scale
+    assert len(groups["head"]) == 7  # per projection: LayerNorm w/b + bias-free linear; logit scale
     frozen_scale = CAPNET(m.backbone, C, template_embeddings=torch.randn(C, 32), proj_dim=20, learn_logit_scale=False)
     assert set(frozen_scale.param_groups()) == {"head"}
-    assert len(frozen_scale.param_groups()["head"]) == 4
+    assert len(frozen_scale.param_groups()["head"]) == 6
 
 
 COMPONENTS = ["prompts", "graph", "gcn", "peft", "proj", "ensemble"]
@@ -271,7 +271,7 @@ def test_build_coop_and_fixed_template_configs():
 
 def test_build_unaligned_uses_projections():
     m = run_step(build_model(cfg(backbone_options={"image_dim": 24}, proj_dim=12), NAMES))
-    assert m.image_proj.out_features == 12 and m.text_proj.in_features == 32
+    assert m.image_proj[-1].out_features == 12 and m.text_proj[-1].in_features == 32
     assert m.class_embeddings().shape == (C, 12)
 
 

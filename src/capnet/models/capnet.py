@@ -32,6 +32,17 @@ from capnet.models.prompts import EvalCache, PromptLearner
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learned temperature
 
 
+def projection(in_dim: int, out_dim: int) -> nn.Module:
+    """Map an unaligned tower into the shared space: LayerNorm then a bias-free linear map.
+
+    The LayerNorm makes the map independent of the tower's raw feature scale (VGG activations
+    are in the hundreds, MiniLM outputs are unit vectors); without a bias, a projection cannot
+    collapse every image onto one direction (a large bias dominates W x after L2 normalisation,
+    which we saw diverge at higher learning rates).
+    """
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim, bias=False))
+
+
 class CAPNET(ClassifierBase):
     """Frozen backbone + soft prompts + label graph + residual GCN + (optional) PEFT and projections."""
 
@@ -69,8 +80,8 @@ class CAPNET(ClassifierBase):
         aligned = backbone.image_dim == backbone.text_dim and backbone.spec.extra.get("aligned", True)
         if proj_dim is None and not aligned:
             raise CapnetError(f"{backbone.spec.name}: towers are not aligned, set model.proj_dim")
-        self.image_proj = nn.Linear(backbone.image_dim, proj_dim) if proj_dim else None
-        self.text_proj = nn.Linear(backbone.text_dim, proj_dim) if proj_dim else None
+        self.image_proj = projection(backbone.image_dim, proj_dim) if proj_dim else None
+        self.text_proj = projection(backbone.text_dim, proj_dim) if proj_dim else None
         log_scale = torch.tensor(math.log(logit_scale))
         if learn_logit_scale:
             self.log_logit_scale = nn.Parameter(log_scale)
