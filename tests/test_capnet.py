@@ -202,10 +202,10 @@ def test_baselines():
     x = images()
     lp = LinearProbe(bb, C)
     assert lp(x).shape == (3, C)
-    assert set(lp.param_groups()) == {"head"} and len(lp.param_groups()["head"]) == 2
+    assert set(lp.param_groups()) == {"head"} and len(lp.param_groups()["head"]) == 4  # fc w/b + LayerNorm w/b (no init)
     lp(x).sum().backward()
     assert all(p.grad is None for p in bb.parameters())
-    assert set(lp.trainable_state_dict()) == {"fc.weight", "fc.bias"}
+    assert set(lp.trainable_state_dict()) == {"fc.weight", "fc.bias", "norm.weight", "norm.bias"}
     assert torch.allclose(lp.forward_features(bb.image_prefix(x, 1), 1), lp(x), atol=1e-5)
     with torch.no_grad():
         templ = bb.encode_text([f"a photo of a {n}." for n in NAMES])

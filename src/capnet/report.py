@@ -65,7 +65,7 @@ def write_report(
     if metrics.get("excluded"):
         lines.append(f"Classes without a test positive (excluded from the means): {', '.join(metrics['excluded'])}")
         lines.append("")
-    lines += ["## Per class", "", "| class | group | train images | AP (%) | threshold |", "| --- | --- | --- | --- | --- |"]
+    lines += ["## Per class", "", "| class | group | train images (after the val carve-out) | AP (%) | threshold |", "| --- | --- | --- | --- | --- |"]
     thresholds = metrics.get("thresholds", {})
     order = np.argsort(-np.asarray(class_freq))
     for i in order:

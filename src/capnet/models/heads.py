@@ -119,11 +119,18 @@ class ClassifierBase(nn.Module):
 
 
 class LinearProbe(ClassifierBase):
-    """Baseline: a linear layer on L2-normalised frozen image features."""
+    """Baseline: a linear layer on frozen image features.
+
+    On aligned towers (CLIP) it reads L2-normalised features and starts at the zero-shot
+    classifier (``init_weight``). Without an init (unaligned towers, e.g. VGG19 activations in
+    the hundreds) it reads LayerNorm-standardised features, as a well-conditioned logistic
+    regression would; on raw or L2-normalised features a small-lr probe barely moves.
+    """
 
     def __init__(self, backbone: Backbone, num_classes: int, init_weight: Optional[torch.Tensor] = None) -> None:
         super().__init__(backbone)
         self.fc = nn.Linear(backbone.image_dim, num_classes)
+        self.norm = nn.LayerNorm(backbone.image_dim) if init_weight is None else None
         if init_weight is not None:
             if tuple(init_weight.shape) != (num_classes, backbone.image_dim):
                 raise CapnetError(f"linear probe init weight has shape {tuple(init_weight.shape)}, expected {(num_classes, backbone.image_dim)}")
@@ -132,12 +139,14 @@ class LinearProbe(ClassifierBase):
                 self.fc.bias.zero_()
 
     def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``W normalize(f) + b``."""
-        return self.fc(F.normalize(image_features.to(self.fc.weight.dtype), dim=-1))
+        """``W normalize(f) + b`` (aligned towers) or ``W LayerNorm(f) + b``."""
+        feats = image_features.to(self.fc.weight.dtype)
+        return self.fc(self.norm(feats) if self.norm is not None else F.normalize(feats, dim=-1))
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """Everything trainable is the head."""
-        return self._checked_groups({"head": list(self.fc.parameters())})
+        norm = list(self.norm.parameters()) if self.norm is not None else []
+        return self._checked_groups({"head": list(self.fc.parameters()) + norm})
 
 
 class ZeroShot(ClassifierBase):
