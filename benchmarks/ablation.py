@@ -52,11 +52,18 @@ def run_row(base: Path, exp: Optional[str], seed: int, out: Path, cache: Path,
     return train_run(cfg, out, cache_dir=cache)
 
 
+def _mean_std(values: np.ndarray) -> tuple:
+    """Mean and sample std over seeds; nan for a group with no class (e.g. no head class)."""
+    v = values[~np.isnan(values)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
 def summarize(per_seed: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     """mean and (sample) std over seeds of each group mAP."""
-    arr = {k: np.array([m[k] for m in per_seed], dtype=float) for k in KEYS}
-    return {"mean": {k: float(np.nanmean(v)) for k, v in arr.items()},
-            "std": {k: float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in arr.items()}}
+    stats = {k: _mean_std(np.array([m[k] for m in per_seed], dtype=float)) for k in KEYS}
+    return {"mean": {k: s[0] for k, s in stats.items()}, "std": {k: s[1] for k, s in stats.items()}}
 
 
 def goal_check(results: Dict[str, Any]) -> List[str]:

@@ -17,7 +17,7 @@ from capnet.errors import DataError
 from capnet.models.backbones.base import BackboneSpec
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data" / "voc_real_lt"
-VOC_REAL_LT = REPO_DATA if REPO_DATA.is_dir() else Path("/work/shared/data/voc_real_lt")
+VOC_REAL_LT = REPO_DATA  # vendored in the repository (scripts/vendor_voc_real_lt.py)
 
 
 class StubBackbone(nn.Module):

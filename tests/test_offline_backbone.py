@@ -21,7 +21,7 @@ from capnet.models.backbones.offline_vision import build_vgg19_visual, load_past
 from capnet.registry import BACKBONES
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data" / "voc_real_lt"
-VOC_REAL_LT = REPO_DATA if REPO_DATA.is_dir() else Path("/work/shared/data/voc_real_lt")
+VOC_REAL_LT = REPO_DATA  # vendored in the repository (scripts/vendor_voc_real_lt.py)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
