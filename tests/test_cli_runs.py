@@ -112,3 +112,23 @@ def test_demo_runs_offline_and_reuses_its_cache(small_real: Path, tmp_path: Path
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert a["mAP"] == pytest.approx(b["mAP"], abs=1e-9)  # seeded: the rerun is identical
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(small_real: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m capnet train` (gloo on CPU) writes one complete run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "capnet", "train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out),
+           "--no-cache", *_sets(TINY_CAPNET + [f"data.root={small_real}", "tte.views=single"])]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("| test |") == 1  # only rank 0 prints
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == set(KEEP)
+    assert [int(r["epoch"]) for r in csv.DictReader(open(out / "log.csv"))] == [1, 2]

@@ -16,6 +16,13 @@ def repo_root() -> Optional[Path]:
     return None
 
 
+def is_rank_zero() -> bool:
+    """True unless this is a non-zero rank under torchrun (only rank 0 prints results)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
     """--config FILE (repeatable, merged in order) and --set key=value (repeatable)."""
     parser.add_argument("--config", action="append", default=[], required=required, metavar="FILE",

@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from capnet.cli._common import repo_root
+from capnet.cli._common import is_rank_zero, repo_root
 from capnet.errors import CapnetError
 
 
@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     t0 = time.perf_counter()
     metrics = train_run(cfg, Path(args.out), cache_dir=cache)
+    if not is_rank_zero():
+        return 0
     print()
     print(f"CAPNET demo on {cfg.data.root} with {cfg.model.backbone} (test split, mAP %)")
     print(summary_table(metrics))

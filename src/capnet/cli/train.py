@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from capnet.cli._common import add_config_args, resolve_config
+from capnet.cli._common import add_config_args, is_rank_zero, resolve_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -15,8 +15,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.overrides)
     cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     metrics = train_run(cfg, Path(args.out), resume=args.resume, cache_dir=cache)
-    print(summary_table(metrics))
-    print(f"run directory: {args.out}")
+    if is_rank_zero():
+        print(summary_table(metrics))
+        print(f"run directory: {args.out}")
     return 0
 
 
