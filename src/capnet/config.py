@@ -72,7 +72,7 @@ class PEFTConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "capnet"  # HEADS key: capnet | linear_probe | zeroshot
+    kind: str = "capnet"  # MODEL_KINDS key: capnet | linear_probe | zeroshot
     backbone: str = "vgg19_minilm.offline"  # BACKBONES key ("arch.tag")
     weights: Optional[str] = None  # local checkpoint file or directory for the backbone
     backbone_options: Dict[str, Any] = field(default_factory=dict)  # extra backbone kwargs
