@@ -16,7 +16,12 @@ COMMANDS = ("data", "train", "evaluate", "predict", "demo")  # module names; "ev
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available sub-command."""
-    parser = argparse.ArgumentParser(prog="capnet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="capnet",
+        description="CAPNET (correlation adaptation prompt network) for long-tailed multi-label "
+                    "image recognition with vision-language models.",
+        epilog="Start with `capnet demo` (offline, no download). `capnet COMMAND -h` for details.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:

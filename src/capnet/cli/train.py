@@ -23,7 +23,10 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` to the top-level parser."""
-    p = subparsers.add_parser("train", help="train a model from a config", description=__doc__)
+    p = subparsers.add_parser(
+        "train", help="train a model from a config", description=__doc__,
+        epilog="Config merge order (later wins): dataclass defaults, each --config file in order "
+               "(a file's `base:` list first), then each --set. Unknown keys are errors.")
     add_config_args(p, required=True)
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
