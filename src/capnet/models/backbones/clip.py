@@ -206,49 +206,21 @@ def build_clip(name: str, weights: Optional[str] = None, image_size: Optional[in
     return CLIPBackbone(model, spec, context_length=model.context_length)
 
 
-def _check_kwargs(name: str, kw: dict) -> None:
-    if kw:
-        raise TypeError(f"backbone '{name}' got unknown arguments {sorted(kw)}; it takes weights, image_size")
+def _register(name: str) -> None:
+    """Register ``build(weights=None, image_size=None)`` for one entry of the CLIP_ARCHS table."""
+
+    def build(weights: Optional[str] = None, image_size: Optional[int] = None) -> CLIPBackbone:
+        return build_clip(name, weights, image_size)
+
+    arch = CLIP_ARCHS[name]
+    build.__name__ = name.replace(".", "_")
+    build.__doc__ = (f"CLIP {arch.open_clip_name} ('{name}'): "
+                     + ("random init, for tests and speed checks." if arch.random_tag
+                        else "weights from a local file or the usual caches (docs/weights.md)."))
+    BACKBONES.register(name)(build)
 
 
-@BACKBONES.register("clip_rn50.openai")
-def clip_rn50_openai(weights: Optional[str] = None, image_size: Optional[int] = None, **kw) -> CLIPBackbone:
-    """OpenAI CLIP ResNet-50 (the paper's RN50 backbone, 1024-d)."""
-    _check_kwargs("clip_rn50.openai", kw)
-    return build_clip("clip_rn50.openai", weights, image_size)
-
-
-@BACKBONES.register("clip_vit_b16.openai")
-def clip_vit_b16_openai(weights: Optional[str] = None, image_size: Optional[int] = None, **kw) -> CLIPBackbone:
-    """OpenAI CLIP ViT-B/16 (the paper's ViT backbone, 512-d)."""
-    _check_kwargs("clip_vit_b16.openai", kw)
-    return build_clip("clip_vit_b16.openai", weights, image_size)
-
-
-@BACKBONES.register("clip_vit_b32.openai")
-def clip_vit_b32_openai(weights: Optional[str] = None, image_size: Optional[int] = None, **kw) -> CLIPBackbone:
-    """OpenAI CLIP ViT-B/32 (cheaper ViT, 512-d)."""
-    _check_kwargs("clip_vit_b32.openai", kw)
-    return build_clip("clip_vit_b32.openai", weights, image_size)
-
-
-@BACKBONES.register("clip_vit_l14.openai")
-def clip_vit_l14_openai(weights: Optional[str] = None, image_size: Optional[int] = None, **kw) -> CLIPBackbone:
-    """OpenAI CLIP ViT-L/14 (largest OpenAI release at 224 px, 768-d)."""
-    _check_kwargs("clip_vit_l14.openai", kw)
-    return build_clip("clip_vit_l14.openai", weights, image_size)
-
-
-@BACKBONES.register("clip_tiny_vit.random")
-def clip_tiny_vit_random(weights: Optional[str] = None, image_size: Optional[int] = None, **kw) -> CLIPBackbone:
-    """Tiny random ViT CLIP (32-d, 32 px) for tests and speed checks; no weights needed."""
-    _check_kwargs("clip_tiny_vit.random", kw)
-    return build_clip("clip_tiny_vit.random", weights, image_size)
-
-
-@BACKBONES.register("clip_tiny_rn.random")
-def clip_tiny_rn_random(weights: Optional[str] = None, image_size: Optional[int] = None, **kw) -> CLIPBackbone:
-    """Tiny random ResNet CLIP (32-d, 64 px) for tests and speed checks; no weights needed."""
-    _check_kwargs("clip_tiny_rn.random", kw)
-    return build_clip("clip_tiny_rn.random", weights, image_size)
-
+# Architectures are data (specs.CLIP_ARCHS): RN50 and ViT-B/16 (the paper's backbones), ViT-B/32,
+# ViT-L/14, and two tiny random-init variants for tests.
+for _name in CLIP_ARCHS:
+    _register(_name)
