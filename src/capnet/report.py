@@ -1,9 +1,7 @@
 """Run report: metrics.json, report.md and the PNG plots of one evaluated run."""
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -21,21 +19,6 @@ def summary_table(metrics: Mapping[str, Any], title: str = "test") -> str:
     head = "| split | mAP | head | medium | tail |\n| --- | --- | --- | --- | --- |\n"
     row = f"| {title} | " + " | ".join(_fmt(metrics.get(k)) for k in ("mAP", "head", "medium", "tail")) + " |\n"
     return head + row
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file and rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def write_report(

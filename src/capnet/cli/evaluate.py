@@ -12,7 +12,8 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate a trained run on a dataset split; prints the table and optionally writes JSON."""
     from capnet.config import load_config
     from capnet.engine.runs import default_cache_dir, evaluate_run, load_run, prepare_dataset
-    from capnet.report import summary_table, write_json_atomic
+    from capnet.fileio import write_json_atomic
+    from capnet.report import summary_table
 
     run_obj = load_run(Path(args.run), device=args.device)
     overrides = with_data_root([], args.data_dir, args.reader, args.split_dir)

@@ -10,8 +10,6 @@ the target, so a crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -19,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from capnet.fileio import atomic_write_bytes
 from capnet.errors import CheckpointError
 
 FORMAT = "capnet-checkpoint-v1"
@@ -26,33 +25,6 @@ PathLike = Union[str, Path]
 
 
 # --------------------------------------------------------------- raw file I/O
-
-def atomic_write_bytes(data: bytes, path: PathLike) -> None:
-    """Write ``data`` to ``path`` via a fsync'ed temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable (POSIX); best effort elsewhere
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
 
 def save_file(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], path: PathLike) -> None:
     """Atomically save tensors plus a JSON-able ``meta`` dict as one safetensors file."""

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -30,10 +29,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from capnet.data import load_image
+from capnet.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +122,7 @@ class FeatureCache:
         stored = to_storage(tensor)
         header = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (meta or {}).items()}
         header.update(key=key, sha256=_tensor_sha256(stored), format=str(FORMAT_VERSION))
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.root)
-        os.close(fd)
-        try:
-            save_file({TENSOR_NAME: stored}, tmp, metadata=header)
-            os.replace(tmp, self.path(key))
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write_bytes(st_save({TENSOR_NAME: stored}, metadata=header), self.path(key))
         return self.path(key)
 
 

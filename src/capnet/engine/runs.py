@@ -27,7 +27,8 @@ from capnet.engine.loaders import FeatureDataset, build_loader, make_loaders
 from capnet.engine.seed import seed_everything
 from capnet.engine.train import fit
 from capnet.errors import CheckpointError
-from capnet.report import write_json_atomic, write_report
+from capnet.fileio import write_json_atomic
+from capnet.report import write_report
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ from capnet.engine.loaders import ModelForward, feature_start
 from capnet.engine.optim import build_optimizer, build_scheduler, group_lrs
 from capnet.engine.seed import reseed_loader, seed_everything
 from capnet.errors import CheckpointError, TrainingError
+from capnet.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _write_log(history: Sequence[Dict[str, Any]], path: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    checkpoint.atomic_write_bytes(buf.getvalue().encode(), path)
+    atomic_write_bytes(buf.getvalue().encode(), path)
 
 
 def _non_finite(epoch: int, step: int, value: float, last_path: Path) -> TrainingError:
