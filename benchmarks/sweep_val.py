@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+import torch
 
 from capnet.config import load_config
 
@@ -37,10 +38,7 @@ def run_variant(config: List[str], overrides: List[str], seed: int, cache: Path)
     if hasattr(model, "ensemble_templates"):
         model.ensemble_templates = False
     loss = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]))
-    import dataclasses
-
-    fit_ds = dataclasses.replace(ds, splits={k: v for k, v in ds.splits.items() if k in ("train", "val")})
-    loaders = make_loaders(fit_ds, model, cfg, cache_dir=cache, device=__import__("torch").device("cpu"))
+    loaders = make_loaders(ds, model, cfg, cache_dir=cache, device=torch.device("cpu"), splits=("train", "val"))
     with tempfile.TemporaryDirectory() as tmp:
         res = fit(model, loss, loaders["train"], loaders["val"], cfg, Path(tmp), groups=ds.groups(),
                   class_names=ds.classes)

@@ -50,16 +50,15 @@ def test_feature_cache_loaders(tmp_path, write_jpeg):
     np.testing.assert_array_equal(targets, ds.splits["test"].labels)
 
 
-def test_image_loaders_and_test_transform(tmp_path, write_jpeg):
+def test_image_loaders_and_split_selection(tmp_path, write_jpeg):
     ds = _dataset(tmp_path, write_jpeg)
     model = ToyModel(cache_depth=0)  # nothing cacheable: images even with feature_cache on
-    views = lambda im: torch.stack([model.backbone.transform(False)(im)] * 2)  # noqa: E731
-    loaders = make_loaders(ds, model, toy_config(), cache_dir=None, device=CPU, test_transform=views)
+    loaders = make_loaders(ds, model, toy_config(), cache_dir=None, device=CPU)
     assert all(isinstance(l.dataset, ImageDataset) and feature_start(l) is None for l in loaders.values())
-    x, _, _ = next(iter(loaders["test"]))
-    assert x.shape == (4, 2, 3, 8, 8)
     x, _, _ = next(iter(loaders["val"]))
     assert x.shape == (3, 3, 8, 8)
+    fit_only = make_loaders(ds, model, toy_config(), cache_dir=None, device=CPU, splits=("train", "val"))
+    assert set(fit_only) == {"train", "val"}  # test is never loaded for fitting
 
 
 def test_train_order_depends_only_on_seed_and_epoch(tmp_path, write_jpeg):

@@ -14,7 +14,7 @@ so ``fit`` / ``evaluate`` handle both kinds of loader transparently (and DDP sti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -102,30 +102,28 @@ def _split_features(dataset: Any, model: Any, name: str, depth: int, cfg: Config
 
 
 def make_loaders(dataset: Any, model: Any, cfg: Config, *, cache_dir: Optional[Path], device: torch.device,
-                 test_transform: Optional[Callable] = None) -> Dict[str, DataLoader]:
-    """Loaders for the splits of ``dataset`` among train / val / test.
+                 splits: Sequence[str] = SPLITS) -> Dict[str, DataLoader]:
+    """Loaders for those of ``splits`` that ``dataset`` has (single view; test-time views are
+    scored by ``capnet.engine.runs.split_scores``).
 
     ``data.batch_size`` is the global batch of one optimisation step: with N processes each
-    loads ``batch_size // N``. ``test_transform`` (e.g. a test-time view transform yielding
-    (V, 3, H, W) per image) replaces the eval transform of the test split, which then always
-    loads images, never cached features.
+    loads ``batch_size // N``.
     """
     from capnet.data import ImageDataset
 
     depth = model.frozen_image_stages() if cfg.train.feature_cache else 0
     world = distributed.world_size()
     loaders: Dict[str, DataLoader] = {}
-    for name in SPLITS:
+    for name in splits:
         if name not in dataset.splits:
             continue
         train = name == "train"
-        custom = name == "test" and test_transform is not None
-        if depth > 0 and not custom:
+        if depth > 0:
             data: Dataset = _split_features(dataset, model, name, depth, cfg, cache_dir, device)
             workers = 0  # tensors already in memory
         else:
-            transform = test_transform if custom else model.backbone.transform(train=train)
-            data, workers = ImageDataset(dataset.splits[name], transform), cfg.data.num_workers
+            data = ImageDataset(dataset.splits[name], model.backbone.transform(train=train))
+            workers = cfg.data.num_workers
         batch = max(1, cfg.data.batch_size // world) if train else cfg.data.eval_batch_size
         loaders[name] = build_loader(data, batch, train, cfg.train.seed, workers, device)
     return loaders

@@ -173,8 +173,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
             model.ensemble_templates = False  # template ensembling is a test-time step
         loss_fn = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]))
         # Only train/val here: test is scored once, after selection, with its test-time views.
-        fit_ds = dataclasses.replace(ds, splits={k: v for k, v in ds.splits.items() if k in ("train", "val")})
-        loaders = make_loaders(fit_ds, model, cfg, cache_dir=cache_dir, device=device)
+        loaders = make_loaders(ds, model, cfg, cache_dir=cache_dir, device=device, splits=("train", "val"))
         result = fit(model, loss_fn, loaders["train"], loaders.get("val"), cfg, run_dir, resume=resume,
                      groups=ds.groups(), class_names=ds.classes, device=device)
         history = result.history
