@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms.functional import to_tensor
 
 from capnet.config import Config, DataConfig, load_config, save_config
 from capnet.engine import checkpoint, distributed
@@ -53,7 +54,9 @@ class _OneView:
         self.stack, self.v, self.description = stack, v, description
 
     def __call__(self, image: Any) -> torch.Tensor:
-        return self.stack(image)[self.v]
+        # Only view v is converted and normalised (crops are cheap; tensors are not), so
+        # extracting V views costs V conversions per image, not V * V.
+        return self.stack.normalize(to_tensor(self.stack.views(image)[self.v]))
 
     def __repr__(self) -> str:
         return f"view {self.v} of {self.description}"
@@ -257,13 +260,13 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
     from capnet.data import load_image
 
     transforms = view_transforms(run.model, run.cfg)
+    # (V, 3, H, W) per image: the multi-view stack, or the single eval view
+    per_image = transforms[0].stack if isinstance(transforms[0], _OneView) else (lambda im: transforms[0](im)[None])
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
-        images = [load_image(p) for p in chunk]
+        views = torch.stack([per_image(load_image(p)) for p in chunk]).to(run.device)
         with torch.inference_mode():
-            logits = torch.stack([
-                run.model(torch.stack([t(img) for img in images]).to(run.device)).float() for t in transforms
-            ]).mean(dim=0)
+            logits = torch.stack([run.model(views[:, v]).float() for v in range(views.shape[1])]).mean(dim=0)
         probs = torch.sigmoid(logits).cpu().numpy()
         for path, p in zip(chunk, probs):
             yield {"image": str(path),
