@@ -80,7 +80,15 @@ class MultiLabelDataset:
         """"head"/"medium"/"tail" -> class indices: class_split.json if given, else train thresholds."""
         if self.class_groups is not None:
             return self._group_indices(self.class_groups)
+        if "train" not in self.splits:
+            raise DataError(f"{self.name}: no train split to count head/medium/tail from "
+                            "(and no class_split.json)")
         return assign_groups(self.class_freq("train"))
+
+    @property
+    def has_groups(self) -> bool:
+        """True when :meth:`groups` can answer (fixed groups or a train split)."""
+        return self.class_groups is not None or "train" in self.splits
 
     def _group_indices(self, class_groups: Dict[str, List[str]]) -> Dict[str, np.ndarray]:
         index = {c: i for i, c in enumerate(self.classes)}

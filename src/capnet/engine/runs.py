@@ -27,7 +27,7 @@ from capnet.engine.feature_cache import FeatureCache, compute_features
 from capnet.engine.loaders import FeatureDataset, build_loader, make_loaders
 from capnet.engine.seed import seed_everything
 from capnet.engine.train import fit
-from capnet.errors import CheckpointError
+from capnet.errors import CheckpointError, DataError
 from capnet.fileio import write_json_atomic
 from capnet.report import write_report
 
@@ -39,11 +39,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CAPNET_CACHE", Path.home() / ".cache" / "capnet")) / "features"
 
 
+TRAINING_SPLITS = ("train", "test")  # what training needs; a val split is read too when the layout has one
+
+
 def prepare_dataset(data: DataConfig):
-    """Read the dataset named by the config and carve the validation split from train."""
+    """Read the dataset for training (train and test, val if present) and carve val from train."""
     from capnet.data import load_dataset
 
     ds = load_dataset(data.reader, data.root, split_dir=data.split_dir)
+    if any(s not in ds.splits for s in TRAINING_SPLITS):
+        load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=TRAINING_SPLITS)  # names the file
+        raise DataError(f"{data.root}: training needs a train and a test split, found {', '.join(ds.splits)}")
     return ds.with_val_split(data.val_fraction, data.val_seed)
 
 
