@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from capnet.data import coco, folder, nus_wide, voc  # noqa: F401  (register the readers)
-from capnet.data.base import ImageDataset, MultiLabelDataset, Split, load_image
+from capnet.data.base import ImageDataset, MultiLabelDataset, Split, image_problem, load_image
+from capnet.data.check import check_dataset, check_images, drop_images
+from capnet.data.class_match import match_classes
 from capnet.data.lt_stats import GROUP_NAMES, assign_groups, class_freq, describe, imbalance_ratio
 from capnet.errors import DataError
 from capnet.registry import DATASETS
@@ -40,5 +42,6 @@ def list_readers() -> list:
 
 __all__ = [
     "DATASETS", "GROUP_NAMES", "ImageDataset", "MultiLabelDataset", "Split", "assign_groups",
-    "class_freq", "describe", "imbalance_ratio", "list_readers", "load_dataset", "load_image",
+    "check_dataset", "check_images", "class_freq", "describe", "drop_images", "image_problem",
+    "imbalance_ratio", "list_readers", "load_dataset", "load_image", "match_classes",
 ]
