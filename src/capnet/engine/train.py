@@ -91,9 +91,13 @@ def _check_same_config(saved: Dict[str, Any], cfg: Config, path: Path) -> None:
 
 
 def _write_log(history: Sequence[Dict[str, Any]], path: Path) -> None:
-    """Rewrite log.csv from the history (so a resumed run never duplicates or loses rows)."""
+    """Rewrite log.csv from the history (so a resumed run never duplicates or loses rows).
+
+    Columns follow the newest row, which ``_run_epoch`` has just built in its own order: rows
+    restored on resume come back from the checkpoint's JSON with their keys sorted.
+    """
     columns: List[str] = []
-    for row in history:
+    for row in list(history[-1:]) + list(history):
         columns += [c for c in row if c not in columns]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
