@@ -2,7 +2,8 @@
 
 A run directory holds ``config.yaml`` (resolved), ``model.safetensors`` (trainable tensors and the
 label graph; the frozen backbone is referenced by name and sha256 in its metadata),
-``metrics.json``, ``report.md``, PNG plots, ``log.csv`` and the training checkpoints.
+``metrics.json`` (with the ``config_sha256`` of the config that produced it), ``report.md``, PNG
+plots, ``log.csv`` and the training checkpoints.
 Test-time views are cached like training features when the visual prefix is frozen, so a
 repeated run does no image-tower work at all.
 """
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import to_tensor
 
-from capnet.config import Config, DataConfig, load_config, save_config
+from capnet.config import Config, DataConfig, config_hash, load_config, save_config
 from capnet.engine import checkpoint, distributed
 from capnet.engine.evaluate import predict_scores
 from capnet.engine.feature_cache import FeatureCache, compute_features
@@ -194,6 +195,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}
     metrics = evaluate_and_write(model, ds, cfg, run_dir, device, cache_dir, history, header)
     metrics["seconds"] = time.perf_counter() - t0
+    metrics["config_sha256"] = config_hash(cfg)
     if distributed.is_main():
         write_json_atomic(run_dir / "metrics.json", metrics)
     distributed.cleanup()
@@ -259,6 +261,20 @@ def evaluate_run(run: LoadedRun, ds: Any, split: str, cache_dir: Optional[Path])
     scores, targets = split_scores(run.model, ds.splits[split], run.cfg, run.device, cache_dir)
     groups = ds.groups() if "train" in ds.splits else assign_groups(np.zeros(len(run.classes)))
     return map_report(scores, targets, groups, run.classes)
+
+
+def finished_run(run_dir: Path, cfg: Config) -> Optional[Dict[str, Any]]:
+    """The metrics of ``run_dir`` if it finished training exactly ``cfg`` (same config_sha256), else None."""
+    import json
+
+    path = Path(run_dir) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, unreadable or half-written: not finished
+        return None
+    if not isinstance(metrics, dict) or metrics.get("config_sha256") != config_hash(cfg):
+        return None
+    return metrics
 
 
 def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) -> Iterator[Dict[str, Any]]:

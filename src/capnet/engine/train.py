@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from capnet.config import Config, to_dict
+from capnet.config import RUNTIME_KEYS, Config, to_dict
 from capnet.engine import checkpoint, distributed
 from capnet.engine.ema import EMA
 from capnet.engine.evaluate import autocast, evaluate
@@ -42,7 +42,6 @@ from capnet.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-RUNTIME_KEYS = ("train.device", "train.log_every", "data.num_workers")  # may change on resume
 Callback = Callable[[Dict[str, Any]], None]
 
 
