@@ -3,7 +3,7 @@
 A run directory holds ``config.yaml`` (resolved), ``model.safetensors`` (trainable tensors and the
 label graph; the frozen backbone is referenced by name and sha256 in its metadata),
 ``metrics.json`` (with the ``config_sha256`` of the config that produced it), ``report.md``, PNG
-plots, ``log.csv`` and the training checkpoints.
+plots, ``log.csv``, the training checkpoints and, when bad images were skipped, ``skipped_images.txt``.
 Test-time views are cached like training features when the visual prefix is frozen, so a
 repeated run does no image-tower work at all.
 """
@@ -26,6 +26,7 @@ from capnet.engine import checkpoint, distributed
 from capnet.engine.evaluate import predict_scores
 from capnet.engine.feature_cache import FeatureCache, compute_features
 from capnet.engine.loaders import FeatureDataset, build_loader, make_loaders
+from capnet.engine.preflight import SKIPPED_FILE, preflight_images, write_skipped
 from capnet.engine.seed import seed_everything
 from capnet.engine.train import fit
 from capnet.errors import CheckpointError, DataError
@@ -162,8 +163,13 @@ def evaluate_and_write(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, de
     return metrics
 
 
-def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """Train per ``cfg``, select on val, evaluate on test, write the run directory; returns metrics."""
+def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Optional[Path] = None,
+              skip_bad_images: bool = False) -> Dict[str, Any]:
+    """Train per ``cfg``, select on val, evaluate on test, write the run directory; returns metrics.
+
+    Every image is decoded first (:func:`preflight_images`); a bad one fails the run before any
+    work unless ``skip_bad_images``, which drops it and lists it in skipped_images.txt.
+    """
     from capnet.losses import build_loss
     from capnet.models.build import build_model
 
@@ -173,15 +179,19 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
     device = info.device
     t0 = time.perf_counter()
     ds = prepare_dataset(cfg.data)
+    ds, skipped = preflight_images(ds, skip_bad_images)
     model = build_model(cfg, ds.classes, ds.splits["train"].labels).to(device)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if skipped:
+            write_skipped(skipped, run_dir / SKIPPED_FILE)
     history: List[Dict[str, float]] = []
     if any(p.requires_grad for p in model.parameters()):
         if hasattr(model, "ensemble_templates"):
             model.ensemble_templates = False  # template ensembling is a test-time step
-        loss_fn = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]))
+        loss_fn = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]),
+                             class_names=ds.classes)
         # Only train/val here: test is scored once, after selection, with its test-time views.
         loaders = make_loaders(ds, model, cfg, cache_dir=cache_dir, device=device, splits=("train", "val"))
         result = fit(model, loss_fn, loaders["train"], loaders.get("val"), cfg, run_dir, resume=resume,
@@ -193,8 +203,11 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
               "model": cfg.model.kind, "loss": cfg.loss.name, "PEFT": cfg.model.peft.method,
               "test-time views": cfg.tte.views, "train/val/test images":
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}
+    if skipped:
+        header["skipped images"] = f"{len(skipped)} that cannot be decoded, listed in {SKIPPED_FILE}"
     metrics = evaluate_and_write(model, ds, cfg, run_dir, device, cache_dir, history, header)
     metrics["seconds"] = time.perf_counter() - t0
+    metrics["skipped_images"] = len(skipped)
     metrics["config_sha256"] = config_hash(cfg)
     if distributed.is_main():
         write_json_atomic(run_dir / "metrics.json", metrics)
