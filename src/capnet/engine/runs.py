@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.transforms.functional import to_tensor
 
 from capnet.config import Config, DataConfig, config_hash, load_config, save_config
+from capnet.data.lt_stats import GROUP_NAMES
 from capnet.engine import checkpoint, distributed
 from capnet.engine.evaluate import predict_scores
 from capnet.engine.feature_cache import FeatureCache, compute_features
@@ -53,6 +54,20 @@ def prepare_dataset(data: DataConfig):
         load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=TRAINING_SPLITS)  # names the file
         raise DataError(f"{data.root}: training needs a train and a test split, found {', '.join(ds.splits)}")
     return ds.with_val_split(data.val_fraction, data.val_seed)
+
+
+def load_eval_dataset(data: DataConfig, split: str):
+    """Only the split to score (a folder with classes.txt, test.csv and images/ is enough).
+
+    ``val`` is the layout's own val split if it has one, else carved from train exactly as in
+    training (same fraction and seed).
+    """
+    from capnet.data import load_dataset
+
+    if split != "val":
+        return load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=(split,))
+    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir)
+    return ds if "val" in ds.splits else ds.with_val_split(data.val_fraction, data.val_seed)
 
 
 class _OneView:
@@ -131,11 +146,21 @@ def _extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {} if adj is None else {"graph.adjacency": adj.detach().cpu().contiguous()}
 
 
-def save_model(model: nn.Module, path: Path, classes: Sequence[str]) -> None:
-    """model.safetensors: trainable tensors + label graph, backbone identity in the metadata."""
+def train_statistics(ds: Any) -> Dict[str, Any]:
+    """The training class counts and head/medium/tail groups (by name), kept with the model so a
+    later evaluation on data without a train split still reports groups the way training did."""
+    groups = ds.groups()
+    return {"train_class_freq": [int(n) for n in ds.class_freq("train")],
+            "class_groups": {g: [ds.classes[i] for i in idx] for g, idx in groups.items()}}
+
+
+def save_model(model: nn.Module, path: Path, classes: Sequence[str],
+               statistics: Optional[Dict[str, Any]] = None) -> None:
+    """model.safetensors: trainable tensors + label graph, backbone identity (and the training
+    statistics) in the metadata."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
     tensors.update(_extra_state(model))
-    meta = {**checkpoint.model_identity(model), "classes": list(classes)}
+    meta = {**checkpoint.model_identity(model), "classes": list(classes), **(statistics or {})}
     checkpoint.save_file(tensors, meta, path)
 
 
@@ -198,7 +223,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
                      groups=ds.groups(), class_names=ds.classes, device=device)
         history = result.history
     if distributed.is_main():
-        save_model(model, run_dir / "model.safetensors", ds.classes)
+        save_model(model, run_dir / "model.safetensors", ds.classes, train_statistics(ds))
     header = {"name": run_dir.name, "dataset": f"{ds.name} ({cfg.data.root})", "backbone": cfg.model.backbone,
               "model": cfg.model.kind, "loss": cfg.loss.name, "PEFT": cfg.model.peft.method,
               "test-time views": cfg.tte.views, "train/val/test images":
@@ -224,6 +249,8 @@ class LoadedRun:
     classes: List[str]
     thresholds: np.ndarray
     device: torch.device
+    class_groups: Optional[Dict[str, List[str]]] = None  # head/medium/tail by name, from training
+    train_class_freq: Optional[List[int]] = None  # training positives per class (None: older run)
 
 
 def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
@@ -256,24 +283,48 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
     if metrics_path.is_file():
         saved = json.loads(metrics_path.read_text()).get("thresholds", {})
         thr = np.array([saved.get(c, 0.5) for c in classes], dtype=np.float64)
-    return LoadedRun(cfg, model.to(dev).eval(), classes, thr, dev)
+    return LoadedRun(cfg, model.to(dev).eval(), classes, thr, dev,
+                     class_groups=meta.get("class_groups"), train_class_freq=meta.get("train_class_freq"))
 
 
-def evaluate_run(run: LoadedRun, ds: Any, split: str, cache_dir: Optional[Path]) -> Dict[str, Any]:
-    """mAP (overall / head / medium / tail) of a loaded run on ``split`` of ``ds``."""
-    from capnet.data.lt_stats import assign_groups
-    from capnet.errors import DataError
+def evaluate_run(run: LoadedRun, ds: Any, split: str, cache_dir: Optional[Path],
+                 class_map: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """mAP (overall / head / medium / tail) of a loaded run on ``split`` of ``ds``.
+
+    Classes are matched by name (:func:`capnet.data.class_match.match_classes`, ``class_map``
+    for names that differ) and only the shared ones are scored; ``metrics["classes"]`` lists
+    what was left out. Head/medium/tail are the run's training groups.
+    """
+    from capnet.data.class_match import match_classes
     from capnet.metrics import map_report
 
-    if list(ds.classes) != run.classes:
-        raise DataError(f"{ds.root}: classes {ds.classes} differ from the run's classes {run.classes}")
+    match = match_classes(run.classes, ds.classes, class_map, where=str(ds.root))
     if split not in ds.splits:
         raise DataError(f"{ds.root}: no split '{split}' (have {', '.join(ds.splits)})")
     if hasattr(run.model, "ensemble_templates") and getattr(run.model, "template_embeddings", None) is not None:
         run.model.ensemble_templates = run.cfg.tte.templates and getattr(run.model, "prompt_learner", None) is not None
     scores, targets = split_scores(run.model, ds.splits[split], run.cfg, run.device, cache_dir)
-    groups = ds.groups() if "train" in ds.splits else assign_groups(np.zeros(len(run.classes)))
-    return map_report(scores, targets, groups, run.classes)
+    names = [run.classes[i] for i in match.run_index]
+    metrics = map_report(scores[:, match.run_index], targets[:, match.data_index], _eval_groups(run, ds, match), names)
+    metrics["classes"] = {"scored": len(names), "absent_from_data": match.absent,
+                          "unknown_to_run": match.unknown, "renamed": match.renamed}
+    return metrics
+
+
+def _eval_groups(run: LoadedRun, ds: Any, match: Any) -> Dict[str, np.ndarray]:
+    """Head/medium/tail as positions among the scored classes: the run's own groups; for a run
+    saved before they were stored, the dataset's (or none, with a warning)."""
+    if run.class_groups is not None:
+        group_of = {name: g for g, names in run.class_groups.items() for name in names}
+        keys = [group_of.get(run.classes[i]) for i in match.run_index]
+    elif ds.has_groups:
+        data_group = {int(j): g for g, idx in ds.groups().items() for j in idx}
+        keys = [data_group.get(j) for j in match.data_index]
+    else:
+        log.warning("%s: the run stores no training groups and the data has no train split: "
+                    "head/medium/tail are not reported", ds.root)
+        keys = []
+    return {g: np.array([k for k, key in enumerate(keys) if key == g], dtype=np.int64) for g in GROUP_NAMES}
 
 
 def finished_run(run_dir: Path, cfg: Config) -> Optional[Dict[str, Any]]:
