@@ -21,7 +21,8 @@ ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark is dropped
 
 
 def _not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
-    return DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8 (\"CSV UTF-8\" in Excel)")
+    return DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                     "save it as UTF-8 (\"CSV UTF-8\" in Excel)")
 
 
 def read_text(path: Path) -> str:
