@@ -65,7 +65,9 @@ def test_skip_bad_images_lists_them_in_the_run(data: Path, tmp_path: Path, capsy
     assert "skipped 2 image(s)" in capsys.readouterr().err
     listed = (out / "skipped_images.txt").read_text().splitlines()
     assert sorted(line.split(": ")[0] for line in listed) == sorted([str(cut), str(empty)])
-    assert "skipped images**: 2" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "skipped images**: 2 that cannot be decoded (all in skipped_images.txt)" in report
+    assert f"`{empty}`: empty file (0 bytes)" in report and f"`{cut}`: " in report
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_images"] == 2
 

@@ -16,6 +16,7 @@ from capnet.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped_images.txt"  # in the run directory: one "path: reason" line per skipped image
+SHOWN = 20  # skipped images named in report.md; all of them are in SKIPPED_FILE
 
 
 def preflight_images(ds: Any, skip_bad_images: bool) -> Tuple[Any, List[Tuple[Path, str]]]:
@@ -46,3 +47,10 @@ def preflight_images(ds: Any, skip_bad_images: bool) -> Tuple[Any, List[Tuple[Pa
 def write_skipped(problems: Sequence[Tuple[Path, str]], path: Path) -> None:
     """skipped_images.txt: one 'path: reason' line per image left out of the run."""
     atomic_write_bytes("".join(f"{p}: {r}\n" for p, r in problems).encode(), path)
+
+
+def skipped_summary(problems: Sequence[Tuple[Path, str]]) -> str:
+    """One report.md line: how many images were left out, the first ones by name and why."""
+    named = "; ".join(f"`{p}`: {r}" for p, r in problems[:SHOWN])
+    more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+    return f"{len(problems)} that cannot be decoded (all in {SKIPPED_FILE}): {named}{more}"

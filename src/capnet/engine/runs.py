@@ -27,7 +27,7 @@ from capnet.engine import checkpoint, distributed
 from capnet.engine.evaluate import predict_scores
 from capnet.engine.feature_cache import FeatureCache, compute_features
 from capnet.engine.loaders import FeatureDataset, build_loader, make_loaders
-from capnet.engine.preflight import SKIPPED_FILE, preflight_images, write_skipped
+from capnet.engine.preflight import SKIPPED_FILE, preflight_images, skipped_summary, write_skipped
 from capnet.engine.seed import seed_everything
 from capnet.engine.train import fit
 from capnet.errors import CheckpointError, DataError
@@ -229,7 +229,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
               "test-time views": cfg.tte.views, "train/val/test images":
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}
     if skipped:
-        header["skipped images"] = f"{len(skipped)} that cannot be decoded, listed in {SKIPPED_FILE}"
+        header["skipped images"] = skipped_summary(skipped)
     metrics = evaluate_and_write(model, ds, cfg, run_dir, device, cache_dir, history, header)
     metrics["seconds"] = time.perf_counter() - t0
     metrics["skipped_images"] = len(skipped)
