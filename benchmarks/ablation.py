@@ -5,8 +5,8 @@
 
 Each row is the demo recipe plus one experiment file from configs/experiments/ (overrides
 only), trained with `capnet.engine.runs.train_run`: model selection on the validation split,
-test scored once afterwards. Finished runs (metrics.json present) are skipped, so an
-interrupted regeneration continues. Results: mean +- std over seeds of total / head / medium /
+test scored once afterwards. Finished runs of the same resolved config (the config_sha256 in
+their metrics.json) are reused, so an interrupted regeneration continues. Results: mean +- std over seeds of total / head / medium /
 tail test mAP, written to benchmarks/results/ablation.json and docs/results.md (+ plots).
 """
 from __future__ import annotations
@@ -40,16 +40,14 @@ ROWS = [
 
 def run_row(base: Path, exp: Optional[str], seed: int, out: Path, cache: Path,
             overrides: List[str]) -> Dict[str, Any]:
-    """Train one (row, seed) unless its metrics.json exists; return the metrics."""
+    """Train one (row, seed) unless ``out`` holds a finished run of the same resolved config."""
     from capnet.config import load_config
-    from capnet.engine.runs import train_run
+    from capnet.engine.runs import finished_run, train_run
 
-    done = out / "metrics.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     files = [base] + ([EXP / exp] if exp else [])
     cfg = load_config(files, [f"train.seed={seed}"] + overrides)
-    return train_run(cfg, out, cache_dir=cache)
+    done = finished_run(out, cfg)
+    return done if done is not None else train_run(cfg, out, cache_dir=cache)
 
 
 def _mean_std(values: np.ndarray) -> tuple:

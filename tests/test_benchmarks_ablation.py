@@ -36,3 +36,24 @@ def test_ablation_rows_run_and_aggregate(small_real: Path, tmp_path: Path) -> No
     before = (tmp_path / "runs" / "full" / "seed0" / "metrics.json").stat().st_mtime_ns
     assert ablation.main(args) == 0
     assert (tmp_path / "runs" / "full" / "seed0" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_ablation_reuses_a_run_only_for_the_same_config(small_real: Path, tmp_path: Path) -> None:
+    ablation = _module()
+    tiny = ["model.backbone=clip_tiny_rn.random", "train.epochs=1", "data.num_workers=0",
+            "data.val_fraction=0.25", f"data.root={small_real}"]
+    args = ["--seeds", "0", "--rows", "linear_probe", "--runs-dir", str(tmp_path / "runs"),
+            "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "a.json"),
+            "--doc", str(tmp_path / "docs" / "results.md")]
+    sets = lambda extra: [x for s in tiny + extra for x in ("--set", s)]  # noqa: E731
+    metrics = tmp_path / "runs" / "linear_probe" / "seed0" / "metrics.json"
+    assert ablation.main(args + sets([])) == 0
+    first = metrics.stat().st_mtime_ns
+    assert ablation.main(args + sets(["data.num_workers=1"])) == 0  # a runtime key: same experiment
+    assert metrics.stat().st_mtime_ns == first
+    assert ablation.main(args + sets(["optim.lr=0.05"])) == 0  # another config: the old result is stale
+    assert metrics.stat().st_mtime_ns != first
+    from capnet.config import config_hash, load_config
+
+    saved = json.loads(metrics.read_text())["config_sha256"]
+    assert saved == config_hash(load_config([metrics.parent / "config.yaml"]))

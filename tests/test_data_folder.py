@@ -61,7 +61,7 @@ def test_class_split_json_and_png_and_val(folder_tree, write_jpeg):
 def test_folder_errors_name_the_fault(folder_tree, mutate, match):
     mutate(folder_tree)
     with pytest.raises(DataError, match=match):
-        load_dataset("folder", folder_tree)
+        load_dataset("folder", folder_tree, splits=("train", "test"))  # what training reads
 
 
 def test_unknown_reader_and_missing_root(tmp_path):
@@ -142,3 +142,35 @@ def test_load_image_rgb_and_errors(tmp_path, write_jpeg):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="truncated.jpg"):
         load_image(cut)
+
+
+def test_test_only_folder_reads_just_test(folder_tree):
+    (folder_tree / "train.csv").unlink()
+    ds = load_dataset("folder", folder_tree)
+    assert list(ds.splits) == ["test"] and len(ds.splits["test"]) == 4
+    assert not ds.has_groups
+    with pytest.raises(DataError, match="no train split"):
+        ds.groups()
+    with pytest.raises(DataError, match=r"train.csv"):
+        load_dataset("folder", folder_tree, splits=("train", "test"))
+    (folder_tree / "train.csv").write_text("image_id,labels\n0001,cat\n")  # present but not asked for
+    (folder_tree / "images" / "0001.jpg").unlink()
+    assert list(load_dataset("folder", folder_tree, splits=("test",)).splits) == ["test"]
+
+
+def test_excel_csv_utf8_bom_and_crlf(folder_tree):
+    bom = "\ufeff"
+    (folder_tree / "classes.txt").write_text(bom + "cat\r\ndog\r\nperson\r\n", newline="")
+    (folder_tree / "test.csv").write_text(bom + "image_id,labels\r\n0101,dog\r\n0102,cat person\r\n", newline="")
+    (folder_tree / "class_split.json").write_text(bom + '{"head": ["cat"], "medium": [], "tail": ["dog", "person"]}')
+    ds = load_dataset("folder", folder_tree)
+    assert ds.classes == ["cat", "dog", "person"]
+    assert ds.splits["test"].image_ids == ["0101", "0102"]
+    np.testing.assert_array_equal(ds.splits["test"].labels, [[0, 1, 0], [1, 0, 1]])
+    assert ds.groups()["head"].tolist() == [0]
+
+
+def test_a_csv_in_another_encoding_names_the_file(folder_tree):
+    (folder_tree / "test.csv").write_bytes("image_id,labels\n0101,dog\n0102,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"test.csv: not UTF-8 text .*save it as UTF-8"):
+        load_dataset("folder", folder_tree)

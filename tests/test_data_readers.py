@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,36 +10,20 @@ from capnet.data import load_dataset
 from capnet.data.voc import VOC_CLASSES
 from capnet.errors import DataError
 
+from _native_trees import coco_file, coco_val_only, voc_test_only, voc_xml, voc_year
+
 # ----------------------------------------------------------------------------- VOC
-
-
-def _voc_xml(objects):
-    body = "".join(
-        f"<object><name>{n}</name><difficult>{int(d)}</difficult></object>" for n, d in objects
-    )
-    return f"<annotation><filename>x.jpg</filename>{body}</annotation>"
-
-
-def _voc_year(root: Path, year: str, sets: dict, annotations: dict, write_jpeg) -> None:
-    base = root / f"VOC{year}"
-    (base / "ImageSets" / "Main").mkdir(parents=True)
-    (base / "Annotations").mkdir()
-    for name, ids in sets.items():
-        (base / "ImageSets" / "Main" / f"{name}.txt").write_text("\n".join(ids) + "\n")
-    for k, (image_id, objects) in enumerate(annotations.items()):
-        (base / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(objects))
-        write_jpeg(base / "JPEGImages" / f"{image_id}.jpg", seed=k)
 
 
 @pytest.fixture
 def voc_root(tmp_path, write_jpeg):
     root = tmp_path / "VOCdevkit"
-    _voc_year(root, "2007", {"trainval": ["000005", "000007"], "test": ["000001", "000002"]},
-              {"000005": [("chair", 0), ("chair", 1)], "000007": [("car", 0)],
-               "000001": [("dog", 0), ("person", 0)], "000002": [("train", 0), ("cat", 1)]}, write_jpeg)
-    _voc_year(root, "2012", {"trainval": ["2008_000008", "2008_000023"]},
-              {"2008_000008": [("horse", 0), ("person", 0)], "2008_000023": [("bottle", 1), ("tvmonitor", 0)]},
-              write_jpeg)
+    voc_year(root, "2007", {"trainval": ["000005", "000007"], "test": ["000001", "000002"]},
+             {"000005": [("chair", 0), ("chair", 1)], "000007": [("car", 0)],
+              "000001": [("dog", 0), ("person", 0)], "000002": [("train", 0), ("cat", 1)]}, write_jpeg)
+    voc_year(root, "2012", {"trainval": ["2008_000008", "2008_000023"]},
+             {"2008_000008": [("horse", 0), ("person", 0)], "2008_000023": [("bottle", 1), ("tvmonitor", 0)]},
+             write_jpeg)
     return root
 
 
@@ -87,33 +70,18 @@ def test_voc_errors(voc_root, tmp_path):
     (voc_root / "VOC2007" / "JPEGImages" / "000002.jpg").unlink()
     with pytest.raises(DataError, match="000002.jpg"):
         load_dataset("voc", voc_root)
-    (voc_root / "VOC2007" / "Annotations" / "000007.xml").write_text(_voc_xml([("unicorn", 0)]))
+    (voc_root / "VOC2007" / "Annotations" / "000007.xml").write_text(voc_xml([("unicorn", 0)]))
     with pytest.raises(DataError, match="000007.xml.*unicorn"):
         load_dataset("voc", voc_root)
 
 
 # ---------------------------------------------------------------------------- COCO
 
-COCO_CATS = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 10, "name": "traffic light"}]
-
-
-def _coco_file(root: Path, sub: str, images: dict, anns: list, write_jpeg) -> None:
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    raw = {
-        "categories": list(reversed(COCO_CATS)),  # order in the file must not matter
-        "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in images],
-        "annotations": [{"image_id": i, "category_id": c, "iscrowd": 0} for i, c in anns],
-    }
-    (root / "annotations" / f"instances_{sub}.json").write_text(json.dumps(raw))
-    for k, i in enumerate(images):
-        write_jpeg(root / sub / f"{i:012d}.jpg", seed=k)
-
-
 @pytest.fixture
 def coco_root(tmp_path, write_jpeg):
     root = tmp_path / "coco"
-    _coco_file(root, "train2017", {9: None, 25: None, 30: None}, [(9, 1), (9, 10), (25, 3), (25, 3)], write_jpeg)
-    _coco_file(root, "val2017", {139: None, 285: None}, [(139, 1)], write_jpeg)
+    coco_file(root, "train2017", {9: None, 25: None, 30: None}, [(9, 1), (9, 10), (25, 3), (25, 3)], write_jpeg)
+    coco_file(root, "val2017", {139: None, 285: None}, [(139, 1)], write_jpeg)
     return root
 
 
@@ -188,3 +156,62 @@ def test_nus_wide_missing_images_and_bad_labels(nus_root):
     label_file.write_text("0\n1\n")
     with pytest.raises(DataError, match="Labels_beach_Train.txt: 2 labels for 3 images"):
         load_dataset("nus_wide", nus_root, drop_missing=True)
+
+
+# ------------------------------------------------------------- only the splits asked for
+
+
+def test_voc_2007_test_only_tree(tmp_path, write_jpeg):
+    root = voc_test_only(tmp_path / "VOCdevkit", write_jpeg)
+    ds = load_dataset("voc", root)
+    assert list(ds.splits) == ["test"] and ds.splits["test"].image_ids == ["000001", "000002", "000004"]
+    assert _row(ds, "test", "000002") == {"motorbike", "person"}
+    assert list(load_dataset("voc", root, splits=("test",)).splits) == ["test"]
+    with pytest.raises(DataError, match=r"VOC2007/ImageSets/Main/trainval.txt"):
+        load_dataset("voc", root, splits=("train", "test"))
+    with pytest.raises(DataError, match=r"no split 'val' in this layout \(it has: train, test\)"):
+        load_dataset("voc", root, splits=("val",))
+
+
+def test_voc_lt_reads_only_the_requested_split(voc_root, tmp_path):
+    import shutil
+
+    split = tmp_path / "voc_lt"
+    split.mkdir()
+    (split / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
+    (split / "test.csv").write_text("image_id,labels\n000001,dog person\n")
+    shutil.rmtree(voc_root / "VOC2012")  # test needs VOC2007 only
+    ds = load_dataset("voc", voc_root, split_dir=split, splits=("test",))
+    assert list(ds.splits) == ["test"] and ds.splits["test"].image_ids == ["000001"]
+    with pytest.raises(DataError, match=r"voc_lt/train.csv"):
+        load_dataset("voc", voc_root, split_dir=split, splits=("train",))
+
+
+def test_coco_val_only_tree(tmp_path, write_jpeg):
+    root = coco_val_only(tmp_path / "coco", write_jpeg)
+    ds = load_dataset("coco", root)
+    assert list(ds.splits) == ["test"] and ds.classes == ["person", "car", "traffic_light"]
+    np.testing.assert_array_equal(ds.splits["test"].labels, [[1, 0, 0], [0, 1, 0], [1, 0, 1]])
+    with pytest.raises(DataError, match=r"instances_train2017.json"):
+        load_dataset("coco", root, splits=("train",))
+
+
+def test_coco_lt_test_list_needs_only_val2017(coco_root, tmp_path):
+    import shutil
+
+    split = tmp_path / "coco_lt"
+    split.mkdir()
+    (split / "classes.txt").write_text("person\ncar\ntraffic_light\n")
+    (split / "test.csv").write_text("image_id,labels\n139,person\n")
+    shutil.rmtree(coco_root / "train2017")
+    (coco_root / "annotations" / "instances_train2017.json").unlink()
+    ds = load_dataset("coco", coco_root, split_dir=split)
+    assert list(ds.splits) == ["test"] and ds.splits["test"].image_ids == ["139"]
+
+
+def test_nus_wide_test_only(nus_root):
+    (nus_root / "ImageList" / "TrainImagelist.txt").unlink()
+    ds = load_dataset("nus_wide", nus_root)
+    assert list(ds.splits) == ["test"]
+    with pytest.raises(DataError, match="TrainImagelist.txt"):
+        load_dataset("nus_wide", nus_root, splits=("train",))

@@ -64,6 +64,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert a_last.keys() == b_last.keys() and all(torch.equal(a_last[k], b_last[k]) for k in a_last)
     rows = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    straight_rows = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
+    assert list(rows[0]) == list(straight_rows[0])  # columns in the original order, not sorted
 
 
 def test_resume_refuses_another_config(tmp_path):

@@ -181,3 +181,17 @@ def test_bad_shapes_and_counts_are_rejected():
         build_loss("db_focal", {}, [5, 500], 100)
     with pytest.warns(UserWarning, match="class 1 has 0"):
         build_loss("db_focal", {}, [5, 0], 100)
+
+
+def test_classes_without_positives_are_named_in_one_warning():
+    import warnings
+
+    names = [f"c{i}" for i in range(80)]
+    freq = [0] * 79 + [88]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_loss("db_focal", {}, freq, 88, class_names=names)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "79 classes (c0, c1," in message and "c78) have 0 of 88 training positives" in message
+    assert "class c79 has 88 of 88 training positives (counted as 87)" in message

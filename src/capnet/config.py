@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
@@ -275,6 +277,18 @@ def load_config(paths: Sequence[Union[str, Path]] = (), overrides: Sequence[str]
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """Frozen config -> plain dict (for YAML and JSON)."""
     return dataclasses.asdict(cfg)
+
+
+RUNTIME_KEYS = ("train.device", "train.log_every", "data.num_workers")  # how a run executes, not what it computes
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of the resolved config without RUNTIME_KEYS: equal hashes mean the same experiment."""
+    raw = to_dict(cfg)
+    for dotted in RUNTIME_KEYS:
+        section, key = dotted.split(".")
+        raw[section].pop(key, None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:

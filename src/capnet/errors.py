@@ -1,6 +1,8 @@
 """Errors a user can act on. Each message names the file, key or class at fault."""
 from __future__ import annotations
 
+from typing import Optional
+
 
 class CapnetError(Exception):
     """Base class: the CLI prints these as one line and exits 1 (no traceback)."""
@@ -16,3 +18,30 @@ class CheckpointError(CapnetError, ValueError):
 
 class TrainingError(CapnetError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"  # torch's DataLoader re-raise
+
+
+def _worker_message(text: str, kind: type) -> Optional[str]:
+    """The original message inside torch's re-raise text: after the last ``<module>.<Type>: ``."""
+    prefixes = (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: ")
+    lines = text.splitlines()
+    for k in range(len(lines) - 1, -1, -1):
+        prefix = next((p for p in prefixes if lines[k].startswith(p)), None)
+        if prefix is not None:
+            return "\n".join([lines[k][len(prefix):], *lines[k + 1:]])
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` as the user should see it, on one line.
+
+    An error raised in a DataLoader worker comes back re-raised with the same type but a message
+    of "Caught DataError in DataLoader worker process 0." plus the worker's whole traceback, the
+    line naming the file last; this returns that original message alone.
+    """
+    text = str(err)
+    if WORKER_TRACEBACK in text:
+        text = _worker_message(text, type(err)) or text
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())

@@ -41,10 +41,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from capnet.errors import CapnetError
+    from capnet.errors import CapnetError, one_line
 
     try:
         return int(args.func(args) or 0)
     except CapnetError as err:
-        print(f"capnet: error: {err}", file=sys.stderr)
+        print(f"capnet: error: {one_line(err)}", file=sys.stderr)
+        # Free the failed frames now: a DataLoader iterator caught in them (torch's worker re-raise
+        # makes a reference cycle) would otherwise stop its workers at some later gc, 5 s each.
+        err.__traceback__ = None
         return 1

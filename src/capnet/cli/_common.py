@@ -36,6 +36,38 @@ def resolve_config(files: Sequence[str], overrides: Sequence[str]) -> Config:
     return load_config(list(files), list(overrides))
 
 
+RUN_DEFAULT = "the run's"
+
+
+def add_data_args(parser: argparse.ArgumentParser, positional_root: bool, reader_default: Optional[str]) -> None:
+    """The dataset flags, spelt the same on every command: DIR / --data-dir, --reader (alias
+    --data), --split-dir."""
+    from capnet.data import list_readers
+
+    if positional_root:
+        parser.add_argument("dir", nargs="?", default=None, metavar="DIR",
+                            help="dataset root (folder layout, VOCdevkit, COCO or NUS-WIDE folder)")
+    root_default = " (same as DIR)" if positional_root else " (default: the run's data.root)"
+    parser.add_argument("--data-dir", default=None, metavar="DIR", help="dataset root" + root_default)
+    parser.add_argument("--reader", "--data", dest="reader", default=reader_default, choices=list_readers(),
+                        help=f"dataset layout (default: {reader_default or RUN_DEFAULT}); --data is an alias")
+    parser.add_argument("--split-dir", default=None, metavar="DIR",
+                        help="VOC-LT / COCO-LT split folder for the native layouts (e.g. data/splits/voc_lt)"
+                             + ("" if positional_root else "; default: the run's, unless --data-dir is given"))
+
+
+def data_root(args: argparse.Namespace) -> str:
+    """The dataset root of a command taking DIR or --data-dir (one of them, not two that differ)."""
+    from capnet.errors import CapnetError
+
+    given = {p for p in (getattr(args, "dir", None), args.data_dir) if p}
+    if not given:
+        raise CapnetError("no dataset given: pass DIR (or --data-dir DIR)")
+    if len(given) > 1:
+        raise CapnetError(f"two dataset roots given ({', '.join(sorted(given))}): pass DIR or --data-dir, not both")
+    return given.pop()
+
+
 def with_data_root(overrides: List[str], root: Optional[str], reader: Optional[str],
                    split_dir: Optional[str]) -> List[str]:
     """Turn --data-dir/--reader/--split-dir flags into config overrides."""

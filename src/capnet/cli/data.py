@@ -1,15 +1,61 @@
-"""``capnet data stats DIR``: split sizes, per-class counts, head/medium/tail, imbalance ratio."""
+"""``capnet data stats DIR [--write]`` and ``capnet data check DIR``: inspect a dataset before training.
+
+stats: split sizes, per-class counts, head/medium/tail and imbalance ratio; ``--write`` saves
+class_freq.json and class_split.json (the format of data/voc_real_lt) beside the data.
+check: decode every image of every split and list every file that does not decode (exit 1).
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from capnet.data import describe, list_readers, load_dataset
+from capnet.cli._common import add_data_args, data_root
+from capnet.errors import CapnetError
+
+
+def _load(args: argparse.Namespace):
+    from capnet.data import load_dataset
+
+    return load_dataset(args.reader, data_root(args), split_dir=args.split_dir)
 
 
 def stats(args: argparse.Namespace) -> int:
-    """Load the dataset with the chosen reader and print its long-tail statistics."""
-    dataset = load_dataset(args.reader, args.dir, split_dir=args.split_dir)
+    """Print the dataset's long-tail statistics; with --write also save them as JSON files."""
+    from capnet.data import describe
+    from capnet.data.lt_stats import stat_files
+    from capnet.fileio import atomic_write_bytes
+
+    dataset = _load(args)
     print(describe(dataset))
+    if args.write:
+        folder = Path(args.split_dir or data_root(args))  # where the reader looks for class_split.json
+        files = stat_files(dataset)
+        existing = [folder / name for name in files if (folder / name).exists()]
+        if existing and not args.force:
+            raise CapnetError(f"{existing[0]} exists; pass --force to overwrite it")
+        for name, text in files.items():
+            atomic_write_bytes(text.encode(), folder / name)
+            print(f"wrote {folder / name}")
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    """Decode every image; print each bad one as 'path: reason' and exit 1 if there is any."""
+    from capnet.data import check_dataset
+
+    dataset = _load(args)
+    bad = check_dataset(dataset, workers=args.workers, progress=True)
+    for problems in bad.values():
+        for path, reason in problems:
+            print(f"{path}: {reason}")
+    sizes = ", ".join(f"{name} {len(split)}" for name, split in dataset.splits.items())
+    total = sum(len(p) for p in bad.values())
+    if total:
+        per_split = ", ".join(f"{name} {len(p)}" for name, p in bad.items())
+        print(f"{dataset.root}: {total} bad image(s) ({per_split}) among {sizes}", file=sys.stderr)
+        return 1
+    print(f"{dataset.root}: every image decodes ({sizes})")
     return 0
 
 
@@ -19,7 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
     p = sub.add_parser("stats", help="print split sizes, per-class counts and head/medium/tail groups")
-    p.add_argument("dir", help="dataset root (folder layout, VOCdevkit, COCO or NUS-WIDE folder)")
-    p.add_argument("--reader", default="folder", choices=list_readers(), help="dataset reader (default: folder)")
-    p.add_argument("--split-dir", default=None, help="VOC-LT / COCO-LT split folder (e.g. data/splits/voc_lt)")
+    add_data_args(p, positional_root=True, reader_default="folder")
+    p.add_argument("--write", action="store_true",
+                   help="also write class_freq.json and class_split.json into DIR (or the --split-dir)")
+    p.add_argument("--force", action="store_true", help="with --write: overwrite existing files")
     p.set_defaults(func=stats)
+    p = sub.add_parser("check", help="decode every image of every split; list the bad files (exit 1 if any)")
+    add_data_args(p, positional_root=True, reader_default="folder")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: min(8, CPUs))")
+    p.set_defaults(func=check)

@@ -1,26 +1,70 @@
-"""``capnet eval --run DIR (--data-dir DATASET_DIR | --data ...) [--split test]``."""
+"""``capnet eval --run DIR [--data-dir DATASET] [--reader R] [--split test] [--class-map RUN=DATA,...]``.
+
+Scores a trained run on its own test split or on any labelled set. Only the split to score is
+read, so classes.txt, test.csv and images/ are enough. The run's classes are matched to the
+data's by name, ignoring case, spaces and underscores (dining_table = diningtable); --class-map
+pairs names that differ (motorbike=motorcycle). Shared classes are scored, the others listed;
+head/medium/tail are the groups of the run's training data.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
 
-from capnet.cli._common import with_data_root
+from capnet.cli._common import add_data_args, with_data_root
+from capnet.errors import CapnetError
+
+
+def parse_class_map(text: Optional[str]) -> Dict[str, str]:
+    """``"motorbike=motorcycle,tvmonitor=tv"`` -> {"motorbike": "motorcycle", "tvmonitor": "tv"}."""
+    out: Dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        run_name, sep, data_name = item.partition("=")
+        if not sep or not run_name.strip() or not data_name.strip():
+            raise CapnetError(f"--class-map entry '{item}' must look like run_class=data_class")
+        if run_name.strip() in out:
+            raise CapnetError(f"--class-map maps '{run_name.strip()}' twice")
+        out[run_name.strip()] = data_name.strip()
+    return out
+
+
+def report_classes(classes: Mapping[str, Any], num_run_classes: int) -> None:
+    """Say on stderr which classes were matched under another name, left out or ignored."""
+    if classes.get("renamed"):
+        pairs = ", ".join(f"{a} -> {b}" for a, b in classes["renamed"].items())
+        print(f"capnet: note: run classes matched to data classes of another name: {pairs}", file=sys.stderr)
+    if classes.get("absent_from_data"):
+        absent = classes["absent_from_data"]
+        print(f"capnet: note: {len(absent)} of the run's {num_run_classes} classes are not in the data and "
+              f"were not scored: {', '.join(absent)}", file=sys.stderr)
+    if classes.get("unknown_to_run"):
+        unknown = classes["unknown_to_run"]
+        print(f"capnet: note: {len(unknown)} data class(es) unknown to the run were ignored: {', '.join(unknown)}",
+              file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate a trained run on a dataset split; prints the table and optionally writes JSON."""
     from capnet.config import load_config
-    from capnet.engine.runs import default_cache_dir, evaluate_run, load_run, prepare_dataset
+    from capnet.engine.runs import default_cache_dir, evaluate_run, load_eval_dataset, load_run
     from capnet.fileio import write_json_atomic
     from capnet.report import summary_table
 
+    class_map = parse_class_map(args.class_map)
     run_obj = load_run(Path(args.run), device=args.device)
     overrides = with_data_root([], args.data_dir, args.reader, args.split_dir)
+    if args.data_dir and not args.split_dir:
+        overrides.append("data.split_dir=null")  # the run's split folder belongs to the run's data
     data_cfg = load_config([Path(args.run) / "config.yaml"], overrides).data
-    ds = prepare_dataset(data_cfg)
+    ds = load_eval_dataset(data_cfg, args.split)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    metrics = evaluate_run(run_obj, ds, args.split, cache)
+    metrics = evaluate_run(run_obj, ds, args.split, cache, class_map=class_map)
+    report_classes(metrics["classes"], len(run_obj.classes))
     print(summary_table(metrics, title=args.split))
     if args.json:
         write_json_atomic(Path(args.json), metrics)
@@ -33,11 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` to the top-level parser."""
     p = subparsers.add_parser("eval", help="evaluate a trained run", description=__doc__)
     p.add_argument("--run", required=True, help="run directory written by train/demo")
-    p.add_argument("--data-dir", default=None, help="dataset root (default: the run's data.root)")
-    p.add_argument("--data", "--reader", dest="reader", default=None,
-                   help="dataset layout: folder | voc | coco | nus_wide (default: the run's)")
-    p.add_argument("--split-dir", default=None, help="VOC-LT / COCO-LT split folder for native layouts")
+    add_data_args(p, positional_root=False, reader_default=None)
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--class-map", default=None, metavar="RUN=DATA,...",
+                   help="pair run classes with data classes of another name, e.g. motorbike=motorcycle")
     p.add_argument("--json", default=None, help="also write the full metrics to this JSON file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--cache-dir", default=None, help="feature cache (default $CAPNET_CACHE/features)")

@@ -1,38 +1,51 @@
-"""``capnet predict --run DIR IMAGE_OR_DIR...``: one JSON line per image (labels + all scores)."""
+"""``capnet predict --run DIR IMAGE_OR_DIR...``: one JSON line per image (labels + all scores).
+
+A directory contributes its files with an image suffix; every other entry is listed on stderr
+as skipped. Nothing to predict is an error (exit 1).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 from capnet.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def collect_images(inputs: List[str]) -> List[Path]:
-    """Expand directories (sorted, images only); a missing path is an error, not skipped."""
-    out: List[Path] = []
+def collect_images(inputs: List[str]) -> Tuple[List[Path], List[Path]]:
+    """(images, skipped): directories expand to their image files (sorted, not recursive); the
+    other entries of a directory are skipped. A missing path is an error, not skipped."""
+    images: List[Path] = []
+    skipped: List[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            out.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+            for entry in sorted(path.iterdir()):
+                (images if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES else skipped).append(entry)
         elif path.is_file():
-            out.append(path)
+            images.append(path)
         else:
             raise DataError(f"{path}: no such image or directory")
-    if not out:
-        raise DataError(f"no images found in {', '.join(inputs)}")
-    return out
+    return images, skipped
 
 
 def run(args: argparse.Namespace) -> int:
     """Print a JSON line per image: labels above the per-class (validation-chosen) thresholds."""
     from capnet.engine.runs import load_run, predict_images
 
+    images, skipped = collect_images(args.images)
+    if skipped:
+        names = ", ".join(f"{p}/" if p.is_dir() else str(p) for p in skipped)
+        print(f"capnet: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not image files "
+              f"(suffix not {'/'.join(sorted(IMAGE_SUFFIXES))}): {names}", file=sys.stderr)
+    if not images:
+        raise DataError(f"no images to predict in {', '.join(args.images)}")
     loaded = load_run(Path(args.run), device=args.device)
-    for row in predict_images(loaded, collect_images(args.images), batch_size=args.batch_size):
+    for row in predict_images(loaded, images, batch_size=args.batch_size):
         print(json.dumps(row), flush=True)
     return 0
 

@@ -1,6 +1,7 @@
 """Readers' shared file formats: classes.txt, ``image_id,labels`` CSVs, class_split.json.
 
-Every error names the file and, for a CSV, the line at fault.
+Every error names the file and, for a CSV, the line at fault. Text files are UTF-8 with or
+without a byte-order mark (Excel's "CSV UTF-8" writes one) and LF or CRLF line ends.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import csv
 import difflib
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,13 +17,44 @@ from capnet.data.lt_stats import GROUP_NAMES
 from capnet.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark is dropped
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                     "save it as UTF-8 (\"CSV UTF-8\" in Excel)")
+
+
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file (BOM dropped); a file in another encoding is a DataError."""
+    try:
+        return path.read_text(encoding=ENCODING)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def select_splits(requested: Optional[Sequence[str]], sources: Dict[str, Path], where: str) -> List[str]:
+    """The splits to read: ``requested`` as given, or (None) every split whose source file exists.
+
+    ``sources`` maps each split name the layout knows to the file it is read from. A requested
+    split whose file is missing is left for the reader to report (it names the file).
+    """
+    if requested is None:
+        found = [name for name, path in sources.items() if path.exists()]
+        if not found:
+            raise DataError(f"{where}: no split found (looked for {', '.join(str(p) for p in sources.values())})")
+        return found
+    unknown = [name for name in requested if name not in sources]
+    if unknown:
+        raise DataError(f"{where}: no split '{unknown[0]}' in this layout (it has: {', '.join(sources)})")
+    return list(dict.fromkeys(requested))
 
 
 def read_classes(path: Path) -> List[str]:
     """Class names, one per non-empty line; duplicates and a missing file are errors."""
     if not path.is_file():
         raise DataError(f"class list not found: {path}")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not names:
         raise DataError(f"{path}: no class names")
     seen = set()
@@ -43,38 +75,46 @@ def read_label_csv(path: Path, classes: Sequence[str]) -> Tuple[List[str], np.nd
     """(ids, (N, C) multi-hot) from an ``image_id,labels`` CSV; ids are kept as strings."""
     if not path.is_file():
         raise DataError(f"label file not found: {path}")
-    index = {c: i for i, c in enumerate(classes)}
-    ids: List[str] = []
-    rows: List[List[int]] = []
-    seen: Dict[str, int] = {}
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != ["image_id", "labels"]:
-            raise DataError(f"{path}:1: header must be 'image_id,labels', got {header!r}")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue  # blank line
-            if len(row) != 2:
-                raise DataError(f"{path}:{line}: expected 2 columns (image_id,labels), got {len(row)}: {row!r}")
-            image_id = row[0].strip()
-            if not image_id:
-                raise DataError(f"{path}:{line}: empty image_id")
-            if image_id in seen:
-                raise DataError(f"{path}:{line}: duplicate image id '{image_id}' (first on line {seen[image_id]})")
-            seen[image_id] = line
-            cols = []
-            for name in row[1].split():
-                if name not in index:
-                    raise _unknown_class(name, classes, f"{path}:{line} (image '{image_id}')")
-                cols.append(index[name])
-            ids.append(image_id)
-            rows.append(cols)
+    try:
+        with path.open(newline="", encoding=ENCODING) as fh:  # csv handles LF and CRLF itself
+            ids, rows = _label_rows(path, csv.reader(fh), classes)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
     labels = np.zeros((len(ids), len(classes)), dtype=np.float32)
     for r, cols in enumerate(rows):
         labels[r, cols] = 1.0
     return ids, labels
+
+
+def _label_rows(path: Path, reader: Any, classes: Sequence[str]) -> Tuple[List[str], List[List[int]]]:
+    """Check the header, then each row: (image ids, class columns per row)."""
+    index = {c: i for i, c in enumerate(classes)}
+    ids: List[str] = []
+    rows: List[List[int]] = []
+    seen: Dict[str, int] = {}
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header] != ["image_id", "labels"]:
+        raise DataError(f"{path}:1: header must be 'image_id,labels', got {header!r}")
+    for row in reader:
+        line = reader.line_num
+        if not row:
+            continue  # blank line
+        if len(row) != 2:
+            raise DataError(f"{path}:{line}: expected 2 columns (image_id,labels), got {len(row)}: {row!r}")
+        image_id = row[0].strip()
+        if not image_id:
+            raise DataError(f"{path}:{line}: empty image_id")
+        if image_id in seen:
+            raise DataError(f"{path}:{line}: duplicate image id '{image_id}' (first on line {seen[image_id]})")
+        seen[image_id] = line
+        cols = []
+        for name in row[1].split():
+            if name not in index:
+                raise _unknown_class(name, classes, f"{path}:{line} (image '{image_id}')")
+            cols.append(index[name])
+        ids.append(image_id)
+        rows.append(cols)
+    return ids, rows
 
 
 def read_class_split(path: Path, classes: Sequence[str]) -> Optional[Dict[str, List[str]]]:
@@ -82,7 +122,7 @@ def read_class_split(path: Path, classes: Sequence[str]) -> Optional[Dict[str, L
     if not path.is_file():
         return None
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(raw, dict) or set(raw) - set(GROUP_NAMES):

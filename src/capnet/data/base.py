@@ -80,7 +80,15 @@ class MultiLabelDataset:
         """"head"/"medium"/"tail" -> class indices: class_split.json if given, else train thresholds."""
         if self.class_groups is not None:
             return self._group_indices(self.class_groups)
+        if "train" not in self.splits:
+            raise DataError(f"{self.name}: no train split to count head/medium/tail from "
+                            "(and no class_split.json)")
         return assign_groups(self.class_freq("train"))
+
+    @property
+    def has_groups(self) -> bool:
+        """True when :meth:`groups` can answer (fixed groups or a train split)."""
+        return self.class_groups is not None or "train" in self.splits
 
     def _group_indices(self, class_groups: Dict[str, List[str]]) -> Dict[str, np.ndarray]:
         index = {c: i for i, c in enumerate(self.classes)}
@@ -126,22 +134,55 @@ class MultiLabelDataset:
         return dataclasses.replace(self, splits=splits, class_groups=frozen)
 
 
-def load_image(path: Union[str, Path]) -> Image.Image:
-    """Open and fully decode an image as RGB; a missing, truncated or corrupt file is a DataError."""
-    path = Path(path)
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # what PIL raises on a bad file
+
+
+def _refuse_truncated() -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise DataError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled; capnet refuses to load truncated images "
             "silently (something in this process set it)"
         )
+
+
+def _decode(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def decode_failure(path: Path, err: BaseException) -> str:
+    """A short reason why ``path`` did not decode (for '<file>: <reason>' messages)."""
+    if isinstance(err, FileNotFoundError):
+        return "image file not found"
+    if path.is_file() and path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file PIL can identify"
+    return f"cannot decode image ({err})"  # e.g. "image file is truncated (218 bytes not processed)"
+
+
+def load_image(path: Union[str, Path]) -> Image.Image:
+    """Open and fully decode an image as RGB; a missing, truncated or corrupt file is a DataError."""
+    path = Path(path)
+    _refuse_truncated()
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        return _decode(path)
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot decode image {path}: {err}") from None
+    except DECODE_ERRORS as err:
+        raise DataError(f"{path}: {decode_failure(path, err)}") from None
+
+
+def image_problem(path: Union[str, Path]) -> Optional[str]:
+    """None when :func:`load_image` can read ``path``, else the reason it cannot (same decode)."""
+    path = Path(path)
+    _refuse_truncated()
+    try:
+        _decode(path)
+    except DECODE_ERRORS as err:  # FileNotFoundError is an OSError
+        return decode_failure(path, err)
+    return None
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -7,6 +7,8 @@ Classes are the 80 categories in category-id order, spaces replaced by "_" (traf
 Without ``split_dir``: train = train2017, test = val2017. With ``split_dir`` (e.g.
 data/splits/coco_lt: classes.txt, train.csv, test.csv, class_split.json): the listed integer
 ids select train2017 (train) and val2017 (test) images, as in DistributionBalancedLoss.
+Only the requested splits are read (default: those whose annotation file / CSV exists), so a
+root holding only ``val2017/`` and ``instances_val2017.json`` is a valid evaluation set.
 A class is positive when the image has any instance of it (crowd instances included, as in
 ML-GCN); an image without annotations has an empty label row.
 """
@@ -18,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from capnet.data._files import check_disjoint, read_class_split, read_classes, read_label_csv
+from capnet.data._files import check_disjoint, read_class_split, read_classes, read_label_csv, read_text, select_splits
 from capnet.data.base import MultiLabelDataset, Split
 from capnet.errors import DataError
 from capnet.registry import DATASETS
@@ -33,7 +35,7 @@ class CocoIndex:
         if not path.is_file():
             raise DataError(f"COCO annotation file not found: {path}")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(read_text(path))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON: {err}") from None
         try:
@@ -76,17 +78,21 @@ def _ids_from_csv(path: Path, classes: List[str]) -> Tuple[List[str], np.ndarray
 
 
 @DATASETS.register("coco")
-def build_coco(root: Path, split_dir: Optional[Path] = None) -> MultiLabelDataset:
+def build_coco(root: Path, split_dir: Optional[Path] = None,
+               splits: Optional[Sequence[str]] = None) -> MultiLabelDataset:
     """Read COCO 2017 or, with ``split_dir``, COCO-LT (see the module docstring)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"COCO folder not found: {root}")
-    indices = {k: CocoIndex(root / "annotations" / f"instances_{sub}.json") for k, sub in SUBSETS.items()}
-    classes = indices["train"].classes
-    if indices["test"].classes != classes:
+    annotations = {k: root / "annotations" / f"instances_{sub}.json" for k, sub in SUBSETS.items()}
+    lists = None if split_dir is None else {k: Path(split_dir) / f"{k}.csv" for k in SUBSETS}
+    wanted = select_splits(splits, lists or annotations, str(split_dir or root))
+    indices = {k: CocoIndex(annotations[k]) for k in wanted}
+    classes = indices[wanted[0]].classes
+    if any(idx.classes != classes for idx in indices.values()):
         raise DataError(f"{root}/annotations: train and val files list different categories")
     groups = None
-    if split_dir is None:
+    if lists is None:
         ids = {k: sorted(idx.files, key=int) for k, idx in indices.items()}
         name = root.name
     else:
@@ -97,9 +103,9 @@ def build_coco(root: Path, split_dir: Optional[Path] = None) -> MultiLabelDatase
                 f"{split_dir / 'classes.txt'}: classes differ from the COCO categories of {root} "
                 "(expected the 80 category names in id order, spaces as '_')"
             )
-        ids = {k: _ids_from_csv(split_dir / f"{k}.csv", classes)[0] for k in SUBSETS}
+        ids = {k: _ids_from_csv(lists[k], classes)[0] for k in wanted}
         groups = read_class_split(split_dir / "class_split.json", classes)
         name = split_dir.name
-    splits = {k: indices[k].split(root / SUBSETS[k], ids[k], len(classes)) for k in SUBSETS}
-    check_disjoint({k: s.image_ids for k, s in splits.items()}, str(root))
-    return MultiLabelDataset(name, root, classes, splits, groups)
+    parts = {k: indices[k].split(root / SUBSETS[k], ids[k], len(classes)) for k in wanted}
+    check_disjoint({k: s.image_ids for k, s in parts.items()}, str(root))
+    return MultiLabelDataset(name, root, classes, parts, groups)

@@ -6,19 +6,22 @@
     root/test.csv               same columns
     root/class_split.json       optional {"head": [...], "medium": [...], "tail": [...]}
     root/images/<image_id>.jpg  (.jpeg / .png too, or image_id already carrying its extension)
+
+Only the requested splits are read (``splits``; default: every CSV present), so a folder holding
+just classes.txt, test.csv and images/ is a valid evaluation set.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
-from capnet.data._files import check_disjoint, read_class_split, read_classes, read_label_csv, resolve_image
+from capnet.data._files import (check_disjoint, read_class_split, read_classes, read_label_csv, resolve_image,
+                                select_splits)
 from capnet.data.base import MultiLabelDataset, Split
 from capnet.errors import DataError
 from capnet.registry import DATASETS
 
-REQUIRED_SPLITS = ("train", "test")
-OPTIONAL_SPLITS = ("val",)
+SPLITS = ("train", "val", "test")  # <name>.csv each
 
 
 def read_split_csv(path: Path, classes: list, image_dir: Path) -> Split:
@@ -29,7 +32,8 @@ def read_split_csv(path: Path, classes: list, image_dir: Path) -> Split:
 
 
 @DATASETS.register("folder")
-def build_folder(root: Path, split_dir: Optional[Path] = None) -> MultiLabelDataset:
+def build_folder(root: Path, split_dir: Optional[Path] = None,
+                 splits: Optional[Sequence[str]] = None) -> MultiLabelDataset:
     """Read a folder-layout dataset (see the module docstring)."""
     root = Path(root)
     if split_dir is not None:
@@ -40,12 +44,10 @@ def build_folder(root: Path, split_dir: Optional[Path] = None) -> MultiLabelData
     image_dir = root / "images"
     if not image_dir.is_dir():
         raise DataError(f"image folder not found: {image_dir}")
-    splits: Dict[str, Split] = {}
-    for name in REQUIRED_SPLITS + OPTIONAL_SPLITS:
-        path = root / f"{name}.csv"
-        if name in OPTIONAL_SPLITS and not path.exists():
-            continue
-        splits[name] = read_split_csv(path, classes, image_dir)
-    check_disjoint({k: s.image_ids for k, s in splits.items()}, str(root))
+    sources = {name: root / f"{name}.csv" for name in SPLITS}
+    parts: Dict[str, Split] = {}
+    for name in select_splits(splits, sources, str(root)):
+        parts[name] = read_split_csv(sources[name], classes, image_dir)
+    check_disjoint({k: s.image_ids for k, s in parts.items()}, str(root))
     groups = read_class_split(root / "class_split.json", classes)
-    return MultiLabelDataset(root.name, root, classes, splits, groups)
+    return MultiLabelDataset(root.name, root, classes, parts, groups)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-from capnet.data._files import check_disjoint, read_classes
+from capnet.data._files import check_disjoint, read_classes, read_text, select_splits
 from capnet.data.base import MultiLabelDataset, Split
 from capnet.errors import DataError
 from capnet.registry import DATASETS
@@ -34,14 +34,14 @@ def read_image_list(path: Path) -> List[str]:
     """Image ids (posix relative paths) of an ImageList file."""
     if not path.is_file():
         raise DataError(f"NUS-WIDE image list not found: {path}")
-    return [line.strip().replace("\\", "/") for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip().replace("\\", "/") for line in read_text(path).splitlines() if line.strip()]
 
 
 def read_concept_labels(path: Path, n: int) -> np.ndarray:
     """One concept's 0/1 column; its length must match the image list."""
     if not path.is_file():
         raise DataError(f"NUS-WIDE label file not found: {path}")
-    values = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    values = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if len(values) != n:
         raise DataError(f"{path}: {len(values)} labels for {n} images in the image list")
     bad = next((k for k, v in enumerate(values) if v not in ("0", "1")), None)
@@ -71,7 +71,8 @@ def read_nus_split(root: Path, classes: List[str], tag: str, drop_missing: bool)
 
 
 @DATASETS.register("nus_wide")
-def build_nus_wide(root: Path, split_dir: Optional[Path] = None, drop_missing: bool = False) -> MultiLabelDataset:
+def build_nus_wide(root: Path, split_dir: Optional[Path] = None, drop_missing: bool = False,
+                   splits: Optional[Sequence[str]] = None) -> MultiLabelDataset:
     """Read NUS-WIDE (see the module docstring for the layout)."""
     root = Path(root)
     if split_dir is not None:
@@ -79,9 +80,11 @@ def build_nus_wide(root: Path, split_dir: Optional[Path] = None, drop_missing: b
     if not root.is_dir():
         raise DataError(f"NUS-WIDE folder not found: {root}")
     classes = read_classes(root / "Concepts81.txt")
-    splits = {k: read_nus_split(root, classes, tag, drop_missing) for k, tag in SPLIT_FILES.items()}
-    for key, split in splits.items():
+    sources = {k: root / "ImageList" / f"{tag}Imagelist.txt" for k, tag in SPLIT_FILES.items()}
+    parts = {k: read_nus_split(root, classes, SPLIT_FILES[k], drop_missing)
+             for k in select_splits(splits, sources, str(root))}
+    for key, split in parts.items():
         if len(set(split.image_ids)) != len(split):
             raise DataError(f"NUS-WIDE {key}: the image list has duplicate entries")
-    check_disjoint({k: s.image_ids for k, s in splits.items()}, str(root))
-    return MultiLabelDataset(root.name, root, classes, splits)
+    check_disjoint({k: s.image_ids for k, s in parts.items()}, str(root))
+    return MultiLabelDataset(root.name, root, classes, parts)

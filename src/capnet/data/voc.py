@@ -8,6 +8,9 @@ VOC2007 test. With ``split_dir`` (e.g. data/splits/voc_lt: classes.txt, train.cs
 class_split.json): VOC-LT as in DistributionBalancedLoss, train = the listed VOC2012 trainval
 ids, test = the listed VOC2007 test ids, groups from class_split.json.
 
+Only the requested splits are read (default: those whose image set / CSV exists), so a
+VOCdevkit holding only VOC2007 test is a valid evaluation set.
+
 Labels always come from the XML annotations: a class is positive when the image has any
 object of it. ``include_difficult=True`` (default) counts objects flagged difficult too;
 False ignores them (the official VOC classification ground truth marks such images 0).
@@ -17,11 +20,11 @@ from __future__ import annotations
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from capnet.data._files import check_disjoint, read_class_split, read_classes, read_label_csv
+from capnet.data._files import check_disjoint, read_class_split, read_classes, read_label_csv, read_text, select_splits
 from capnet.data.base import MultiLabelDataset, Split
 from capnet.errors import DataError
 from capnet.registry import DATASETS
@@ -37,7 +40,7 @@ def read_id_list(path: Path) -> List[str]:
     """Image ids of an ImageSets/Main/<set>.txt file (first token of each line)."""
     if not path.is_file():
         raise DataError(f"VOC image set not found: {path}")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return [line.split()[0] for line in read_text(path).splitlines() if line.strip()]
 
 
 def parse_annotation(path: Path, include_difficult: bool) -> List[str]:
@@ -99,42 +102,50 @@ def _warn_label_mismatch(csv_path: Path, listed: np.ndarray, split: Split) -> No
             f"{csv_path}: {bad.size} of {len(split)} images have labels that differ from the XML "
             f"annotations (e.g. '{split.image_ids[bad[0]]}'); the XML labels are used "
             "(try include_difficult to match the split file)",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
 @DATASETS.register("voc")
-def build_voc(root: Path, split_dir: Optional[Path] = None, include_difficult: bool = True) -> MultiLabelDataset:
+def build_voc(root: Path, split_dir: Optional[Path] = None, include_difficult: bool = True,
+              splits: Optional[Sequence[str]] = None) -> MultiLabelDataset:
     """Read VOC2007(+2012) or, with ``split_dir``, VOC-LT (see the module docstring)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"VOCdevkit folder not found: {root}")
-    voc07 = _year(root, "2007", required=True)
-    groups = None
     if split_dir is None:
-        train_parts = [read_voc_split(voc07, read_id_list(voc07 / "ImageSets/Main/trainval.txt"), include_difficult)]
-        voc12 = _year(root, "2012", required=False)
-        if voc12 is not None:
-            ids12 = read_id_list(voc12 / "ImageSets/Main/trainval.txt")
-            train_parts.append(read_voc_split(voc12, ids12, include_difficult))
-        splits: Dict[str, Split] = {
-            "train": _concat(train_parts),
-            "test": read_voc_split(voc07, read_id_list(voc07 / "ImageSets/Main/test.txt"), include_difficult),
-        }
-        name = root.name
+        parts, groups, name = _read_full(root, splits, include_difficult), None, root.name
     else:
-        split_dir = Path(split_dir)
-        classes = read_classes(split_dir / "classes.txt")
-        if tuple(classes) != VOC_CLASSES:
-            raise DataError(f"{split_dir / 'classes.txt'}: expected the 20 VOC classes in standard order")
-        voc12 = _year(root, "2012", required=True)
-        splits = {}
-        for key, year_dir in (("train", voc12), ("test", voc07)):
-            csv_path = split_dir / f"{key}.csv"
-            ids, listed = read_label_csv(csv_path, classes)
-            splits[key] = read_voc_split(year_dir, ids, include_difficult)
-            _warn_label_mismatch(csv_path, listed, splits[key])
-        groups = read_class_split(split_dir / "class_split.json", classes)
-        name = split_dir.name
-    check_disjoint({k: s.image_ids for k, s in splits.items()}, str(root))
-    return MultiLabelDataset(name, root, list(VOC_CLASSES), splits, groups)
+        parts, groups, name = _read_lt(root, Path(split_dir), splits, include_difficult)
+    check_disjoint({k: s.image_ids for k, s in parts.items()}, str(root))
+    return MultiLabelDataset(name, root, list(VOC_CLASSES), parts, groups)
+
+
+def _read_full(root: Path, splits: Optional[Sequence[str]], include_difficult: bool) -> Dict[str, Split]:
+    """train = VOC2007 trainval (+ VOC2012 trainval when present), test = VOC2007 test."""
+    voc07 = _year(root, "2007", required=True)
+    sources = {"train": voc07 / "ImageSets/Main/trainval.txt", "test": voc07 / "ImageSets/Main/test.txt"}
+    parts: Dict[str, Split] = {}
+    for key in select_splits(splits, sources, str(root)):
+        lists = [(voc07, sources[key])]
+        voc12 = _year(root, "2012", required=False) if key == "train" else None
+        if voc12 is not None:
+            lists.append((voc12, voc12 / "ImageSets/Main/trainval.txt"))
+        parts[key] = _concat([read_voc_split(d, read_id_list(f), include_difficult) for d, f in lists])
+    return parts
+
+
+def _read_lt(root: Path, split_dir: Path, splits: Optional[Sequence[str]],
+             include_difficult: bool) -> Tuple[Dict[str, Split], Optional[Dict[str, List[str]]], str]:
+    """VOC-LT: the split folder's train ids from VOC2012, its test ids from VOC2007."""
+    classes = read_classes(split_dir / "classes.txt")
+    if tuple(classes) != VOC_CLASSES:
+        raise DataError(f"{split_dir / 'classes.txt'}: expected the 20 VOC classes in standard order")
+    years = {"train": "2012", "test": "2007"}
+    sources = {key: split_dir / f"{key}.csv" for key in years}
+    parts: Dict[str, Split] = {}
+    for key in select_splits(splits, sources, str(split_dir)):
+        ids, listed = read_label_csv(sources[key], classes)
+        parts[key] = read_voc_split(_year(root, years[key], required=True), ids, include_difficult)
+        _warn_label_mismatch(sources[key], listed, parts[key])
+    return parts, read_class_split(split_dir / "class_split.json", classes), split_dir.name

@@ -2,7 +2,8 @@
 
 A run directory holds ``config.yaml`` (resolved), ``model.safetensors`` (trainable tensors and the
 label graph; the frozen backbone is referenced by name and sha256 in its metadata),
-``metrics.json``, ``report.md``, PNG plots, ``log.csv`` and the training checkpoints.
+``metrics.json`` (with the ``config_sha256`` of the config that produced it), ``report.md``, PNG
+plots, ``log.csv``, the training checkpoints and, when bad images were skipped, ``skipped_images.txt``.
 Test-time views are cached like training features when the visual prefix is frozen, so a
 repeated run does no image-tower work at all.
 """
@@ -20,14 +21,16 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import to_tensor
 
-from capnet.config import Config, DataConfig, load_config, save_config
+from capnet.config import Config, DataConfig, config_hash, load_config, save_config
+from capnet.data.lt_stats import GROUP_NAMES
 from capnet.engine import checkpoint, distributed
 from capnet.engine.evaluate import predict_scores
 from capnet.engine.feature_cache import FeatureCache, compute_features
 from capnet.engine.loaders import FeatureDataset, build_loader, make_loaders
+from capnet.engine.preflight import SKIPPED_FILE, preflight_images, skipped_summary, write_skipped
 from capnet.engine.seed import seed_everything
 from capnet.engine.train import fit
-from capnet.errors import CheckpointError
+from capnet.errors import CheckpointError, DataError
 from capnet.fileio import write_json_atomic
 from capnet.report import write_report
 
@@ -39,12 +42,32 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CAPNET_CACHE", Path.home() / ".cache" / "capnet")) / "features"
 
 
+TRAINING_SPLITS = ("train", "test")  # what training needs; a val split is read too when the layout has one
+
+
 def prepare_dataset(data: DataConfig):
-    """Read the dataset named by the config and carve the validation split from train."""
+    """Read the dataset for training (train and test, val if present) and carve val from train."""
     from capnet.data import load_dataset
 
     ds = load_dataset(data.reader, data.root, split_dir=data.split_dir)
+    if any(s not in ds.splits for s in TRAINING_SPLITS):
+        load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=TRAINING_SPLITS)  # names the file
+        raise DataError(f"{data.root}: training needs a train and a test split, found {', '.join(ds.splits)}")
     return ds.with_val_split(data.val_fraction, data.val_seed)
+
+
+def load_eval_dataset(data: DataConfig, split: str):
+    """Only the split to score (a folder with classes.txt, test.csv and images/ is enough).
+
+    ``val`` is the layout's own val split if it has one, else carved from train exactly as in
+    training (same fraction and seed).
+    """
+    from capnet.data import load_dataset
+
+    if split != "val":
+        return load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=(split,))
+    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir)
+    return ds if "val" in ds.splits else ds.with_val_split(data.val_fraction, data.val_seed)
 
 
 class _OneView:
@@ -123,11 +146,21 @@ def _extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {} if adj is None else {"graph.adjacency": adj.detach().cpu().contiguous()}
 
 
-def save_model(model: nn.Module, path: Path, classes: Sequence[str]) -> None:
-    """model.safetensors: trainable tensors + label graph, backbone identity in the metadata."""
+def train_statistics(ds: Any) -> Dict[str, Any]:
+    """The training class counts and head/medium/tail groups (by name), kept with the model so a
+    later evaluation on data without a train split still reports groups the way training did."""
+    groups = ds.groups()
+    return {"train_class_freq": [int(n) for n in ds.class_freq("train")],
+            "class_groups": {g: [ds.classes[i] for i in idx] for g, idx in groups.items()}}
+
+
+def save_model(model: nn.Module, path: Path, classes: Sequence[str],
+               statistics: Optional[Dict[str, Any]] = None) -> None:
+    """model.safetensors: trainable tensors + label graph, backbone identity (and the training
+    statistics) in the metadata."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
     tensors.update(_extra_state(model))
-    meta = {**checkpoint.model_identity(model), "classes": list(classes)}
+    meta = {**checkpoint.model_identity(model), "classes": list(classes), **(statistics or {})}
     checkpoint.save_file(tensors, meta, path)
 
 
@@ -155,8 +188,13 @@ def evaluate_and_write(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, de
     return metrics
 
 
-def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Optional[Path] = None) -> Dict[str, Any]:
-    """Train per ``cfg``, select on val, evaluate on test, write the run directory; returns metrics."""
+def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Optional[Path] = None,
+              skip_bad_images: bool = False) -> Dict[str, Any]:
+    """Train per ``cfg``, select on val, evaluate on test, write the run directory; returns metrics.
+
+    Every image is decoded first (:func:`preflight_images`); a bad one fails the run before any
+    work unless ``skip_bad_images``, which drops it and lists it in skipped_images.txt.
+    """
     from capnet.losses import build_loss
     from capnet.models.build import build_model
 
@@ -166,28 +204,36 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
     device = info.device
     t0 = time.perf_counter()
     ds = prepare_dataset(cfg.data)
+    ds, skipped = preflight_images(ds, skip_bad_images)
     model = build_model(cfg, ds.classes, ds.splits["train"].labels).to(device)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if skipped:
+            write_skipped(skipped, run_dir / SKIPPED_FILE)
     history: List[Dict[str, float]] = []
     if any(p.requires_grad for p in model.parameters()):
         if hasattr(model, "ensemble_templates"):
             model.ensemble_templates = False  # template ensembling is a test-time step
-        loss_fn = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]))
+        loss_fn = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]),
+                             class_names=ds.classes)
         # Only train/val here: test is scored once, after selection, with its test-time views.
         loaders = make_loaders(ds, model, cfg, cache_dir=cache_dir, device=device, splits=("train", "val"))
         result = fit(model, loss_fn, loaders["train"], loaders.get("val"), cfg, run_dir, resume=resume,
                      groups=ds.groups(), class_names=ds.classes, device=device)
         history = result.history
     if distributed.is_main():
-        save_model(model, run_dir / "model.safetensors", ds.classes)
+        save_model(model, run_dir / "model.safetensors", ds.classes, train_statistics(ds))
     header = {"name": run_dir.name, "dataset": f"{ds.name} ({cfg.data.root})", "backbone": cfg.model.backbone,
               "model": cfg.model.kind, "loss": cfg.loss.name, "PEFT": cfg.model.peft.method,
               "test-time views": cfg.tte.views, "train/val/test images":
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}
+    if skipped:
+        header["skipped images"] = skipped_summary(skipped)
     metrics = evaluate_and_write(model, ds, cfg, run_dir, device, cache_dir, history, header)
     metrics["seconds"] = time.perf_counter() - t0
+    metrics["skipped_images"] = len(skipped)
+    metrics["config_sha256"] = config_hash(cfg)
     if distributed.is_main():
         write_json_atomic(run_dir / "metrics.json", metrics)
     distributed.cleanup()
@@ -203,6 +249,8 @@ class LoadedRun:
     classes: List[str]
     thresholds: np.ndarray
     device: torch.device
+    class_groups: Optional[Dict[str, List[str]]] = None  # head/medium/tail by name, from training
+    train_class_freq: Optional[List[int]] = None  # training positives per class (None: older run)
 
 
 def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
@@ -235,24 +283,62 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
     if metrics_path.is_file():
         saved = json.loads(metrics_path.read_text()).get("thresholds", {})
         thr = np.array([saved.get(c, 0.5) for c in classes], dtype=np.float64)
-    return LoadedRun(cfg, model.to(dev).eval(), classes, thr, dev)
+    return LoadedRun(cfg, model.to(dev).eval(), classes, thr, dev,
+                     class_groups=meta.get("class_groups"), train_class_freq=meta.get("train_class_freq"))
 
 
-def evaluate_run(run: LoadedRun, ds: Any, split: str, cache_dir: Optional[Path]) -> Dict[str, Any]:
-    """mAP (overall / head / medium / tail) of a loaded run on ``split`` of ``ds``."""
-    from capnet.data.lt_stats import assign_groups
-    from capnet.errors import DataError
+def evaluate_run(run: LoadedRun, ds: Any, split: str, cache_dir: Optional[Path],
+                 class_map: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """mAP (overall / head / medium / tail) of a loaded run on ``split`` of ``ds``.
+
+    Classes are matched by name (:func:`capnet.data.class_match.match_classes`, ``class_map``
+    for names that differ) and only the shared ones are scored; ``metrics["classes"]`` lists
+    what was left out. Head/medium/tail are the run's training groups.
+    """
+    from capnet.data.class_match import match_classes
     from capnet.metrics import map_report
 
-    if list(ds.classes) != run.classes:
-        raise DataError(f"{ds.root}: classes {ds.classes} differ from the run's classes {run.classes}")
+    match = match_classes(run.classes, ds.classes, class_map, where=str(ds.root))
     if split not in ds.splits:
         raise DataError(f"{ds.root}: no split '{split}' (have {', '.join(ds.splits)})")
     if hasattr(run.model, "ensemble_templates") and getattr(run.model, "template_embeddings", None) is not None:
         run.model.ensemble_templates = run.cfg.tte.templates and getattr(run.model, "prompt_learner", None) is not None
     scores, targets = split_scores(run.model, ds.splits[split], run.cfg, run.device, cache_dir)
-    groups = ds.groups() if "train" in ds.splits else assign_groups(np.zeros(len(run.classes)))
-    return map_report(scores, targets, groups, run.classes)
+    names = [run.classes[i] for i in match.run_index]
+    metrics = map_report(scores[:, match.run_index], targets[:, match.data_index], _eval_groups(run, ds, match), names)
+    metrics["classes"] = {"scored": len(names), "absent_from_data": match.absent,
+                          "unknown_to_run": match.unknown, "renamed": match.renamed}
+    return metrics
+
+
+def _eval_groups(run: LoadedRun, ds: Any, match: Any) -> Dict[str, np.ndarray]:
+    """Head/medium/tail as positions among the scored classes: the run's own groups; for a run
+    saved before they were stored, the dataset's (or none, with a warning)."""
+    if run.class_groups is not None:
+        group_of = {name: g for g, names in run.class_groups.items() for name in names}
+        keys = [group_of.get(run.classes[i]) for i in match.run_index]
+    elif ds.has_groups:
+        data_group = {int(j): g for g, idx in ds.groups().items() for j in idx}
+        keys = [data_group.get(j) for j in match.data_index]
+    else:
+        log.warning("%s: the run stores no training groups and the data has no train split: "
+                    "head/medium/tail are not reported", ds.root)
+        keys = []
+    return {g: np.array([k for k, key in enumerate(keys) if key == g], dtype=np.int64) for g in GROUP_NAMES}
+
+
+def finished_run(run_dir: Path, cfg: Config) -> Optional[Dict[str, Any]]:
+    """The metrics of ``run_dir`` if it finished training exactly ``cfg`` (same config_sha256), else None."""
+    import json
+
+    path = Path(run_dir) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, unreadable or half-written: not finished
+        return None
+    if not isinstance(metrics, dict) or metrics.get("config_sha256") != config_hash(cfg):
+        return None
+    return metrics
 
 
 def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) -> Iterator[Dict[str, Any]]:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from capnet.config import Config, to_dict
+from capnet.config import RUNTIME_KEYS, Config, to_dict
 from capnet.engine import checkpoint, distributed
 from capnet.engine.ema import EMA
 from capnet.engine.evaluate import autocast, evaluate
@@ -42,7 +42,6 @@ from capnet.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-RUNTIME_KEYS = ("train.device", "train.log_every", "data.num_workers")  # may change on resume
 Callback = Callable[[Dict[str, Any]], None]
 
 
@@ -91,9 +90,13 @@ def _check_same_config(saved: Dict[str, Any], cfg: Config, path: Path) -> None:
 
 
 def _write_log(history: Sequence[Dict[str, Any]], path: Path) -> None:
-    """Rewrite log.csv from the history (so a resumed run never duplicates or loses rows)."""
+    """Rewrite log.csv from the history (so a resumed run never duplicates or loses rows).
+
+    Columns follow the newest row, which ``_run_epoch`` has just built in its own order: rows
+    restored on resume come back from the checkpoint's JSON with their keys sorted.
+    """
     columns: List[str] = []
-    for row in history:
+    for row in list(history[-1:]) + list(history):
         columns += [c for c in row if c not in columns]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")

@@ -9,7 +9,7 @@ from torch import nn
 from capnet.errors import CapnetError
 from capnet.registry import LOSSES, unknown_options_message
 
-DATA_ARGS = ("class_freq", "train_num")  # supplied from the training set, never from options
+DATA_ARGS = ("class_freq", "train_num", "class_names")  # supplied from the training set, never from options
 
 
 class LossConfigError(CapnetError, ValueError):
@@ -27,8 +27,12 @@ def build_loss(
     options: Optional[Mapping[str, Any]] = None,
     class_freq: Optional[Sequence[int]] = None,
     train_num: Optional[int] = None,
+    class_names: Optional[Sequence[str]] = None,
 ) -> nn.Module:
-    """Build LOSSES[name](**options), passing class_freq/train_num only where the loss asks."""
+    """Build LOSSES[name](**options), passing class_freq/train_num/class_names only where the loss asks.
+
+    ``class_names`` is optional (it only names classes in warnings); the counts are required.
+    """
     builder = LOSSES.get(name)
     options = dict(options or {})
     valid = loss_options(name)
@@ -41,4 +45,6 @@ def build_loss(
             if value is None:
                 raise LossConfigError(f"loss '{name}' needs {arg} from the training set, got None")
             options[arg] = value
+    if "class_names" in params and class_names is not None:
+        options["class_names"] = list(class_names)
     return builder(**options)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,27 +32,48 @@ from capnet.registry import LOSSES
 REWEIGHT_FUNCS = ("rebalance", "none")
 
 
-def clean_class_freq(class_freq: Sequence[int], train_num: int) -> List[float]:
-    """Validate counts; a count of 0 (or N) would give an infinite weight/bias, so clamp to [1, N-1]."""
+def clean_class_freq(class_freq: Sequence[int], train_num: int,
+                     class_names: Optional[Sequence[str]] = None) -> List[float]:
+    """Validate counts; a count of 0 (or N) would give an infinite weight/bias, so clamp to [1, N-1].
+
+    The clamped classes are named in ONE warning (by ``class_names`` when given, else by index):
+    COCO-LT style data can have dozens of classes without a training positive.
+    """
     if train_num < 2:
         raise ValueError(f"loss 'db_focal': train_num must be >= 2, got {train_num}")
+    if class_names is not None and len(class_names) != len(class_freq):
+        raise ValueError(f"loss 'db_focal': {len(class_names)} class names for {len(class_freq)} class counts")
     freq: List[float] = []
+    clamped: Dict[int, List[int]] = {}  # original count (0 or N) -> class indices
     for index, count in enumerate(class_freq):
         if count < 0 or count > train_num:
             raise ValueError(
                 f"loss 'db_focal': class {index} has {count} positives, outside [0, train_num={train_num}]"
             )
-        clamped = min(max(int(count), 1), train_num - 1)
-        if clamped != count:
-            warnings.warn(
-                f"loss 'db_focal': class {index} has {count} of {train_num} training positives; "
-                f"treated as {clamped} so its weight and NTR bias stay finite",
-                stacklevel=3,
-            )
-        freq.append(float(clamped))
+        value = min(max(int(count), 1), train_num - 1)
+        if value != count:
+            clamped.setdefault(int(count), []).append(index)
+        freq.append(float(value))
     if not freq:
         raise ValueError("loss 'db_focal': class_freq is empty")
+    if clamped:
+        warnings.warn(_clamp_message(clamped, train_num, class_names), stacklevel=3)
     return freq
+
+
+def _clamp_message(clamped: Dict[int, List[int]], train_num: int, class_names: Optional[Sequence[str]]) -> str:
+    """e.g. "3 classes (a, b, c) have 0 of 88 training positives (counted as 1)"; by index without names."""
+    parts = []
+    for count, indices in sorted(clamped.items()):
+        if class_names is None:
+            who = f"class {indices[0]}" if len(indices) == 1 else f"classes {', '.join(map(str, indices))}"
+        else:
+            named = ", ".join(class_names[i] for i in indices)
+            who = f"class {named}" if len(indices) == 1 else f"{len(indices)} classes ({named})"
+        verb = "has" if len(indices) == 1 else "have"
+        parts.append(f"{who} {verb} {count} of {train_num} training positives "
+                     f"(counted as {min(max(count, 1), train_num - 1)})")
+    return f"loss 'db_focal': {'; '.join(parts)}, so weights and NTR biases stay finite"
 
 
 def class_aware_weights(class_freq: Sequence[float], power: float) -> torch.Tensor:
@@ -83,6 +104,7 @@ class DistributionBalancedLoss(nn.Module):
         focal_balance: float = 2.0,
         class_weight_power: float = 0.5,
         loss_weight: float = 1.0,
+        class_names: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__()
         if reweight_func not in REWEIGHT_FUNCS:
@@ -91,7 +113,7 @@ class DistributionBalancedLoss(nn.Module):
             )
         if neg_scale <= 0:
             raise ValueError(f"loss 'db_focal': neg_scale must be > 0, got {neg_scale}")
-        freq = clean_class_freq(class_freq, int(train_num))
+        freq = clean_class_freq(class_freq, int(train_num), class_names)
         self.num_classes = len(freq)
         self.reweight_func = reweight_func
         self.map_alpha, self.map_beta, self.map_mu = float(map_alpha), float(map_beta), float(map_mu)

@@ -1,0 +1,56 @@
+"""Pre-flight for a training run: decode every image before any feature extraction or training.
+
+A truncated or empty image found after hours of training would end the run at test time; found
+here it costs seconds (:mod:`capnet.data.check`). Bad files fail the run up front, or, when the
+caller asks to skip them, are dropped from their splits and listed in ``skipped_images.txt``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, List, Sequence, Tuple
+
+from capnet.engine import distributed
+from capnet.errors import DataError
+from capnet.fileio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+SKIPPED_FILE = "skipped_images.txt"  # in the run directory: one "path: reason" line per skipped image
+SHOWN = 20  # skipped images named in report.md; all of them are in SKIPPED_FILE
+
+
+def preflight_images(ds: Any, skip_bad_images: bool) -> Tuple[Any, List[Tuple[Path, str]]]:
+    """Decode every image before any long work: a bad file fails here, not after training.
+
+    With ``skip_bad_images`` the bad files are dropped from their splits and returned, so the
+    caller can list them; otherwise a ``BadImagesError`` names them (``.problems`` has all).
+    """
+    from capnet.data.check import bad_images_error, check_dataset, drop_images
+
+    found = check_dataset(ds, progress=distributed.is_main())
+    problems = [p for split in found.values() for p in split]
+    if not problems:
+        return ds, []
+    if not skip_bad_images:
+        raise bad_images_error(problems, str(ds.root))
+    ds = drop_images(ds, [path for path, _ in problems])
+    empty = [name for name, split in ds.splits.items() if len(split) == 0]
+    if empty:
+        raise DataError(f"{ds.root}: every image of split '{empty[0]}' is bad; nothing left to "
+                        f"{'train on' if empty[0] == 'train' else 'score'}")
+    if distributed.is_main():
+        log.warning("skipping %d image(s) that cannot be decoded (%s)", len(problems),
+                    ", ".join(f"{name} {len(split)}" for name, split in found.items()))
+    return ds, problems
+
+
+def write_skipped(problems: Sequence[Tuple[Path, str]], path: Path) -> None:
+    """skipped_images.txt: one 'path: reason' line per image left out of the run."""
+    atomic_write_bytes("".join(f"{p}: {r}\n" for p, r in problems).encode(), path)
+
+
+def skipped_summary(problems: Sequence[Tuple[Path, str]]) -> str:
+    """One report.md line: how many images were left out, the first ones by name and why."""
+    named = "; ".join(f"`{p}`: {r}" for p, r in problems[:SHOWN])
+    more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+    return f"{len(problems)} that cannot be decoded (all in {SKIPPED_FILE}): {named}{more}"
