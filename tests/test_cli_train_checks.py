@@ -23,9 +23,11 @@ ROWS = {
 }
 ZEROSHOT = ["model.kind=zeroshot", "model.backbone=clip_tiny_rn.random", "model.peft.method=none",
             "tte.views=single", "tte.templates=false", "data.num_workers=0", "data.val_fraction=0.3"]
-PROBE = ["model.kind=linear_probe", "model.backbone=clip_tiny_rn.random", "model.peft.method=none",
-         "tte.views=single", "tte.templates=false", "data.num_workers=0", "data.val_fraction=0.3",
-         "loss.name=db_focal", "train.epochs=2", "data.batch_size=4"]
+# Gradient-trained: fixed template classifiers with a trainable per-class residual and scale.
+TRAINED = ["model.kind=capnet", "model.backbone=clip_tiny_rn.random", "model.peft.method=none",
+           "model.prompts.enabled=false", "model.gcn.enabled=false", "model.graph.source=none",
+           "model.class_residual=true", "tte.views=single", "tte.templates=false", "data.num_workers=0",
+           "data.val_fraction=0.3", "loss.name=db_focal", "train.epochs=2", "data.batch_size=4"]
 
 
 def _train(data: Path, out: Path, sets, *extra: str) -> int:
@@ -81,7 +83,7 @@ def test_training_needs_a_train_split(data: Path, tmp_path: Path, capsys) -> Non
 def test_db_loss_names_the_classes_without_positives_in_one_warning(data: Path, tmp_path: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _train(data, tmp_path / "run", PROBE) == 0
+        assert _train(data, tmp_path / "run", TRAINED) == 0
     messages = [str(w.message) for w in caught if "training positives" in str(w.message)]
     assert messages == [messages[0]] and "class horse has 0 of" in messages[0]
 
@@ -98,7 +100,7 @@ class Killed(Exception):
 
 @pytest.mark.filterwarnings("ignore:loss 'db_focal'")
 def test_resume_keeps_the_log_columns_and_values(data: Path, tmp_path: Path, monkeypatch) -> None:
-    assert _train(data, tmp_path / "straight", PROBE) == 0
+    assert _train(data, tmp_path / "straight", TRAINED) == 0
     real = train_module.train_one_epoch
     calls = []
 
@@ -110,9 +112,9 @@ def test_resume_keeps_the_log_columns_and_values(data: Path, tmp_path: Path, mon
 
     monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_2)
     with pytest.raises(Killed):
-        _train(data, tmp_path / "resumed", PROBE)
+        _train(data, tmp_path / "resumed", TRAINED)
     monkeypatch.setattr(train_module, "train_one_epoch", real)
-    assert _train(data, tmp_path / "resumed", PROBE, "--resume") == 0
+    assert _train(data, tmp_path / "resumed", TRAINED, "--resume") == 0
     header, values = _log(tmp_path / "resumed" / "log.csv")
     assert (header, values) == _log(tmp_path / "straight" / "log.csv")
     assert header[:2] == ["epoch", "lr_head"] and header[-1] == "seconds"

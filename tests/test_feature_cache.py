@@ -73,20 +73,39 @@ def test_miss_then_hit_returns_identical_tensor(tmp_path, images):
     assert model.training  # the train/eval mode is restored
 
 
-def test_key_changes_with_transform_image_weights_and_depth(images):
+def test_key_changes_with_transform_weights_depth_and_precision(images):
     model = StubBackbone()
-    base = cache_key(feature_key_parts(model, images, transform(16), 2))
-    assert cache_key(feature_key_parts(model, images, transform(16), 2)) == base
-    assert cache_key(feature_key_parts(model, images, transform(24), 2)) != base
-    assert cache_key(feature_key_parts(model, images, transform(16), 1)) != base
-    assert cache_key(feature_key_parts(model, images[:3], transform(16), 2)) != base
+    base = cache_key(feature_key_parts(model, transform(16), 2))
+    assert cache_key(feature_key_parts(model, transform(16), 2)) == base
+    assert cache_key(feature_key_parts(model, transform(24), 2)) != base
+    assert cache_key(feature_key_parts(model, transform(16), 1)) != base
+    assert cache_key(feature_key_parts(model, transform(16), 2, compute="bf16")) != base
     model.spec = dataclasses.replace(model.spec, weights_sha256="b" * 64)
-    assert cache_key(feature_key_parts(model, images, transform(16), 2)) != base
-    model.spec = dataclasses.replace(model.spec, weights_sha256="a" * 64)
-    shutil.copy2(images[1], images[0])  # replaced content (size and mtime change)
-    assert cache_key(feature_key_parts(model, images, transform(16), 2)) != base
-    os.utime(images[2], ns=(0, 123))
-    assert cache_key(feature_key_parts(model, images, transform(16), 2)) != base
+    assert cache_key(feature_key_parts(model, transform(16), 2)) != base
+
+
+def test_rows_are_shared_by_any_subset_or_order_of_images(tmp_path, images):
+    """Splits, re-splits and validation carve-outs of the same images reuse the same rows."""
+    cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
+    some = compute_features(model, images[:3], transform(), upto=1, cache=cache, progress=False)
+    assert model.calls == 1
+    mixed = compute_features(model, [images[3], images[1], images[0]], transform(), upto=1, cache=cache, progress=False)
+    assert model.calls == 2  # only images[3] went through the tower
+    assert torch.equal(mixed[1], some[1]) and torch.equal(mixed[2], some[0])
+    full = compute_features(model, images, transform(), upto=1, cache=cache, progress=False)
+    assert model.calls == 2 and torch.equal(full[3], mixed[0])
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # one entry holds them all
+
+
+def test_stacked_views_are_one_decode_and_rows_of_views(tmp_path, images):
+    from capnet.models.tte import view_transform
+
+    stack = view_transform("flip", 16, 1.0, (0.0,) * 3, (1.0,) * 3, "bilinear", eval_transform=transform())
+    model = StubBackbone()
+    feats = compute_features(model, images, stack, upto=1, progress=False)
+    single = compute_features(model, images, transform(), upto=1, progress=False)
+    assert feats.shape == (4, 2, 4, 7, 7)
+    assert torch.equal(feats[:, 0], single)
 
 
 def test_changed_image_is_recomputed(tmp_path, images):
@@ -101,7 +120,7 @@ def test_changed_image_is_recomputed(tmp_path, images):
 def test_corrupt_entry_is_reported_deleted_and_recomputed(tmp_path, images, damage):
     cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
     good = compute_features(model, images, transform(), upto=2, cache=cache, progress=False)
-    key = cache_key(feature_key_parts(model, images, transform(), 2))
+    key = cache_key(feature_key_parts(model, transform(), 2))
     path = cache.path(key)
     raw = bytearray(path.read_bytes())
     if damage == "truncate":
@@ -110,7 +129,7 @@ def test_corrupt_entry_is_reported_deleted_and_recomputed(tmp_path, images, dama
         raw[-3] ^= 0xFF  # tensor data sits at the end; the header stays valid
         path.write_bytes(bytes(raw))
     else:
-        other = cache.save("0" * 64, good, {})
+        other = cache.save("0" * 64, good, [("x", 1, 1)] * len(good), {})
         os.replace(other, path)
     with pytest.warns(UserWarning, match=path.name):
         assert cache.load(key) is None
@@ -122,12 +141,12 @@ def test_corrupt_entry_is_reported_deleted_and_recomputed(tmp_path, images, dama
 def test_float16_storage_and_overflow_fallback(tmp_path):
     cache = FeatureCache(tmp_path)
     small = torch.tensor([[1.0, 2.5e-4, -3.14159]])
-    cache.save("k1", small, {"note": "x", "n": 3})
-    loaded = cache.load("k1")
-    assert loaded.dtype == torch.float32 and torch.equal(loaded, small.half().float())
+    cache.save("k1", small, [("a.jpg", 1, 2)], {"note": "x", "n": 3})
+    loaded, fps = cache.load("k1")
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, small.half().float()) and fps == [("a.jpg", 1, 2)]
     big = torch.tensor([[1.0, 1e6]])
-    cache.save("k2", big, {})
-    assert torch.equal(cache.load("k2"), big)  # kept as float32 instead of overflowing to inf
+    cache.save("k2", big, [("b.jpg", 1, 2)], {})
+    assert torch.equal(cache.load("k2")[0], big)  # kept as float32 instead of overflowing to inf
     assert cache.load("missing") is None
 
 

@@ -37,7 +37,7 @@ class DataConfig:
     val_seed: int = 0  # seed of that carve-out; fixed so runs compare
     batch_size: int = 32  # images per optimisation step (before accumulation)
     eval_batch_size: int = 64  # images per forward pass at evaluation
-    num_workers: int = 2  # DataLoader worker processes
+    num_workers: Optional[int] = None  # JPEG-decoding DataLoader processes; null: the machine's budget (engine/resources.py)
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,11 @@ class ModelConfig:
     weights: Optional[str] = None  # local checkpoint file or directory for the backbone
     backbone_options: Dict[str, Any] = field(default_factory=dict)  # extra backbone kwargs
     proj_dim: int = 512  # shared space width when the towers are not aligned (offline default)
-    templates: List[str] = field(default_factory=lambda: ["a photo of a {}."])  # text templates
+    templates: List[str] = field(default_factory=lambda: ["a photo of a {}."])  # text templates (zero-shot, graph, ensembling)
     logit_scale: float = 20.0  # initial scale of cosine logits (learnable)
     learn_logit_scale: bool = True  # train the scale
+    class_residual: bool = False  # per-class residual on the text classifier (LIFT-style), zero-init
+    center_features: bool = False  # subtract the training-set mean image feature before the cosine
     prompts: PromptConfig = field(default_factory=PromptConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     gcn: GCNConfig = field(default_factory=GCNConfig)
@@ -113,7 +115,12 @@ class TrainConfig:
     grad_accum: int = 1  # optimiser step every N batches
     ema: Optional[float] = None  # EMA decay of trainable tensors (null: off)
     select: str = "val"  # model selection: val (best val mAP) | last (fixed final epoch)
-    feature_cache: bool = True  # cache frozen image features (only when no PEFT and no augment)
+    feature_cache: bool = True  # cache the frozen prefix of the image tower (and train on the cache)
+    augment_views: int = 0  # cached random augmentations per training image (train transform), beside the eval view
+    augment_seed: int = 0  # seed of those augmentations (fixed across train.seed so the cache is shared)
+    extract_amp: str = "auto"  # frozen-tower precision: auto (bf16 where the device has it natively) | none | bf16
+    threads: Optional[int] = None  # torch intra-op threads; null: the machine's budget (engine/resources.py)
+    refit: bool = False  # after selecting the epoch on val, retrain on train + val for that many epochs
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 20  # progress-bar refresh in steps
 
@@ -279,7 +286,7 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-RUNTIME_KEYS = ("train.device", "train.log_every", "data.num_workers")  # how a run executes, not what it computes
+RUNTIME_KEYS = ("train.device", "train.log_every", "data.num_workers", "train.threads")  # how a run executes, not what it computes
 
 
 def config_hash(cfg: Config) -> str:
@@ -303,6 +310,7 @@ def replace(cfg: Any, **changes: Any) -> Any:
 
 _CHOICES = {
     "train.amp": ("none", "bf16", "fp16"),
+    "train.extract_amp": ("auto", "none", "bf16", "fp16"),
     "train.select": ("val", "last"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.optimizer": ("sgd", "adamw"),
@@ -324,6 +332,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.select=val needs data.val_fraction > 0 (model selection never uses test)")
     if cfg.model.prompts.n_ctx < 1:
         raise ConfigError("model.prompts.n_ctx must be >= 1")
+    if cfg.train.augment_views < 0:
+        raise ConfigError("train.augment_views must be >= 0")
+    if cfg.train.refit and cfg.train.select != "val":
+        raise ConfigError("train.refit=true refits for the epoch chosen on validation: it needs train.select=val")
     if cfg.train.grad_accum < 1 or cfg.train.epochs < 1:
         raise ConfigError("train.grad_accum and train.epochs must be >= 1")
     for t in cfg.model.templates:

@@ -69,3 +69,11 @@ def write_report(
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def append_time_breakdown(report: Path, breakdown: Mapping[str, float]) -> None:
+    """Add the run's "where the time went" table to report.md."""
+    lines = ["", "## Where the time went (wall seconds)", "", "| phase | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in breakdown.items()]
+    with open(report, "a") as fh:
+        fh.write("\n".join(lines) + "\n")

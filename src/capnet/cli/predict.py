@@ -35,7 +35,7 @@ def collect_images(inputs: List[str]) -> Tuple[List[Path], List[Path]]:
 
 def run(args: argparse.Namespace) -> int:
     """Print a JSON line per image: labels above the per-class (validation-chosen) thresholds."""
-    from capnet.engine.runs import load_run, predict_images
+    from capnet.engine.inference import load_run, predict_images
 
     images, skipped = collect_images(args.images)
     if skipped:

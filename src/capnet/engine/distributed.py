@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -104,10 +104,18 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
-    """DDP-wrap ``module`` when several processes train it and it has trainable parameters."""
-    if world_size() == 1 or not any(p.requires_grad for p in module.parameters()):
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool = False,
+             ignore: Sequence[str] = ()) -> nn.Module:
+    """DDP-wrap ``module`` when several processes train it and it has trainable parameters.
+
+    ``ignore`` names parameters DDP must leave alone: the text branch, whose gradient the
+    training loop averages itself once per optimiser step (``engine.train._TextPass``).
+    """
+    ignored = set(ignore)
+    if world_size() == 1 or not any(p.requires_grad for n, p in module.named_parameters() if n not in ignored):
         return module
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(ignored))
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
 

@@ -1,4 +1,10 @@
-"""Scores for a whole loader (views averaged in logit space, ranks gathered) and the mAP report."""
+"""Logits for a whole loader (views averaged in logit space, ranks gathered) and the mAP report.
+
+Rankings (AP) are computed on float32 logits, never on sigmoid probabilities: a cosine head at
+scale 20-100 puts many logits where float32 ``sigmoid`` rounds to exactly 1.0, and bf16 logits
+tie far sooner, so both would turn distinct scores into ties. The models compute their logits in
+float32 even under autocast; probabilities are taken only for thresholds and predictions.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +45,7 @@ def batch_logits(forward: nn.Module, inputs: torch.Tensor, start: Optional[int],
 
 def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "none",
                    tte: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-    """Sigmoid scores and targets (N, C), in dataset order, gathered over processes.
+    """Logits (float32) and targets (N, C), in dataset order, gathered over processes.
 
     The loader yields ``(images | views | cached features, target, index)``; rows are placed
     by ``index`` so padding added by a DistributedSampler is dropped and every sample appears
@@ -54,7 +60,7 @@ def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device, a
         with torch.inference_mode(), autocast(torch.device(device), amp):
             for inputs, target, index in loader:
                 logits = batch_logits(forward, inputs.to(device, non_blocking=True), start, tte)
-                scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+                scores.append(logits.float().cpu().numpy())
                 targets.append(np.asarray(target, dtype=np.float32))
                 indices.append(np.asarray(index, dtype=np.int64))
     finally:

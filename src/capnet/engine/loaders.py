@@ -1,10 +1,10 @@
 """DataLoaders for train / val / test: image pipelines, or cached frozen-prefix features.
 
 When ``train.feature_cache`` is on and the model has a cacheable frozen visual prefix
-(``model.frozen_image_stages() > 0``), each split's prefix features are computed ONCE with the
-backbone's *eval* transform (and stored under ``cache_dir`` when given). Training on cached
-features therefore sees no train-time augmentation: every epoch reuses the same deterministic
-features, which is the price of skipping the backbone forward pass.
+(``model.frozen_image_stages() > 0``), each split's prefix features are computed once per image
+(``engine/views.py``; stored under ``cache_dir`` when given). Training features are (N, V, ...):
+the eval view plus ``train.augment_views`` cached augmentations, of which each epoch draws one per
+image (``FeatureDataset.set_epoch``), so cached training still sees augmentation.
 
 A feature loader's dataset carries the stage its features start at (``FeatureDataset.start``);
 :class:`ModelForward` routes a batch to ``model(images)`` or ``model.forward_features(x, start)``
@@ -14,35 +14,52 @@ so ``fit`` / ``evaluate`` handle both kinds of loader transparently (and DDP sti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from capnet.config import Config
 from capnet.engine import distributed
-from capnet.engine.seed import EpochSampler, make_generator, seed_worker
+from capnet.engine.seed import EpochSampler, epoch_seed, make_generator, seed_worker
 
 SPLITS = ("train", "val", "test")
 
 
 class FeatureDataset(Dataset):
-    """Cached prefix features of one split: item i -> (features[i], target[i], i)."""
+    """Cached prefix features of one split: item i -> (features[i], target[i], i).
 
-    def __init__(self, features: torch.Tensor, targets: np.ndarray, start: int) -> None:
+    With ``sample_views`` the features are (N, V, ...) and item i is one of its V views, drawn
+    per epoch from ``(seed, epoch)`` (``set_epoch``): the cached-augmentation training set.
+    Without it, items are whatever rows ``features`` has (e.g. all V views, averaged later).
+    """
+
+    def __init__(self, features: torch.Tensor, targets: np.ndarray, start: int,
+                 sample_views: bool = False, seed: int = 0) -> None:
         if len(features) != len(targets):
             raise ValueError(f"{len(features)} feature rows for {len(targets)} targets")
         self.features = features
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
         self.start = start  # the stage the features come out of: forward_features(x, start)
+        self.sample_views, self.seed = sample_views, seed
+        self._views: Optional[torch.Tensor] = None
+        if sample_views:
+            self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's view of every item (a no-op without ``sample_views``)."""
+        if self.sample_views:
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, stream=1))
+            self._views = torch.randint(self.features.shape[1], (len(self.features),), generator=gen)
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        return self.features[i], self.targets[i], i
+        x = self.features[i] if self._views is None else self.features[i, int(self._views[i])]
+        return x, self.targets[i], i
 
 
 def feature_start(loader: DataLoader) -> Optional[int]:
@@ -57,16 +74,18 @@ class ModelForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: torch.Tensor, start: Optional[int] = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, start: Optional[int] = None,
+                class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        extra = {} if class_embeddings is None else {"class_embeddings": class_embeddings}
         if start is None:
-            return self.model(inputs)
-        return self.model.forward_features(inputs, start)
+            return self.model(inputs, **extra)
+        return self.model.forward_features(inputs, start, **extra)
 
 
 def _sampler(size: int, train: bool, seed: int) -> Optional[Sampler]:
-    """Epoch-seeded shuffling for train; DistributedSampler (which pads) across processes."""
+    """Epoch-seeded shuffling for train; across processes each rank takes its (padded) shard."""
     if distributed.world_size() > 1:
-        return DistributedSampler(range(size), shuffle=train, seed=seed, drop_last=False)
+        return EpochSampler(size, seed=seed, shuffle=train, rank=distributed.rank(), world_size=distributed.world_size())
     return EpochSampler(size, seed=seed) if train else None
 
 
@@ -82,47 +101,39 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, num_
         worker_init_fn=seed_worker,
         generator=make_generator(seed),
         drop_last=False,
+        persistent_workers=train and num_workers > 0,  # the train loader is iterated every epoch
     )
 
 
-def _split_features(dataset: Any, model: Any, name: str, depth: int, cfg: Config,
-                    cache_dir: Optional[Path], device: torch.device) -> FeatureDataset:
-    """Prefix features of one split (rank 0 fills the cache first, the others then read it)."""
-    from capnet.engine.feature_cache import FeatureCache, compute_features
-
-    split = dataset.splits[name]
-    cache = FeatureCache(Path(cache_dir)) if cache_dir is not None else None
-    with distributed.main_first():
-        features = compute_features(
-            model.backbone, split.image_paths, model.backbone.transform(train=False), depth,
-            batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, device=device,
-            cache=cache, progress=distributed.is_main(),
-        )
-    return FeatureDataset(features, split.labels, start=depth)
-
-
 def make_loaders(dataset: Any, model: Any, cfg: Config, *, cache_dir: Optional[Path], device: torch.device,
-                 splits: Sequence[str] = SPLITS) -> Dict[str, DataLoader]:
-    """Loaders for those of ``splits`` that ``dataset`` has (single view; test-time views are
-    scored by ``capnet.engine.runs.split_scores``).
+                 splits: Sequence[str] = SPLITS, timings: Optional[MutableMapping[str, float]] = None
+                 ) -> Dict[str, DataLoader]:
+    """Loaders for those of ``splits`` that ``dataset`` has (validation: the single eval view;
+    test-time views are scored by ``capnet.engine.views.split_scores``).
 
     ``data.batch_size`` is the global batch of one optimisation step: with N processes each
     loads ``batch_size // N``.
     """
     from capnet.data import ImageDataset
+    from capnet.engine.views import cache_depth, single_view, split_features, train_features
 
-    depth = model.frozen_image_stages() if cfg.train.feature_cache else 0
+    depth = cache_depth(model, cfg)
     world = distributed.world_size()
     loaders: Dict[str, DataLoader] = {}
     for name in splits:
         if name not in dataset.splits:
             continue
-        train = name == "train"
+        split, train = dataset.splits[name], name == "train"
         if depth > 0:
-            data: Dataset = _split_features(dataset, model, name, depth, cfg, cache_dir, device)
+            if train:
+                feats = train_features(model, split, cfg, device, cache_dir, timings)
+                data: Dataset = FeatureDataset(feats, split.labels, depth, sample_views=True, seed=cfg.train.seed)
+            else:
+                feats = split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)
+                data = FeatureDataset(feats[:, 0], split.labels, depth)
             workers = 0  # tensors already in memory
         else:
-            data = ImageDataset(dataset.splits[name], model.backbone.transform(train=train))
+            data = ImageDataset(split, model.backbone.transform(train=train))
             workers = cfg.data.num_workers
         batch = max(1, cfg.data.batch_size // world) if train else cfg.data.eval_batch_size
         loaders[name] = build_loader(data, batch, train, cfg.train.seed, workers, device)

@@ -1,11 +1,12 @@
-"""Run lifecycle: train -> select on val -> thresholds on val -> test (with TTE) -> run directory.
+"""Run lifecycle: train -> select on val -> thresholds on val -> (refit) -> test -> run directory.
 
-A run directory holds ``config.yaml`` (resolved), ``model.safetensors`` (trainable tensors and the
-label graph; the frozen backbone is referenced by name and sha256 in its metadata),
-``metrics.json`` (with the ``config_sha256`` of the config that produced it), ``report.md``, PNG
-plots, ``log.csv``, the training checkpoints and, when bad images were skipped, ``skipped_images.txt``.
-Test-time views are cached like training features when the visual prefix is frozen, so a
-repeated run does no image-tower work at all.
+A run directory holds ``config.yaml`` (resolved), ``model.safetensors`` (trainable tensors, the
+label graph and the feature mean; the frozen backbone is referenced by name and sha256 in its
+metadata), ``metrics.json`` (with the ``config_sha256`` of the config that produced it and a
+breakdown of where the time went), ``report.md``, PNG plots, ``log.csv``, the training
+checkpoints (``refit/`` for the train + val refit) and, when bad images were skipped,
+``skipped_images.txt``. Frozen-tower features are cached per image, so a repeated run does no
+image-tower work at all.
 """
 from __future__ import annotations
 
@@ -14,35 +15,34 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms.functional import to_tensor
 
-from capnet.config import Config, DataConfig, config_hash, load_config, save_config
-from capnet.data.lt_stats import GROUP_NAMES
+from capnet.config import Config, DataConfig, config_hash, replace, save_config
+from capnet.data import Split
 from capnet.engine import checkpoint, distributed
-from capnet.engine.evaluate import predict_scores
-from capnet.engine.feature_cache import FeatureCache, compute_features
-from capnet.engine.loaders import FeatureDataset, build_loader, make_loaders
+from capnet.engine.inference import set_test_time_templates
+from capnet.engine.loaders import make_loaders
 from capnet.engine.preflight import SKIPPED_FILE, preflight_images, skipped_summary, write_skipped
+from capnet.engine.resources import apply_budget, extraction_amp
 from capnet.engine.seed import seed_everything
 from capnet.engine.train import fit
-from capnet.errors import CheckpointError, DataError
+from capnet.engine.views import cache_depth, single_view, split_features, split_scores
+from capnet.errors import CapnetError, DataError
 from capnet.fileio import write_json_atomic
 from capnet.report import write_report
 
 log = logging.getLogger(__name__)
 
+TRAINING_SPLITS = ("train", "test")  # what training needs; a val split is read too when the layout has one
+
 
 def default_cache_dir() -> Path:
     """``$CAPNET_CACHE/features`` (default ``~/.cache/capnet/features``)."""
     return Path(os.environ.get("CAPNET_CACHE", Path.home() / ".cache" / "capnet")) / "features"
-
-
-TRAINING_SPLITS = ("train", "test")  # what training needs; a val split is read too when the layout has one
 
 
 def prepare_dataset(data: DataConfig):
@@ -56,94 +56,20 @@ def prepare_dataset(data: DataConfig):
     return ds.with_val_split(data.val_fraction, data.val_seed)
 
 
-def load_eval_dataset(data: DataConfig, split: str):
-    """Only the split to score (a folder with classes.txt, test.csv and images/ is enough).
-
-    ``val`` is the layout's own val split if it has one, else carved from train exactly as in
-    training (same fraction and seed).
-    """
-    from capnet.data import load_dataset
-
-    if split != "val":
-        return load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=(split,))
-    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir)
-    return ds if "val" in ds.splits else ds.with_val_split(data.val_fraction, data.val_seed)
+def runtime_config(cfg: Config) -> Config:
+    """``cfg`` with the decode workers / torch threads resolved for this machine (and applied)."""
+    plan = apply_budget(cfg)
+    return replace(cfg, data=replace(cfg.data, num_workers=plan.workers), train=replace(cfg.train, threads=plan.threads))
 
 
-class _OneView:
-    """Picks view ``v`` of a multi-view transform, with a stable repr for the feature-cache key."""
-
-    def __init__(self, stack: Any, v: int, description: str) -> None:
-        self.stack, self.v, self.description = stack, v, description
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        # Only view v is converted and normalised (crops are cheap; tensors are not), so
-        # extracting V views costs V conversions per image, not V * V.
-        return self.stack.normalize(to_tensor(self.stack.views(image)[self.v]))
-
-    def __repr__(self) -> str:
-        return f"view {self.v} of {self.description}"
-
-
-class _ViewAverage(nn.Module):
-    """Wraps a model so cached (B, V, ...) view features give logits averaged over V."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
-
-    def forward_features(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        b, v = features.shape[:2]
-        return self.model.forward_features(features.flatten(0, 1), start).float().view(b, v, -1).mean(dim=1)
-
-
-def view_transforms(model: nn.Module, cfg: Config) -> List[Any]:
-    """One eval transform per test-time view (a single one for ``tte.views=single``)."""
-    from capnet.models.tte import build_view_transform, num_views
-
-    if cfg.tte.views == "single":
-        return [model.backbone.transform(train=False)]
-    spec = model.backbone.spec
-    stack = build_view_transform(cfg.tte, spec)
-    desc = f"{cfg.tte.views}(size={spec.image_size}, resize_scale={cfg.tte.resize_scale}, mean={spec.mean}, " \
-           f"std={spec.std}, interpolation={spec.interpolation})"
-    return [_OneView(stack, v, desc) for v in range(num_views(cfg.tte.views))]
-
-
-def split_scores(model: nn.Module, split: Any, cfg: Config, device: torch.device,
-                 cache_dir: Optional[Path]) -> Tuple[np.ndarray, np.ndarray]:
-    """Sigmoid scores of one split with the configured test-time views (logit-averaged)."""
-    from capnet.data import ImageDataset
-
-    depth = model.frozen_image_stages() if cfg.train.feature_cache else 0
-    transforms = view_transforms(model, cfg)
-    if depth > 0:
-        cache = FeatureCache(cache_dir) if cache_dir is not None else None
-        feats = torch.stack([
-            compute_features(model.backbone, split.image_paths, t, depth, batch_size=cfg.data.eval_batch_size,
-                             num_workers=cfg.data.num_workers, device=device, cache=cache,
-                             progress=distributed.is_main())
-            for t in transforms], dim=1)
-        loader = build_loader(FeatureDataset(feats, split.labels, start=depth), cfg.data.eval_batch_size,
-                              False, cfg.train.seed, 0, device)
-        return predict_scores(_ViewAverage(model), loader, device, cfg.train.amp)
-    if len(transforms) == 1:
-        loader = build_loader(ImageDataset(split, transforms[0]), cfg.data.eval_batch_size, False,
-                              cfg.train.seed, cfg.data.num_workers, device)
-        return predict_scores(model, loader, device, cfg.train.amp)
-    stack = transforms[0].stack
-    loader = build_loader(ImageDataset(split, stack), cfg.data.eval_batch_size, False,
-                          cfg.train.seed, cfg.data.num_workers, device)
-    return predict_scores(model, loader, device, cfg.train.amp, tte=True)
-
-
-def _extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Non-trainable tensors a run needs to be rebuilt anywhere (the label graph)."""
-    adj = getattr(model, "adjacency", None)
-    return {} if adj is None else {"graph.adjacency": adj.detach().cpu().contiguous()}
+def extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Non-trainable tensors a run needs to be rebuilt anywhere (label graph, feature mean)."""
+    out = {}
+    for name, key in (("adjacency", "graph.adjacency"), ("feature_mean", "model.feature_mean")):
+        tensor = getattr(model, name, None)
+        if tensor is not None:
+            out[key] = tensor.detach().cpu().contiguous()
+    return out
 
 
 def train_statistics(ds: Any) -> Dict[str, Any]:
@@ -156,30 +82,117 @@ def train_statistics(ds: Any) -> Dict[str, Any]:
 
 def save_model(model: nn.Module, path: Path, classes: Sequence[str],
                statistics: Optional[Dict[str, Any]] = None) -> None:
-    """model.safetensors: trainable tensors + label graph, backbone identity (and the training
+    """model.safetensors: trainable tensors + extra state, backbone identity (and the training
     statistics) in the metadata."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    tensors.update(_extra_state(model))
+    tensors.update(extra_state(model))
     meta = {**checkpoint.model_identity(model), "classes": list(classes), **(statistics or {})}
     checkpoint.save_file(tensors, meta, path)
 
 
-def evaluate_and_write(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device,
-                       cache_dir: Optional[Path], history: List[Dict[str, float]], header: Dict[str, Any]) -> Dict[str, Any]:
-    """Thresholds on val, metrics on test, then metrics.json + report.md + plots (rank 0)."""
-    from capnet.metrics import best_thresholds, f1_report, map_report
+def merged_train(ds: Any) -> Any:
+    """``ds`` with val folded back into train (for the refit), groups kept from the original train."""
+    train, val = ds.splits["train"], ds.splits["val"]
+    both = Split(train.image_ids + val.image_ids, train.image_paths + val.image_paths,
+                 np.concatenate([train.labels, val.labels]))
+    splits = {k: v for k, v in ds.splits.items() if k not in ("train", "val")}
+    return dataclasses.replace(ds, splits={"train": both, **splits}, class_groups=ds.class_groups)
 
-    if hasattr(model, "ensemble_templates") and getattr(model, "template_embeddings", None) is not None:
-        model.ensemble_templates = cfg.tte.templates and getattr(model, "prompt_learner", None) is not None
+
+class _Clock:
+    """Wall seconds per phase for the report; image-feature work is split out of every phase."""
+
+    def __init__(self, timings: Dict[str, float]) -> None:
+        self.seconds: Dict[str, float] = {}
+        self.timings = timings
+        self._t, self._features = time.perf_counter(), 0.0
+
+    def _feature_seconds(self) -> float:
+        return self.timings.get("decode_wait_s", 0.0) + self.timings.get("tower_s", 0.0)
+
+    def lap(self, phase: str) -> None:
+        now, features = time.perf_counter(), self._feature_seconds()
+        spent = features - self._features
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t - spent
+        self.seconds["image features"] = self.seconds.get("image features", 0.0) + spent
+        self._t, self._features = now, features
+
+
+def _center(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
+            timings: Dict[str, float]) -> None:
+    """Give a centring model the mean final image feature of the training split (eval view)."""
+    if getattr(model, "feature_mean", None) is None:
+        return
+    depth = cache_depth(model, cfg)
+    if depth == 0:
+        raise CapnetError("model.center_features=true needs cached features (train.feature_cache=true)")
+    feats = split_features(model, ds.splits["train"].image_paths, single_view(model), cfg, device, cache_dir, timings)
+    with torch.inference_mode():
+        final = torch.cat([model.backbone.image_suffix(feats[i:i + 256, 0].to(device), depth).float()
+                           for i in range(0, len(feats), 256)])
+    model.set_feature_mean(final.mean(dim=0))
+
+
+def _fit_probe(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
+               timings: Dict[str, float]) -> Dict[str, Any]:
+    """Fit a linear probe with scikit-learn on cached final features; returns its selection record."""
+    from capnet.engine.probe import select_and_fit
+
+    depth = cache_depth(model, cfg)
+    if depth != model.backbone.num_image_stages:
+        raise CapnetError("model.kind=linear_probe reads cached final features: set train.feature_cache=true "
+                          "and model.peft.method=none")
+
+    def features(name: str) -> Tuple[np.ndarray, np.ndarray]:
+        split = ds.splits[name]
+        feats = split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)
+        return feats[:, 0].numpy(), split.labels
+
+    fitted = select_and_fit(features("train"), features("val") if "val" in ds.splits else None, refit=cfg.train.refit)
+    model.load_fit(fitted.coef, fitted.intercept, fitted.mean, fitted.scale)
+    return {"C": fitted.C, "val_mAP_by_C": fitted.val_map, "refit": cfg.train.refit}
+
+
+def _train(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device, cache_dir: Optional[Path],
+           resume: bool, timings: Dict[str, float]) -> Any:
+    """Gradient training with validation selection (``fit``); returns its FitResult."""
+    from capnet.losses import build_loss
+
+    if hasattr(model, "ensemble_templates"):
+        model.ensemble_templates = False  # template ensembling is a test-time step
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]),
+                         class_names=ds.classes)
+    # Only train/val here: test is scored once, after selection, with its test-time views.
+    loaders = make_loaders(ds, model, cfg, cache_dir=cache_dir, device=device, splits=("train", "val"), timings=timings)
+    _center(model, ds, cfg, device, cache_dir, timings)
+    return fit(model, loss_fn, loaders["train"], loaders.get("val"), cfg, run_dir, resume=resume,
+               groups=ds.groups(), class_names=ds.classes, device=device)
+
+
+def _thresholds(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
+                timings: Dict[str, float]) -> np.ndarray:
+    """Per-class F1-optimal probability thresholds on val (0.5 without val), test-time views on."""
+    from capnet.metrics import best_thresholds
+
+    if "val" not in ds.splits:
+        return np.full(ds.num_classes, 0.5)
+    set_test_time_templates(model, cfg)
+    logits, targets = split_scores(model, ds.splits["val"], cfg, device, cache_dir, timings)
+    return 1.0 / (1.0 + np.exp(-best_thresholds(logits.astype(np.float64), targets, default=0.0)))
+
+
+def evaluate_and_write(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device,
+                       cache_dir: Optional[Path], history: List[Dict[str, float]], header: Dict[str, Any],
+                       thresholds: np.ndarray, timings: Dict[str, float]) -> Dict[str, Any]:
+    """Metrics on test (mAP on logits; F1 at the val thresholds), then metrics.json + report.md + plots."""
+    from capnet.metrics import f1_report, map_report
+
+    set_test_time_templates(model, cfg)
     groups = ds.groups()
-    thresholds = np.full(ds.num_classes, 0.5)
-    if "val" in ds.splits:
-        val_scores, val_targets = split_scores(model, ds.splits["val"], cfg, device, cache_dir)
-        thresholds = best_thresholds(val_scores, val_targets)
-    scores, targets = split_scores(model, ds.splits["test"], cfg, device, cache_dir)
-    metrics = map_report(scores, targets, groups, list(ds.classes))
+    logits, targets = split_scores(model, ds.splits["test"], cfg, device, cache_dir, timings)
+    metrics = map_report(logits, targets, groups, list(ds.classes))
     metrics["thresholds"] = {c: float(t) for c, t in zip(ds.classes, thresholds)}
-    f1 = f1_report(scores, targets, thresholds)
+    f1 = f1_report(1.0 / (1.0 + np.exp(-logits.astype(np.float64))), targets, thresholds)
     metrics["f1"] = {k: f1[k] for k in ("CP", "CR", "CF1", "OP", "OR", "OF1") if k in f1}
     if distributed.is_main():
         write_json_atomic(run_dir / "metrics.json", metrics)
@@ -193,138 +206,78 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
     """Train per ``cfg``, select on val, evaluate on test, write the run directory; returns metrics.
 
     Every image is decoded first (:func:`preflight_images`); a bad one fails the run before any
-    work unless ``skip_bad_images``, which drops it and lists it in skipped_images.txt.
+    work unless ``skip_bad_images``, which drops it and lists it in skipped_images.txt. With
+    ``train.refit`` the model is retrained on train + val for the selected number of epochs
+    (thresholds stay those of the selected model on val, the only data it has not seen).
     """
-    from capnet.losses import build_loss
     from capnet.models.build import build_model
 
+    timings: Dict[str, float] = {}
+    clock = _Clock(timings)
     run_dir = Path(run_dir)
     seed_everything(cfg.train.seed)
-    info = distributed.init_distributed(cfg.train.device)
-    device = info.device
-    t0 = time.perf_counter()
+    device = distributed.init_distributed(cfg.train.device).device
+    run_cfg = runtime_config(cfg)
     ds = prepare_dataset(cfg.data)
     ds, skipped = preflight_images(ds, skip_bad_images)
+    clock.lap("read and check the data")
     model = build_model(cfg, ds.classes, ds.splits["train"].labels).to(device)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         if skipped:
             write_skipped(skipped, run_dir / SKIPPED_FILE)
+    clock.lap("build the model")
     history: List[Dict[str, float]] = []
-    if any(p.requires_grad for p in model.parameters()):
-        if hasattr(model, "ensemble_templates"):
-            model.ensemble_templates = False  # template ensembling is a test-time step
-        loss_fn = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]),
-                             class_names=ds.classes)
-        # Only train/val here: test is scored once, after selection, with its test-time views.
-        loaders = make_loaders(ds, model, cfg, cache_dir=cache_dir, device=device, splits=("train", "val"))
-        result = fit(model, loss_fn, loaders["train"], loaders.get("val"), cfg, run_dir, resume=resume,
-                     groups=ds.groups(), class_names=ds.classes, device=device)
+    extra: Dict[str, Any] = {}
+    if cfg.model.kind == "linear_probe":
+        extra["probe"] = _fit_probe(model, ds, run_cfg, device, cache_dir, timings)
+    elif any(p.requires_grad for p in model.parameters()):
+        result = _train(model, ds, run_cfg, run_dir, device, cache_dir, resume, timings)
         history = result.history
+        extra["selected_epoch"] = result.best_epoch
+    thresholds = _thresholds(model, ds, run_cfg, device, cache_dir, timings)
+    if cfg.train.refit and "selected_epoch" in extra and "val" in ds.splits:
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg, ds.classes, ds.splits["train"].labels).to(device)  # same graph as selection
+        refit_cfg = replace(run_cfg, train=replace(run_cfg.train, epochs=max(1, extra["selected_epoch"]), select="last"))
+        refit = _train(model, merged_train(ds), refit_cfg, run_dir / "refit", device, cache_dir, resume, timings)
+        history = history + [{**row, "refit": 1} for row in refit.history]
+    clock.lap("train")
     if distributed.is_main():
         save_model(model, run_dir / "model.safetensors", ds.classes, train_statistics(ds))
     header = {"name": run_dir.name, "dataset": f"{ds.name} ({cfg.data.root})", "backbone": cfg.model.backbone,
               "model": cfg.model.kind, "loss": cfg.loss.name, "PEFT": cfg.model.peft.method,
-              "test-time views": cfg.tte.views, "train/val/test images":
+              "test-time views": cfg.tte.views, "feature precision": extraction_amp(cfg, device),
+              "train/val/test images":
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}
+    if cfg.train.refit:
+        header["refit"] = f"on train + val for {extra.get('selected_epoch', '-')} epochs (thresholds from the selected model)"
     if skipped:
         header["skipped images"] = skipped_summary(skipped)
-    metrics = evaluate_and_write(model, ds, cfg, run_dir, device, cache_dir, history, header)
-    metrics["seconds"] = time.perf_counter() - t0
+    metrics = evaluate_and_write(model, ds, cfg, run_dir, device, cache_dir, history, header, thresholds, timings)
+    clock.lap("evaluate on test")
+    metrics.update(extra)
+    metrics["seconds"] = sum(clock.seconds.values())
+    metrics["time_breakdown"] = time_breakdown(clock.seconds, timings)
     metrics["skipped_images"] = len(skipped)
     metrics["config_sha256"] = config_hash(cfg)
     if distributed.is_main():
         write_json_atomic(run_dir / "metrics.json", metrics)
+        from capnet.report import append_time_breakdown
+
+        append_time_breakdown(run_dir / "report.md", metrics["time_breakdown"])
     distributed.cleanup()
     return metrics
 
 
-@dataclasses.dataclass
-class LoadedRun:
-    """A trained run ready for evaluation or prediction."""
-
-    cfg: Config
-    model: nn.Module
-    classes: List[str]
-    thresholds: np.ndarray
-    device: torch.device
-    class_groups: Optional[Dict[str, List[str]]] = None  # head/medium/tail by name, from training
-    train_class_freq: Optional[List[int]] = None  # training positives per class (None: older run)
-
-
-def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
-    """Rebuild the model of ``run_dir`` and load its trained tensors (checks the backbone sha256)."""
-    import json
-
-    from capnet.models.build import build_model
-
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "model.safetensors"):
-        if not (run_dir / name).is_file():
-            raise CheckpointError(f"{run_dir}: not a capnet run directory (missing {name})")
-    cfg = load_config([run_dir / "config.yaml"])
-    tensors, meta = checkpoint.load_file(run_dir / "model.safetensors")
-    classes = list(meta.get("classes", []))
-    dev = distributed.resolve_device(device if device != "auto" else cfg.train.device)
-    labels = np.eye(len(classes), dtype=np.float32)  # placeholder: the saved graph replaces it
-    model = build_model(cfg, classes, labels)
-    found = model.backbone.spec.weights_sha256
-    if meta.get("backbone_sha256") and found and meta["backbone_sha256"] != found:
-        raise CheckpointError(f"{run_dir / 'model.safetensors'}: trained on backbone weights sha256 "
-                              f"{meta['backbone_sha256'][:12]}…, but {cfg.model.backbone} loaded {found[:12]}…")
-    weights = checkpoint.split_prefix(tensors, "model.")
-    checkpoint.check_compatible(model.trainable_state_dict(), weights, run_dir / "model.safetensors")
-    model.load_trainable_state_dict(weights)
-    if "graph.adjacency" in tensors and getattr(model, "adjacency", None) is not None:
-        model.adjacency = tensors["graph.adjacency"].float()
-    metrics_path = run_dir / "metrics.json"
-    thr = np.full(len(classes), 0.5)
-    if metrics_path.is_file():
-        saved = json.loads(metrics_path.read_text()).get("thresholds", {})
-        thr = np.array([saved.get(c, 0.5) for c in classes], dtype=np.float64)
-    return LoadedRun(cfg, model.to(dev).eval(), classes, thr, dev,
-                     class_groups=meta.get("class_groups"), train_class_freq=meta.get("train_class_freq"))
-
-
-def evaluate_run(run: LoadedRun, ds: Any, split: str, cache_dir: Optional[Path],
-                 class_map: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """mAP (overall / head / medium / tail) of a loaded run on ``split`` of ``ds``.
-
-    Classes are matched by name (:func:`capnet.data.class_match.match_classes`, ``class_map``
-    for names that differ) and only the shared ones are scored; ``metrics["classes"]`` lists
-    what was left out. Head/medium/tail are the run's training groups.
-    """
-    from capnet.data.class_match import match_classes
-    from capnet.metrics import map_report
-
-    match = match_classes(run.classes, ds.classes, class_map, where=str(ds.root))
-    if split not in ds.splits:
-        raise DataError(f"{ds.root}: no split '{split}' (have {', '.join(ds.splits)})")
-    if hasattr(run.model, "ensemble_templates") and getattr(run.model, "template_embeddings", None) is not None:
-        run.model.ensemble_templates = run.cfg.tte.templates and getattr(run.model, "prompt_learner", None) is not None
-    scores, targets = split_scores(run.model, ds.splits[split], run.cfg, run.device, cache_dir)
-    names = [run.classes[i] for i in match.run_index]
-    metrics = map_report(scores[:, match.run_index], targets[:, match.data_index], _eval_groups(run, ds, match), names)
-    metrics["classes"] = {"scored": len(names), "absent_from_data": match.absent,
-                          "unknown_to_run": match.unknown, "renamed": match.renamed}
-    return metrics
-
-
-def _eval_groups(run: LoadedRun, ds: Any, match: Any) -> Dict[str, np.ndarray]:
-    """Head/medium/tail as positions among the scored classes: the run's own groups; for a run
-    saved before they were stored, the dataset's (or none, with a warning)."""
-    if run.class_groups is not None:
-        group_of = {name: g for g, names in run.class_groups.items() for name in names}
-        keys = [group_of.get(run.classes[i]) for i in match.run_index]
-    elif ds.has_groups:
-        data_group = {int(j): g for g, idx in ds.groups().items() for j in idx}
-        keys = [data_group.get(j) for j in match.data_index]
-    else:
-        log.warning("%s: the run stores no training groups and the data has no train split: "
-                    "head/medium/tail are not reported", ds.root)
-        keys = []
-    return {g: np.array([k for k, key in enumerate(keys) if key == g], dtype=np.int64) for g in GROUP_NAMES}
+def time_breakdown(phases: Dict[str, float], timings: Dict[str, float]) -> Dict[str, float]:
+    """Seconds per phase; image features split into waiting for JPEG decoding and the tower itself."""
+    out = {k: round(v, 2) for k, v in phases.items()}
+    out["image features: images through the tower"] = int(timings.get("images", 0))
+    out["image features: waiting for decode"] = round(timings.get("decode_wait_s", 0.0), 2)
+    out["image features: in the tower"] = round(timings.get("tower_s", 0.0), 2)
+    return out
 
 
 def finished_run(run_dir: Path, cfg: Config) -> Optional[Dict[str, Any]]:
@@ -339,22 +292,3 @@ def finished_run(run_dir: Path, cfg: Config) -> Optional[Dict[str, Any]]:
     if not isinstance(metrics, dict) or metrics.get("config_sha256") != config_hash(cfg):
         return None
     return metrics
-
-
-def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) -> Iterator[Dict[str, Any]]:
-    """One dict per image: labels above the per-class thresholds and every class score."""
-    from capnet.data import load_image
-
-    transforms = view_transforms(run.model, run.cfg)
-    # (V, 3, H, W) per image: the multi-view stack, or the single eval view
-    per_image = transforms[0].stack if isinstance(transforms[0], _OneView) else (lambda im: transforms[0](im)[None])
-    for start in range(0, len(paths), batch_size):
-        chunk = list(paths[start:start + batch_size])
-        views = torch.stack([per_image(load_image(p)) for p in chunk]).to(run.device)
-        with torch.inference_mode():
-            logits = torch.stack([run.model(views[:, v]).float() for v in range(views.shape[1])]).mean(dim=0)
-        probs = torch.sigmoid(logits).cpu().numpy()
-        for path, p in zip(chunk, probs):
-            yield {"image": str(path),
-                   "labels": [c for c, s, t in zip(run.classes, p, run.thresholds) if s >= t],
-                   "scores": {c: round(float(s), 6) for c, s in zip(run.classes, p)}}

@@ -36,41 +36,63 @@ def make_generator(seed: int) -> torch.Generator:
     return gen
 
 
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A 63-bit seed for (seed, epoch, stream) from numpy's SeedSequence.
+
+    Distinct pairs give unrelated seeds: ``seed + epoch`` made seed 1's epoch 1 replay seed 0's
+    epoch 2, so "three seeds" shared most of their data orders.
+    """
+    state = np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
 def reseed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Make one epoch of ``loader`` a function of ``(seed, epoch)`` only (sampler and workers)."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    """Make one epoch of ``loader`` a function of ``(seed, epoch)`` only (sampler, workers, view draws)."""
+    for part in (getattr(loader, "sampler", None), loader.dataset):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
     if loader.generator is not None:
-        loader.generator.manual_seed(seed * 1_000_003 + epoch)
+        loader.generator.manual_seed(epoch_seed(seed, epoch, stream=2))
 
 
 class EpochSampler(Sampler[int]):
-    """Random permutation drawn from a generator seeded with ``seed + epoch`` (single process).
+    """A permutation drawn from ``epoch_seed(seed, epoch)``, optionally this rank's shard of it.
 
     Unlike ``RandomSampler`` its order does not depend on how many epochs ran before, which is
-    what makes ``resume`` reproduce an uninterrupted run.
+    what makes ``resume`` reproduce an uninterrupted run. With ``world_size`` > 1 the order is
+    padded (repeating its start) to a multiple of the world size and rank r takes every
+    world_size-th index from r, as ``DistributedSampler`` does; evaluation drops the repeats.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch``."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def _order(self) -> list:
         if not self.shuffle:
-            return iter(range(self.num_samples))
+            return list(range(self.num_samples))
         gen = torch.Generator()
-        gen.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
+        gen.manual_seed(epoch_seed(self.seed, self.epoch))
+        return torch.randperm(self.num_samples, generator=gen).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        if self.world_size > 1:
+            total = len(self) * self.world_size
+            order = (order * (total // max(1, len(order)) + 1))[:total]
+            order = order[self.rank::self.world_size]
+        return iter(order)
 
     def __len__(self) -> int:
-        return self.num_samples
+        return -(-self.num_samples // self.world_size)
 
 
 # ------------------------------------------------------------------ snapshots

@@ -113,11 +113,40 @@ def _non_finite(epoch: int, step: int, value: float, last_path: Path) -> Trainin
     )
 
 
+class _TextPass:
+    """The class embeddings of one optimiser step, computed once for all its micro-batches.
+
+    Micro-batches read a detached leaf copy; their backward passes accumulate its gradient, and
+    ``backward`` sends the summed gradient through the text branch once (averaged over
+    processes, since DDP ignores the text parameters). Models without a text branch skip it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        fn = getattr(model, "class_embeddings", None)
+        self.output = fn() if fn is not None else None
+        self.leaf = None
+        if self.output is not None:
+            self.leaf = self.output.detach().requires_grad_(self.output.requires_grad)
+
+    def backward(self) -> None:
+        if self.output is None or not self.output.requires_grad or self.leaf.grad is None:
+            return
+        grad = self.leaf.grad
+        if distributed.world_size() > 1:
+            grad = distributed.all_reduce_sum(grad) / distributed.world_size()
+        self.output.backward(grad)
+
+
 def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, last_path: Path) -> float:
-    """One pass over ``loader`` with gradient accumulation; returns the mean batch loss."""
+    """One pass over ``loader`` with gradient accumulation; returns the mean batch loss.
+
+    The text branch (prompts through the text tower, GCN) runs once per optimiser step, not once
+    per micro-batch: its input does not depend on the images.
+    """
     parts.forward.train()
     start, accum, n = feature_start(loader), cfg.train.grad_accum, len(loader)
     total, seen = 0.0, 0
+    text: Optional[_TextPass] = None
     parts.optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, miniters=cfg.train.log_every,
                disable=not distributed.is_main())
@@ -125,15 +154,19 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
         group_start = (step - 1) // accum * accum
         group_size = min(accum, n - group_start)  # the last group may be shorter
         boundary = step - group_start == group_size
+        with autocast(parts.device, cfg.train.amp):
+            if step - 1 == group_start:
+                text = _TextPass(parts.model)
         with distributed.no_sync(parts.forward, skip=not boundary):
             with autocast(parts.device, cfg.train.amp):
-                logits = parts.forward(inputs.to(parts.device, non_blocking=True), start)
+                logits = parts.forward(inputs.to(parts.device, non_blocking=True), start, text.leaf)
             loss = parts.loss_fn(logits.float(), target.to(parts.device, non_blocking=True))
             mean_loss = distributed.all_reduce_sum(loss.detach().float()).item() / distributed.world_size()
             if not math.isfinite(mean_loss):
                 raise _non_finite(epoch, step, mean_loss, last_path)
             parts.scaler.scale(loss / group_size).backward()
         if boundary:
+            text.backward()
             parts.scaler.step(parts.optimizer)
             parts.scaler.update()
             parts.optimizer.zero_grad(set_to_none=True)
@@ -174,7 +207,8 @@ def _build_parts(model: nn.Module, loss_fn: Any, cfg: Config, steps_per_epoch: i
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
     ema = EMA(model.trainable_state_dict(), cfg.train.ema) if cfg.train.ema is not None else None
-    forward = distributed.wrap_ddp(ModelForward(model), device)
+    text_names = [f"model.{n}" for n in getattr(model, "text_parameter_names", lambda: [])()]
+    forward = distributed.wrap_ddp(ModelForward(model), device, ignore=text_names)
     return _Parts(forward, model, loss_fn, optimizer, scheduler, scaler, ema, device)
 
 

@@ -10,7 +10,6 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from capnet.config import Config
 from capnet.models.backbones.base import Backbone
@@ -76,23 +75,22 @@ def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_
         logit_scale=m.logit_scale,
         learn_logit_scale=m.learn_logit_scale,
         ensemble_templates=bool(cfg.tte.templates and prompts is not None),
+        class_residual=m.class_residual,
+        center_features=m.center_features,
     )
 
 
 @MODEL_KINDS.register("linear_probe")
 def build_linear_probe(cfg: Config, backbone: Backbone, class_names: List[str], train_labels: Optional[np.ndarray]) -> LinearProbe:
-    """Linear probe; on aligned towers its weights start at the zero-shot classifier."""
+    """Linear probe (fitted by scikit-learn in the engine, ``capnet.engine.probe``)."""
     backbone.requires_grad_(False)
-    init = None
-    if is_aligned(backbone):
-        emb = lazy_template_embeddings(backbone, class_names, cfg.model.templates)()
-        init = F.normalize(emb, dim=-1) * cfg.model.logit_scale
-    return LinearProbe(backbone, len(class_names), init_weight=init)
+    return LinearProbe(backbone, len(class_names))
 
 
 @MODEL_KINDS.register("zeroshot")
 def build_zeroshot(cfg: Config, backbone: Backbone, class_names: List[str], train_labels: Optional[np.ndarray]) -> ZeroShot:
-    """Zero-shot CLIP with the template ensemble and the backbone's own logit scale."""
+    """Zero-shot: the template ensemble through the text tower (CLIP, or an offline tower's text
+    bridge) as fixed classifiers, with the backbone's own logit scale (CLIP) or ``model.logit_scale``."""
     backbone.requires_grad_(False)
     emb = lazy_template_embeddings(backbone, class_names, cfg.model.templates)()
     return ZeroShot(backbone, emb, backbone_logit_scale(backbone, cfg.model.logit_scale))

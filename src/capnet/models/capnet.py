@@ -4,8 +4,16 @@ Text branch (once per call, for all C classes; cached in eval mode under no_grad
     E_prompt = PromptLearner()                      (or fixed template-ensemble embeddings)
     E        = E_prompt + residual * GCN(A, E_prompt)  (Sec. 3.3; zero-init => E = E_prompt)
     W        = normalize(text_proj(E))               (text_proj only for unaligned towers)
-Image branch: f = normalize(image_proj(backbone.encode_image(x)))  (PEFT inside the tower)
-Logits:      scale * f @ W^T, scale = exp(log_scale) clamped at 100 (learnable).
+    W        = normalize(W + R)                      (optional per-class residual R, zero-init)
+Image branch: f = normalize(image_proj(backbone.encode_image(x) - mu))  (PEFT inside the tower;
+             mu: the training-set mean feature when ``center_features``, else 0)
+Logits:      scale * f @ W^T in float32 (also under autocast), scale = exp(log_scale) capped at
+             100 with a straight-through gradient (the scale can come back down once capped).
+
+The residual R is LIFT's "classifier initialised from text, then fine-tuned": the text branch
+gives every class a prior classifier (zero-shot on aligned towers), R moves it where the
+labels ask, and weight decay on R pulls it back toward the prior (strongest where labels are
+fewest, since those classes' gradients are smallest).
 
 Template ensembling (``ensemble_templates``, config ``tte.templates``) with prompts on: the
 class embeddings are the mean of the unit-norm learned-prompt embeddings and the unit-norm
@@ -60,6 +68,8 @@ class CAPNET(ClassifierBase):
         logit_scale: float = 20.0,
         learn_logit_scale: bool = True,
         ensemble_templates: bool = False,
+        class_residual: bool = False,
+        center_features: bool = False,
     ) -> None:
         super().__init__(backbone, peft)
         if prompt_learner is None and template_embeddings is None:
@@ -87,6 +97,10 @@ class CAPNET(ClassifierBase):
             self.log_logit_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_logit_scale", log_scale)
+        width = proj_dim if proj_dim else backbone.text_dim
+        self.class_residual = nn.Parameter(torch.zeros(num_classes, width)) if class_residual else None
+        # Filled from the training features by the engine (``set_feature_mean``); saved with the run.
+        self.register_buffer("feature_mean", torch.zeros(backbone.image_dim) if center_features else None)
         self._ensemble_templates = ensemble_templates
         self._cache = EvalCache()
 
@@ -104,8 +118,20 @@ class CAPNET(ClassifierBase):
         self._cache.clear()
 
     def logit_scale(self) -> torch.Tensor:
-        """exp(log scale), clamped at 100."""
-        return self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """exp(log scale) capped at 100; the gradient is that of the uncapped scale.
+
+        A plain clamp has zero gradient above the cap, so a scale pushed past 100 could never
+        come back; the straight-through form keeps the value capped and the gradient alive.
+        """
+        scale = self.log_logit_scale.exp()
+        return scale - (scale - MAX_LOGIT_SCALE).clamp(min=0).detach()
+
+    def set_feature_mean(self, mean: torch.Tensor) -> None:
+        """Centre image features on ``mean`` (the training set's, from the engine)."""
+        if self.feature_mean is None:
+            raise CapnetError("CAPNET was built without feature centring (model.center_features=false)")
+        with torch.no_grad():
+            self.feature_mean.copy_(mean.to(self.feature_mean))
 
     def _text_head(self, emb: torch.Tensor) -> torch.Tensor:
         """GCN refinement (residual) then projection then L2 normalisation."""
@@ -119,7 +145,7 @@ class CAPNET(ClassifierBase):
     def _text_tensors(self) -> List[torch.Tensor]:
         """Everything the text branch depends on (the eval cache key)."""
         mods = [m for m in (self.prompt_learner, self.gcn, self.text_proj) if m is not None]
-        bufs = [b for b in (self.template_embeddings, self.adjacency) if b is not None]
+        bufs = [b for b in (self.template_embeddings, self.adjacency, self.class_residual) if b is not None]
         return [p for m in mods for p in m.parameters()] + bufs
 
     def class_embeddings(self) -> torch.Tensor:
@@ -137,6 +163,8 @@ class CAPNET(ClassifierBase):
                 # Template rows rescaled to the prompt rows' norms: the head sees one scale.
                 templ = F.normalize(self.template_embeddings, dim=-1) * prompt.norm(dim=-1, keepdim=True)
                 out = (out + self._text_head(templ)) / 2
+        if self.class_residual is not None:
+            out = F.normalize(F.normalize(out, dim=-1) + self.class_residual.float(), dim=-1)
         return self._cache.put(self.training, key, out)
 
     def train(self, mode: bool = True) -> "CAPNET":
@@ -147,17 +175,27 @@ class CAPNET(ClassifierBase):
     # --------------------------------------------------------------------- logits
     def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, image_dim) final image features -> (B, C) scaled cosine logits."""
-        emb = self.class_embeddings() if class_embeddings is None else class_embeddings
-        feats = image_features.float()
-        if self.image_proj is not None:
-            feats = self.image_proj(feats)
-        return cosine_logits(feats, emb, self.logit_scale())
+        with torch.autocast(image_features.device.type, enabled=False):  # rank on float32 logits
+            emb = self.class_embeddings() if class_embeddings is None else class_embeddings
+            feats = image_features.float()
+            if self.feature_mean is not None:
+                feats = feats - self.feature_mean
+            if self.image_proj is not None:
+                feats = self.image_proj(feats)
+            return cosine_logits(feats, emb.float(), self.logit_scale())
+
+    def text_parameter_names(self) -> List[str]:
+        """Prompts, GCN, text projection and class residual: everything ``class_embeddings`` trains."""
+        text = {id(p) for p in self._text_tensors()}
+        return [n for n, p in self.named_parameters() if p.requires_grad and id(p) in text]
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """prompts / gcn / peft / head (projections + logit scale); only trainable tensors."""
         head = [p for m in (self.image_proj, self.text_proj) if m is not None for p in m.parameters()]
         if isinstance(self.log_logit_scale, nn.Parameter):
             head.append(self.log_logit_scale)
+        if self.class_residual is not None:
+            head.append(self.class_residual)
         groups = {
             "prompts": list(self.prompt_learner.parameters()) if self.prompt_learner is not None else [],
             "gcn": list(self.gcn.parameters()) if self.gcn is not None else [],

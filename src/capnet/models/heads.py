@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,15 +60,20 @@ class ClassifierBase(nn.Module):
         """(B, 3, H, W) -> (B, image_dim) through the (possibly PEFT-adapted) image tower."""
         return self.backbone.encode_image(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, C) logits."""
-        return self.logits_from_image_features(self.image_features(images))
+    def forward(self, images: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, C) logits (``class_embeddings``: reuse a text pass)."""
+        return self.logits_from_image_features(self.image_features(images), class_embeddings)
 
-    def forward_features(self, features: torch.Tensor, start: int) -> torch.Tensor:
+    def forward_features(self, features: torch.Tensor, start: int,
+                         class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits from ``backbone.image_prefix(images, start)`` (features cached by the engine)."""
         if start > self.frozen_image_stages():
             raise CapnetError(f"cannot start at stage {start}: only {self.frozen_image_stages()} stages are frozen")
-        return self.logits_from_image_features(self.backbone.image_suffix(features, start))
+        return self.logits_from_image_features(self.backbone.image_suffix(features, start), class_embeddings)
+
+    def text_parameter_names(self) -> List[str]:
+        """Trainable parameters used only by ``class_embeddings`` (the text branch), by name."""
+        return []
 
     def frozen_image_stages(self) -> int:
         """Depth of the frozen visual prefix whose output may be cached."""
@@ -119,34 +125,37 @@ class ClassifierBase(nn.Module):
 
 
 class LinearProbe(ClassifierBase):
-    """Baseline: a linear layer on frozen image features.
+    """Baseline: logistic regression on frozen image features, ``W f + b``.
 
-    On aligned towers (CLIP) it reads L2-normalised features and starts at the zero-shot
-    classifier (``init_weight``). Without an init (unaligned towers, e.g. VGG19 activations in
-    the hundreds) it reads LayerNorm-standardised features, as a well-conditioned logistic
-    regression would; on raw or L2-normalised features a small-lr probe barely moves.
+    It is fitted in closed loop by scikit-learn (``capnet.engine.probe``: standardised features,
+    L2 strength chosen on validation, L-BFGS to convergence) and the standardisation is folded
+    into ``W`` and ``b`` (``load_fit``), so the head reads raw features. Logits are float32.
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int, init_weight: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int) -> None:
         super().__init__(backbone)
         self.fc = nn.Linear(backbone.image_dim, num_classes)
-        self.norm = nn.LayerNorm(backbone.image_dim) if init_weight is None else None
-        if init_weight is not None:
-            if tuple(init_weight.shape) != (num_classes, backbone.image_dim):
-                raise CapnetError(f"linear probe init weight has shape {tuple(init_weight.shape)}, expected {(num_classes, backbone.image_dim)}")
-            with torch.no_grad():
-                self.fc.weight.copy_(init_weight)
-                self.fc.bias.zero_()
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def load_fit(self, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> None:
+        """Set ``W = coef / scale`` and ``b = intercept - W mean`` (a probe on standardised features)."""
+        weight = np.asarray(coef, dtype=np.float64) / np.asarray(scale, dtype=np.float64)[None, :]
+        bias = np.asarray(intercept, dtype=np.float64) - weight @ np.asarray(mean, dtype=np.float64)
+        if weight.shape != tuple(self.fc.weight.shape):
+            raise CapnetError(f"linear probe fit has shape {weight.shape}, the head {tuple(self.fc.weight.shape)}")
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.from_numpy(weight))
+            self.fc.bias.copy_(torch.from_numpy(bias))
 
     def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``W normalize(f) + b`` (aligned towers) or ``W LayerNorm(f) + b``."""
-        feats = image_features.to(self.fc.weight.dtype)
-        return self.fc(self.norm(feats) if self.norm is not None else F.normalize(feats, dim=-1))
+        """``W f + b`` in float32."""
+        with torch.autocast(image_features.device.type, enabled=False):
+            return self.fc(image_features.float())
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """Everything trainable is the head."""
-        norm = list(self.norm.parameters()) if self.norm is not None else []
-        return self._checked_groups({"head": list(self.fc.parameters()) + norm})
+        return self._checked_groups({"head": list(self.fc.parameters())})
 
 
 class ZeroShot(ClassifierBase):
@@ -168,9 +177,10 @@ class ZeroShot(ClassifierBase):
         return self.fixed_logit_scale
 
     def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``scale * cos(image, class)``."""
+        """``scale * cos(image, class)`` in float32."""
         emb = self.text_features if class_embeddings is None else class_embeddings
-        return cosine_logits(image_features, emb, self.fixed_logit_scale)
+        with torch.autocast(image_features.device.type, enabled=False):
+            return cosine_logits(image_features.float(), emb.float(), self.fixed_logit_scale)
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """No trainable parameters."""

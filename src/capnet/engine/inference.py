@@ -1,0 +1,162 @@
+"""Using a finished run: load it, evaluate it on any labelled set, label new images.
+
+``load_run`` rebuilds the model of a run directory from its config and ``model.safetensors``
+(trained tensors, label graph, feature mean; the frozen backbone is checked by sha256).
+``evaluate_run`` scores the classes a dataset shares with the run; ``predict_images`` labels
+images at the run's validation-chosen thresholds, decoding each image once for all its views.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from capnet.config import Config, DataConfig, load_config
+from capnet.data.lt_stats import GROUP_NAMES
+from capnet.engine import checkpoint, distributed
+from capnet.engine.views import eval_views, split_scores
+from capnet.errors import CheckpointError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def load_eval_dataset(data: DataConfig, split: str):
+    """Only the split to score (a folder with classes.txt, test.csv and images/ is enough).
+
+    ``val`` is the layout's own val split if it has one, else carved from train exactly as in
+    training (same fraction and seed).
+    """
+    from capnet.data import load_dataset
+
+    if split != "val":
+        return load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=(split,))
+    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir)
+    return ds if "val" in ds.splits else ds.with_val_split(data.val_fraction, data.val_seed)
+
+
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained run ready for evaluation or prediction."""
+
+    cfg: Config
+    model: nn.Module
+    classes: List[str]
+    thresholds: np.ndarray
+    device: torch.device
+    class_groups: Optional[Dict[str, List[str]]] = None  # head/medium/tail by name, from training
+    train_class_freq: Optional[List[int]] = None  # training positives per class (None: older run)
+
+
+def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
+    """Rebuild the model of ``run_dir`` and load its trained tensors (checks the backbone sha256)."""
+    import json
+
+    from capnet.models.build import build_model
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise CheckpointError(f"{run_dir}: not a capnet run directory (missing {name})")
+    cfg = load_config([run_dir / "config.yaml"])
+    tensors, meta = checkpoint.load_file(run_dir / "model.safetensors")
+    classes = list(meta.get("classes", []))
+    dev = distributed.resolve_device(device if device != "auto" else cfg.train.device)
+    labels = np.eye(len(classes), dtype=np.float32)  # placeholder: the saved graph replaces it
+    model = build_model(cfg, classes, labels)
+    found = model.backbone.spec.weights_sha256
+    if meta.get("backbone_sha256") and found and meta["backbone_sha256"] != found:
+        raise CheckpointError(f"{run_dir / 'model.safetensors'}: trained on backbone weights sha256 "
+                              f"{meta['backbone_sha256'][:12]}…, but {cfg.model.backbone} loaded {found[:12]}…")
+    weights = checkpoint.split_prefix(tensors, "model.")
+    checkpoint.check_compatible(model.trainable_state_dict(), weights, run_dir / "model.safetensors")
+    model.load_trainable_state_dict(weights)
+    load_extra_state(model, tensors)
+    metrics_path = run_dir / "metrics.json"
+    thr = np.full(len(classes), 0.5)
+    if metrics_path.is_file():
+        saved = json.loads(metrics_path.read_text()).get("thresholds", {})
+        thr = np.array([saved.get(c, 0.5) for c in classes], dtype=np.float64)
+    return LoadedRun(cfg, model.to(dev).eval(), classes, thr, dev,
+                     class_groups=meta.get("class_groups"), train_class_freq=meta.get("train_class_freq"))
+
+
+def evaluate_run(run: LoadedRun, ds: Any, split: str, cache_dir: Optional[Path],
+                 class_map: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """mAP (overall / head / medium / tail) of a loaded run on ``split`` of ``ds``.
+
+    Classes are matched by name (:func:`capnet.data.class_match.match_classes`, ``class_map``
+    for names that differ) and only the shared ones are scored; ``metrics["classes"]`` lists
+    what was left out. Head/medium/tail are the run's training groups.
+    """
+    from capnet.data.class_match import match_classes
+    from capnet.metrics import map_report
+
+    match = match_classes(run.classes, ds.classes, class_map, where=str(ds.root))
+    if split not in ds.splits:
+        raise DataError(f"{ds.root}: no split '{split}' (have {', '.join(ds.splits)})")
+    set_test_time_templates(run.model, run.cfg)
+    scores, targets = split_scores(run.model, ds.splits[split], run.cfg, run.device, cache_dir)
+    names = [run.classes[i] for i in match.run_index]
+    metrics = map_report(scores[:, match.run_index], targets[:, match.data_index], _eval_groups(run, ds, match), names)
+    metrics["classes"] = {"scored": len(names), "absent_from_data": match.absent,
+                          "unknown_to_run": match.unknown, "renamed": match.renamed}
+    return metrics
+
+
+def _eval_groups(run: LoadedRun, ds: Any, match: Any) -> Dict[str, np.ndarray]:
+    """Head/medium/tail as positions among the scored classes: the run's own groups; for a run
+    saved before they were stored, the dataset's (or none, with a warning)."""
+    if run.class_groups is not None:
+        group_of = {name: g for g, names in run.class_groups.items() for name in names}
+        keys = [group_of.get(run.classes[i]) for i in match.run_index]
+    elif ds.has_groups:
+        data_group = {int(j): g for g, idx in ds.groups().items() for j in idx}
+        keys = [data_group.get(j) for j in match.data_index]
+    else:
+        log.warning("%s: the run stores no training groups and the data has no train split: "
+                    "head/medium/tail are not reported", ds.root)
+        keys = []
+    return {g: np.array([k for k, key in enumerate(keys) if key == g], dtype=np.int64) for g in GROUP_NAMES}
+
+
+def set_test_time_templates(model: nn.Module, cfg: Config) -> None:
+    """Switch on the text side of test-time ensembling when the config asks and the model can."""
+    if hasattr(model, "ensemble_templates") and getattr(model, "template_embeddings", None) is not None:
+        model.ensemble_templates = cfg.tte.templates and getattr(model, "prompt_learner", None) is not None
+
+
+def load_extra_state(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+    """Restore the non-trainable tensors ``runs.extra_state`` saved (label graph, feature mean)."""
+    if "graph.adjacency" in tensors and getattr(model, "adjacency", None) is not None:
+        model.adjacency = tensors["graph.adjacency"].float()
+    if "model.feature_mean" in tensors and getattr(model, "feature_mean", None) is not None:
+        model.set_feature_mean(tensors["model.feature_mean"])
+
+
+def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) -> Iterator[Dict[str, Any]]:
+    """One dict per image: labels above the per-class thresholds and every class score.
+
+    Each image is decoded once and all its test-time views go through the model in one batch.
+    """
+    from capnet.data import load_image
+
+    views_of = eval_views(run.model, run.cfg)
+    set_test_time_templates(run.model, run.cfg)
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        views = torch.stack([views_of(load_image(p)) for p in chunk]).to(run.device)
+        b, v = views.shape[:2]
+        with torch.inference_mode():
+            logits = run.model(views.flatten(0, 1)).float().view(b, v, -1).mean(dim=1)
+        probs = torch.sigmoid(logits.double()).cpu().numpy()
+        for path, p in zip(chunk, probs):
+            yield {"image": str(path),
+                   "labels": [c for c, s, t in zip(run.classes, p, run.thresholds) if s >= t],
+                   "scores": {c: round(float(s), 6) for c, s in zip(run.classes, p)}}

@@ -1,0 +1,89 @@
+"""What the machine offers: native bf16, CPU cores, and a thread / decode-worker budget.
+
+bf16 autocast is ~2.8x faster than float32 for the frozen towers on CPUs with AVX512-BF16 or
+AMX (measured in benchmarks/speed.py) and *slower* on CPUs that emulate it, so ``auto`` uses it
+only where the hardware has it. The budget splits the cores between JPEG-decoding DataLoader
+workers and torch's intra-op threads so the two never oversubscribe the machine (2 workers
+beside 2 torch threads on 2 cores spent a quarter of the demo's CPU time in the kernel).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo
+BF16_ARM_FLAGS = ("bf16",)  # aarch64 "Features"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """The CPU feature flags Linux reports (empty elsewhere or when unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively (CUDA: Ampere or newer; CPU: AVX512-BF16 / AMX / ARM bf16)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    flags = cpu_flags()
+    arm = platform.machine().lower() in ("aarch64", "arm64")
+    return any(f in flags for f in (BF16_ARM_FLAGS if arm else BF16_CPU_FLAGS))
+
+
+def extraction_amp(cfg, device: torch.device) -> str:
+    """Precision of frozen-tower feature extraction: ``train.extract_amp`` with ``auto`` resolved."""
+    choice = cfg.train.extract_amp
+    if choice == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    return choice
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (CPU affinity, else the count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many decode workers and torch threads to use."""
+
+    workers: int  # DataLoader worker processes for JPEG decoding
+    threads: int  # torch intra-op threads in the main process
+
+
+def budget(cores: Optional[int] = None, workers: Optional[int] = None, threads: Optional[int] = None) -> Budget:
+    """Split ``cores`` between decode workers and torch threads (explicit values win).
+
+    Decoding a <=320 px JPEG and resizing it costs about a third of a bf16 EfficientNet-Lite0
+    forward on one core, so one worker per four cores keeps the tower fed; the rest are torch
+    threads (benchmarks/speed.py measures the alternatives on the machine at hand).
+    """
+    cores = usable_cores() if cores is None else cores
+    if workers is None:
+        workers = max(1, cores // 4) if cores > 1 else 0
+    if threads is None:
+        threads = max(1, cores - workers) if cores > 2 else cores
+    return Budget(workers=int(workers), threads=int(threads))
+
+
+def apply_budget(cfg) -> Budget:
+    """Resolve ``data.num_workers`` / ``train.threads`` and set torch's thread count."""
+    plan = budget(workers=cfg.data.num_workers, threads=cfg.train.threads)
+    if torch.get_num_threads() != plan.threads:
+        torch.set_num_threads(plan.threads)
+    return plan

@@ -1,0 +1,52 @@
+"""Image views: one decode per image for every test-time view, seeded cached augmentations."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from capnet.config import load_config
+from capnet.engine.views import AugmentedViews, eval_views, single_view
+from capnet.models.build import build_model
+
+
+def image() -> Image.Image:
+    im = Image.new("RGB", (50, 40), (10, 200, 30))
+    im.putpixel((3, 5), (255, 0, 0))
+    return im
+
+
+@pytest.mark.parametrize("views, n", [("single", 1), ("flip", 2), ("ten_crop", 10)])
+def test_view_sets_stack_every_view_of_one_decoded_image(views: str, n: int) -> None:
+    cfg = load_config([], ["model.backbone=clip_tiny_vit.random", "model.prompts.n_ctx=4",
+                           "model.gcn.hidden=8", f"tte.views={views}"])
+    model = build_model(cfg, ["cat", "dog"], None)
+    stack = eval_views(model, cfg)(image())
+    assert stack.shape[0] == n
+    eval_tf = model.backbone.transform(train=False)
+    if views != "ten_crop":  # single / flip reuse the backbone's own eval transform
+        assert torch.equal(stack[0], eval_tf(image()))
+    if views == "flip":
+        assert torch.equal(stack[1], eval_tf(TF.hflip(image())))
+    assert torch.equal(single_view(model)(image())[0], eval_tf(image()))
+    assert repr(eval_views(model, cfg)) == repr(eval_views(model, cfg))  # a stable feature-cache key
+
+
+def test_augmented_views_depend_on_the_image_and_seed_only() -> None:
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.RandomResizedCrop(16, scale=(0.3, 1.0)), T.ToTensor()])
+    aug = AugmentedViews(tf, k=3, seed=7)
+    torch.manual_seed(0)
+    first = aug(image())
+    state = torch.get_rng_state()
+    torch.manual_seed(123)  # another global RNG state: same draws
+    again = aug(image())
+    assert torch.equal(first, again) and first.shape == (3, 3, 16, 16)
+    assert not torch.equal(first[0], first[1])  # k distinct draws
+    assert not torch.equal(AugmentedViews(tf, k=3, seed=8)(image()), first)
+    torch.manual_seed(0)
+    aug(image())
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
+    assert "k=3, seed=7" in repr(aug)
