@@ -1,11 +1,14 @@
-"""Validation-only sweep: choose recipe settings without ever scoring the test split.
+"""Validation-only sweep: choose recipe settings without ever scoring a test split.
 
-    python benchmarks/sweep_val.py --config configs/demo.yaml --seeds 0 1 \
-        --variant "avg:model.backbone_options.pooling=avg" --variant "max:model.backbone_options.pooling=max"
+    python benchmarks/sweep_val.py --config configs/demo.yaml --folds 5 --seeds 0 1 \
+        --variant "base:" --variant "no_gcn:model.gcn.enabled=false" --json benchmarks/results/sweeps/x.json
 
-Each variant (name:override[,override...]) is trained per seed with the engine's own loop and
-model selection; the script prints the best validation mAP (overall/head/medium/tail) averaged
-over seeds. Used to pick the offline demo recipe (docs/results.md says which choices it made).
+Each variant (``name:key=value[,key=value...]``) is fitted with the engine's own selection
+(``capnet.engine.runs.fit_and_select``: the probe's C, or the epoch of gradient training) on
+every (split, seed): the bundled split (``--fixed``) and/or each fold of a ``--folds``-fold
+re-split of all its images, validation carved from each train part. Only validation mAP is
+read; the test parts are never scored. Printed: the mean over (split, seed) of the selected
+validation mAP (overall / head / medium / tail) and its standard error.
 """
 from __future__ import annotations
 
@@ -14,43 +17,56 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
-import torch
 
-from capnet.config import load_config
+KEYS = ("mAP", "head", "medium", "tail")
+
+
+def splits(folds: int, fixed: bool) -> List[List[str]]:
+    """Config overrides of each split: the bundled one, then fold k of the re-split."""
+    out = [[]] if fixed else []
+    return out + [[f"data.resplit_folds={folds}", f"data.resplit_fold={k}"] for k in range(folds)]
 
 
 def run_variant(config: List[str], overrides: List[str], seed: int, cache: Path) -> Dict[str, float]:
-    """Fit one seed; return the selected epoch's validation metrics."""
-    from capnet.engine.loaders import make_loaders
-    from capnet.engine.runs import prepare_dataset
+    """Fit and select one (split, seed); return the selection's validation metrics."""
+    import torch
+
+    from capnet.config import load_config
+    from capnet.engine.runs import fit_and_select, prepare_dataset, runtime_config
     from capnet.engine.seed import seed_everything
-    from capnet.engine.train import fit
-    from capnet.losses import build_loss
     from capnet.models.build import build_model
 
-    cfg = load_config(config, overrides + [f"train.seed={seed}"])
+    cfg = runtime_config(load_config(config, overrides + [f"train.seed={seed}", "train.refit=false"]))
     seed_everything(seed)
     ds = prepare_dataset(cfg.data)
     model = build_model(cfg, ds.classes, ds.splits["train"].labels)
-    if hasattr(model, "ensemble_templates"):
-        model.ensemble_templates = False
-    loss = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]))
-    loaders = make_loaders(ds, model, cfg, cache_dir=cache, device=torch.device("cpu"), splits=("train", "val"))
     with tempfile.TemporaryDirectory() as tmp:
-        res = fit(model, loss, loaders["train"], loaders["val"], cfg, Path(tmp), groups=ds.groups(),
-                  class_names=ds.classes)
-    best = max(res.history, key=lambda h: h["val_mAP"])
-    return {k: best[f"val_{k}"] for k in ("mAP", "head", "medium", "tail")} | {"epoch": best["epoch"]}
+        _, record = fit_and_select(model, ds, cfg, Path(tmp), torch.device("cpu"), cache)
+    val = record.get("val") or {"mAP": record.get("val_mAP")}
+    return {k: val.get(k) for k in KEYS} | {"epoch": record.get("selected_epoch"),
+                                            "C": record.get("probe", {}).get("C")}
 
 
-def main(argv: List[str] | None = None) -> int:
+def summarize(rows: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """Mean and standard error over (split, seed) of each validation metric."""
+    out = {}
+    for k in KEYS:
+        v = np.array([r[k] for r in rows if r.get(k) is not None], dtype=float)
+        out[k] = {"mean": float(v.mean()) if v.size else float("nan"),
+                  "se": float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0}
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", required=True)
     p.add_argument("--variant", action="append", required=True, help="name:key=value[,key=value...]")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--folds", type=int, default=5, help="K-fold re-split of all images (0: none)")
+    p.add_argument("--fixed", action="store_true", help="also use the bundled train/test split")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -61,13 +77,17 @@ def main(argv: List[str] | None = None) -> int:
     for spec in args.variant:
         name, _, rest = spec.partition(":")
         overrides = [o for o in rest.split(",") if o]
-        rows = [run_variant(args.config, overrides, s, cache) for s in args.seeds]
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in ("mAP", "head", "medium", "tail")}
-        out[name] = {"overrides": overrides, "mean": mean, "per_seed": rows}
-        print(f"{name:28s} val mAP {mean['mAP']:.2f}  head {mean['head']:.2f}  medium {mean['medium']:.2f}  "
-              f"tail {mean['tail']:.2f}   epochs {[r['epoch'] for r in rows]}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        rows = [run_variant(args.config, split + overrides, seed, cache)
+                for split in splits(args.folds, args.fixed) for seed in args.seeds]
+        stats = summarize(rows)
+        out[name] = {"overrides": overrides, "val": stats, "runs": rows}
+        print(f"{name:28s} val mAP {stats['mAP']['mean']:.2f} ± {stats['mAP']['se']:.2f}  "
+              + "  ".join(f"{k} {stats[k]['mean']:.2f}" for k in KEYS[1:])
+              + f"   epochs/C {[r['epoch'] or r['C'] for r in rows]}", flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"config": args.config, "folds": args.folds, "fixed": args.fixed,
+                                                   "seeds": args.seeds, "variants": out}, indent=2))
     return 0
 
 

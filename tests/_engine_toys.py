@@ -100,3 +100,37 @@ def toy_config(**sections: Dict) -> "object":
 
 GROUPS = {"head": np.array([0, 1]), "medium": np.array([2]), "tail": np.array([3])}
 CLASS_NAMES = [f"c{i}" for i in range(NUM_CLASSES)]
+
+
+class TextToyModel(ToyModel):
+    """ToyModel with a text branch: class embeddings from trainable prompts through a small MLP.
+
+    Counts how often the text branch runs (``text_calls``) so tests can check it runs once per
+    optimiser step, and accepts ``class_embeddings`` like CAPNET does.
+    """
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.ctx.requires_grad_(False)  # replaced by the text branch below
+        self.prompts = nn.Parameter(torch.randn(NUM_CLASSES, FEAT) * 0.1)
+        self.text_mlp = nn.Sequential(nn.Linear(FEAT, FEAT), nn.Tanh())
+        self.text_calls = 0
+
+    def class_embeddings(self) -> torch.Tensor:
+        self.text_calls += 1
+        return self.text_mlp(self.prompts)
+
+    def text_parameter_names(self) -> List[str]:
+        return ["prompts", "text_mlp.0.weight", "text_mlp.0.bias"]
+
+    def forward(self, images: torch.Tensor, class_embeddings=None) -> torch.Tensor:
+        return self.forward_features(self.backbone.image_prefix(images, 1), 1, class_embeddings)
+
+    def forward_features(self, features: torch.Tensor, start: int, class_embeddings=None) -> torch.Tensor:
+        f = self.backbone.image_prefix(features, 1) if start == 0 else features
+        emb = self.class_embeddings() if class_embeddings is None else class_embeddings
+        return self.head(self.drop(f)) + self.logit_scale * f @ emb.t()
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {"head": list(self.head.parameters()) + [self.logit_scale],
+                "prompts": [self.prompts] + list(self.text_mlp.parameters())}

@@ -1,5 +1,7 @@
 """CAPNET and the baselines on the toy backbone: shapes, init equivalence, gradients, groups,
 component toggles, the once-per-call text branch, the eval cache and trainable checkpoints."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from capnet.errors import CapnetError, CheckpointError
 from capnet.models.capnet import CAPNET
 from capnet.models.gcn import GCN
-from capnet.models.heads import LinearProbe, ZeroShot
+from capnet.models.heads import LinearProbe, ZeroShot, cosine_logits
 from capnet.models.label_graph import normalize_adjacency, reweight, sparsify, text_similarity, zero_diagonal
 from capnet.models.prompts import PromptLearner
 from toy_backbone import ToyBackbone, ToyPEFT
@@ -353,5 +355,60 @@ def test_build_on_offline_backbone():
     m = run_step(build_model(cfg_, NAMES, LABELS), 64)
     assert m.image_proj is not None and m.class_embeddings().shape == (C, cfg_.model.proj_dim)
     assert set(m.param_groups()) == {"prompts", "gcn", "peft", "head"}
-    # adapter after the last block = pre-hook on the pooling: the whole conv stack is cacheable
-    assert m.frozen_image_stages() == m.backbone.num_image_stages
+    # adapter after the last block = pre-hook on the pooling: the whole conv stack is cacheable,
+    # the pooling (the backbone's last stage) is not
+    assert m.frozen_image_stages() == m.backbone.num_image_stages - 1 == len(m.backbone.visual.stages)
+
+
+# ------------------------------------------------------------- head details
+def _residual_twin(**kw):
+    """CAPNET with and without a class residual, same weights otherwise."""
+    plain = make(**kw)
+    torch.manual_seed(0)
+    with_res = CAPNET(plain.backbone, C, prompt_learner=plain.prompt_learner, adjacency=plain.adjacency,
+                      gcn=plain.gcn, class_residual=True, center_features=True)
+    with torch.no_grad():
+        with_res.log_logit_scale.copy_(plain.log_logit_scale)
+    return plain, with_res
+
+
+def test_class_residual_starts_at_the_text_classifier_and_trains():
+    plain, res = _residual_twin()
+    x = images()
+    with torch.no_grad():
+        assert torch.allclose(plain(x), res(x), atol=1e-5)  # zero residual, zero mean: identical
+    assert any(p is res.class_residual for p in res.param_groups()["head"])
+    assert "class_residual" in res.text_parameter_names()  # trained once per step, with the text branch
+    res.train()
+    res(x).sum().backward()
+    assert res.class_residual.grad is not None and res.class_residual.grad.abs().sum() > 0
+
+
+def test_feature_centring_subtracts_the_given_mean():
+    _, res = _residual_twin()
+    x = images()
+    mean = torch.randn(res.backbone.image_dim)
+    res.set_feature_mean(mean)
+    with torch.no_grad():
+        feats = res.backbone.encode_image(x)
+        expected = cosine_logits(feats - mean, res.class_embeddings(), res.logit_scale())
+        assert torch.allclose(res.logits_from_image_features(feats), expected, atol=1e-5)
+    with pytest.raises(CapnetError, match="without feature centring"):
+        make().set_feature_mean(mean)
+
+
+def test_logit_scale_is_capped_but_keeps_its_gradient():
+    m = make()
+    with torch.no_grad():
+        m.log_logit_scale.fill_(math.log(400.0))
+    scale = m.logit_scale()
+    assert scale.item() == pytest.approx(100.0)
+    scale.backward()
+    assert m.log_logit_scale.grad.item() == pytest.approx(400.0)  # d exp(s)/ds, not 0 as a clamp would give
+
+
+def test_logits_are_float32_under_bf16_autocast():
+    m = make().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(images())
+    assert logits.dtype == torch.float32

@@ -15,7 +15,9 @@ from capnet.engine.evaluate import predict_scores
 from capnet.engine.loaders import build_loader
 from capnet.engine.train import fit
 
-from _engine_toys import CLASS_NAMES, GROUPS, ToyModel, toy_config, toy_data
+import pytest
+
+from _engine_toys import CLASS_NAMES, GROUPS, TextToyModel, ToyModel, toy_config, toy_data
 
 CPU = torch.device("cpu")
 OPTS = dict(train={"epochs": 2, "select": "val"}, optim={"weight_decay": 0.0}, data={"batch_size": 4, "eval_batch_size": 3})
@@ -27,11 +29,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(run_dir):
-    """Train and score the toy model in this process (DDP-aware: loaders pick their samplers)."""
-    cfg = toy_config(**OPTS)
+def _run(run_dir, text=False):
+    """Train and score the toy model in this process (DDP-aware: loaders pick their samplers).
+
+    ``text``: the model with a text branch, trained with accumulation (the text gradient is
+    averaged by the loop itself, once per optimiser step, outside DDP)."""
+    opts = {**OPTS, "train": {**OPTS["train"], "grad_accum": 2}} if text else OPTS
+    cfg = toy_config(**opts)
     torch.manual_seed(0)
-    model = ToyModel(dropout=0.0)
+    model = TextToyModel(dropout=0.0) if text else ToyModel(dropout=0.0)
     per_rank = cfg.data.batch_size // distributed.world_size()
     train = build_loader(toy_data(16, seed=1), per_rank, True, cfg.train.seed, 0, CPU)
     val = build_loader(toy_data(7, seed=2), cfg.data.eval_batch_size, False, cfg.train.seed, 0, CPU)
@@ -40,7 +46,7 @@ def _run(run_dir):
     return model.trainable_state_dict(), scores, targets, result
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, text: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -48,7 +54,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     info = distributed.init_distributed("cpu")
     assert info.world_size == 2 and distributed.rank() == rank
     try:
-        weights, scores, targets, result = _run(os.path.join(out_dir, "run"))
+        weights, scores, targets, result = _run(os.path.join(out_dir, "run"), text)
         tensors = {**checkpoint.with_prefix(weights, "model."), "scores": torch.from_numpy(scores),
                    "targets": torch.from_numpy(targets)}
         checkpoint.save_file(tensors, {"history": [r["val_mAP"] for r in result.history]},
@@ -57,8 +63,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         distributed.cleanup()
 
 
-def test_ddp_two_processes_match_each_other_and_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("text", [False, True], ids=["image-only", "text-branch+accumulation"])
+def test_ddp_two_processes_match_each_other_and_one_process(tmp_path, text):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), text), nprocs=2, join=True)
     r0, m0 = checkpoint.load_file(tmp_path / "rank0.safetensors")
     r1, m1 = checkpoint.load_file(tmp_path / "rank1.safetensors")
     assert r0.keys() == r1.keys()
@@ -67,7 +74,7 @@ def test_ddp_two_processes_match_each_other_and_one_process(tmp_path):
     assert m0 == m1
     assert (tmp_path / "run" / "best.safetensors").is_file() and (tmp_path / "run" / "log.csv").is_file()
 
-    weights, scores, targets, result = _run(tmp_path / "single")  # same global batches, one process
+    weights, scores, targets, result = _run(tmp_path / "single", text)  # same global batches, one process
     for k, v in weights.items():
         assert torch.allclose(r0["model." + k], v, atol=1e-6), k
     val = toy_data(7, seed=2)

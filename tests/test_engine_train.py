@@ -12,7 +12,7 @@ from capnet.engine.loaders import build_loader
 from capnet.engine.train import fit
 from capnet.errors import CapnetError, CheckpointError, TrainingError
 
-from _engine_toys import CLASS_NAMES, GROUPS, ToyModel, toy_config, toy_data
+from _engine_toys import CLASS_NAMES, GROUPS, TextToyModel, ToyModel, toy_config, toy_data
 
 CPU = torch.device("cpu")
 
@@ -131,6 +131,26 @@ def test_gradient_accumulation_matches_large_batch(tmp_path):
         models.append(model.trainable_state_dict())
     for k in models[0]:
         assert torch.allclose(models[0][k], models[1][k], atol=1e-6), k
+
+
+def test_text_branch_runs_once_per_optimiser_step_with_exact_gradients(tmp_path):
+    """Under accumulation the class embeddings are computed once per step, not per micro-batch,
+    and the resulting weights equal those of one large batch."""
+    common = dict(optim={"warmup_epochs": 0, "scheduler": "constant", "weight_decay": 0.0}, train={"epochs": 2, "select": "last"})
+    models, calls = [], []
+    for sub, (bs, accum) in {"big": (8, 1), "acc": (2, 4)}.items():
+        cfg, _, train, _ = _setup(n_train=16, data={"batch_size": bs}, train={**common["train"], "grad_accum": accum},
+                                  optim=common["optim"])
+        torch.manual_seed(0)
+        model = TextToyModel(dropout=0.0)
+        fit(model, nn.BCEWithLogitsLoss(), train, None, cfg, tmp_path / sub, device=CPU)
+        models.append(model.trainable_state_dict())
+        calls.append(model.text_calls)
+    assert calls == [4, 4]  # 2 epochs x 2 optimiser steps, whatever the micro-batch count
+    for k in models[0]:
+        assert torch.allclose(models[0][k], models[1][k], atol=1e-6), k
+    torch.manual_seed(0)
+    assert not torch.allclose(models[0]["prompts"], TextToyModel(dropout=0.0).prompts.detach())  # prompts trained
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):

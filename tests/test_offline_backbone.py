@@ -87,9 +87,11 @@ def test_stages_prefix_suffix_compose(backbone):
             feat = backbone.image_prefix(x, k)
             assert feat.shape == (2, widths[k], 32 >> k, 32 >> k)
             assert torch.allclose(backbone.image_suffix(feat, k), full, rtol=1e-4, atol=1e-4)
-    assert len(backbone.visual.stages) == backbone.num_image_stages == 5
+        assert torch.equal(backbone.image_prefix(x, 6), full)  # the last stage is global pooling
+        assert torch.equal(backbone.image_suffix(full, 6), full)
+    assert len(backbone.visual.stages) == backbone.num_image_stages - 1 == 5
     with pytest.raises(ValueError, match="stage"):
-        backbone.image_prefix(x, 6)
+        backbone.image_prefix(x, 7)
 
 
 @pytest.mark.slow

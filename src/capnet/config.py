@@ -6,7 +6,8 @@ Merge order (later wins), as in CoOp/Dassl:
      a file may list others under ``base:`` (paths relative to it) that are merged first
   3. ``--set key.path=value`` overrides (values parsed as YAML)
 Mappings merge key by key, except that a section whose selector changes (``loss.name``,
-``model.peft.method``) is replaced whole: its ``options`` belong to the old selector. Then the result is validated (unknown keys are errors naming the closest valid key) and frozen.
+``model.peft.method``) is replaced whole: its ``options`` belong to the old selector; likewise
+``model.backbone_options`` are dropped when ``model.backbone`` changes without restating them. Then the result is validated (unknown keys are errors naming the closest valid key) and frozen.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ class DataConfig:
     reader: str = "folder"  # DATASETS registry key: folder | voc | coco | nus_wide
     root: str = "data/voc_real_lt"  # dataset directory (relative paths resolve against the cwd)
     split_dir: Optional[str] = None  # VOC-LT / COCO-LT split-file folder for native layouts
+    resplit_folds: int = 0  # 0: the dataset's own train/test; K >= 2: K-fold re-split of train + test (stratified)
+    resplit_fold: int = 0  # with resplit_folds: the fold that is the test split
+    resplit_seed: int = 0  # with resplit_folds: the seed of the re-split
     val_fraction: float = 0.15  # share of train carved out (stratified) for model selection
     val_seed: int = 0  # seed of that carve-out; fixed so runs compare
     batch_size: int = 32  # images per optimisation step (before accumulation)
@@ -205,6 +209,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 
 SELECTORS = ("name", "method")  # a section keyed by one of these owns its ``options``
+OWNED = {"backbone": "backbone_options"}  # a key whose options go when it changes (unless restated)
 
 
 def _deep_merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
@@ -217,6 +222,9 @@ def _deep_merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any
             out[key] = _deep_merge(old, value)
         else:
             out[key] = dict(value) if isinstance(value, Mapping) else value
+    for key, options in OWNED.items():  # e.g. the demo's EfficientNet options never reach a CLIP
+        if key in extra and key in base and extra[key] != base[key] and options not in extra:
+            out.pop(options, None)
     return out
 
 
@@ -326,6 +334,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(choices)}")
+    if cfg.data.resplit_folds and not 0 <= cfg.data.resplit_fold < cfg.data.resplit_folds:
+        raise ConfigError(f"data.resplit_fold={cfg.data.resplit_fold} must be in 0..{cfg.data.resplit_folds - 1}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     if cfg.train.select == "val" and cfg.data.val_fraction == 0.0:

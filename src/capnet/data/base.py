@@ -104,6 +104,29 @@ class MultiLabelDataset:
             raise DataError(f"{self.name}: unknown class groups {sorted(extra)} (expected {GROUP_NAMES})")
         return out
 
+    def kfold(self, folds: int, fold: int, seed: int = 0) -> "MultiLabelDataset":
+        """Re-split train + test into ``folds`` stratified folds; fold ``fold`` is the new test.
+
+        One split of a long-tailed set leaves 3-7 test positives per tail class, too few to tell
+        methods apart; K re-splits (iterative stratification, iterstrat's
+        MultilabelStratifiedKFold) give every image one turn in test. The head/medium/tail
+        groups stay those of the original train split, so folds report the same groups.
+        """
+        if folds < 2 or not 0 <= fold < folds:
+            raise DataError(f"{self.name}: fold {fold} of {folds} folds is not a valid re-split (need folds >= 2, 0 <= fold < folds)")
+        if "val" in self.splits or any(s not in self.splits for s in ("train", "test")):
+            raise DataError(f"{self.name}: a k-fold re-split needs exactly train and test splits, has {', '.join(self.splits)}")
+        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+        train, test = self.splits["train"], self.splits["test"]
+        both = Split(train.image_ids + test.image_ids, train.image_paths + test.image_paths,
+                     np.concatenate([train.labels, test.labels]))
+        splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        rest, held = list(splitter.split(np.zeros((len(both), 1)), both.labels))[fold]
+        frozen = {g: [self.classes[i] for i in idx] for g, idx in self.groups().items()}
+        return dataclasses.replace(self, splits={"train": both.subset(np.sort(rest)), "test": both.subset(np.sort(held))},
+                                   class_groups=frozen)
+
     def with_val_split(self, fraction: float, seed: int) -> "MultiLabelDataset":
         """Carve a stratified multi-label "val" split out of train (unless one exists).
 

@@ -33,13 +33,15 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
-def batch_logits(forward: nn.Module, inputs: torch.Tensor, start: Optional[int], tte: bool) -> torch.Tensor:
-    """(B, C) float32 logits; a (B, V, 3, H, W) batch of views is averaged over V in logit space."""
-    if start is None and inputs.ndim == 5:
+def batch_logits(forward: nn.Module, inputs: torch.Tensor, start: Optional[int], tte: bool,
+                 feature_views: bool = False) -> torch.Tensor:
+    """(B, C) float32 logits; a batch of views ((B, V, 3, H, W) images, or (B, V, ...) cached
+    features when ``feature_views``) is averaged over V in logit space."""
+    if (start is None and inputs.ndim == 5) or feature_views:
         if not tte:
-            raise CapnetError("the loader yields (B, V, 3, H, W) views but tte=False: enable TTE or use a single view")
+            raise CapnetError("the loader yields (B, V, ...) views but tte=False: enable TTE or use a single view")
         b, v = inputs.shape[:2]
-        return forward(inputs.flatten(0, 1), None).float().view(b, v, -1).mean(dim=1)
+        return forward(inputs.flatten(0, 1), start).float().view(b, v, -1).mean(dim=1)
     return forward(inputs, start).float()
 
 
@@ -52,6 +54,7 @@ def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device, a
     once. The model's train/eval mode is restored afterwards.
     """
     start = feature_start(loader)
+    feature_views = bool(getattr(loader.dataset, "multi_view", False))
     forward = ModelForward(model)
     was_training = model.training
     model.eval()
@@ -59,7 +62,7 @@ def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device, a
     try:
         with torch.inference_mode(), autocast(torch.device(device), amp):
             for inputs, target, index in loader:
-                logits = batch_logits(forward, inputs.to(device, non_blocking=True), start, tte)
+                logits = batch_logits(forward, inputs.to(device, non_blocking=True), start, tte, feature_views)
                 scores.append(logits.float().cpu().numpy())
                 targets.append(np.asarray(target, dtype=np.float32))
                 indices.append(np.asarray(index, dtype=np.int64))

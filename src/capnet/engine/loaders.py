@@ -33,17 +33,20 @@ class FeatureDataset(Dataset):
 
     With ``sample_views`` the features are (N, V, ...) and item i is one of its V views, drawn
     per epoch from ``(seed, epoch)`` (``set_epoch``): the cached-augmentation training set.
-    Without it, items are whatever rows ``features`` has (e.g. all V views, averaged later).
+    With ``multi_view`` they are (N, V, ...) and item i is all V views (test-time views, whose
+    logits evaluation averages). Otherwise each row is one sample.
     """
 
     def __init__(self, features: torch.Tensor, targets: np.ndarray, start: int,
-                 sample_views: bool = False, seed: int = 0) -> None:
+                 sample_views: bool = False, seed: int = 0, multi_view: bool = False) -> None:
+        if sample_views and multi_view:
+            raise ValueError("a FeatureDataset samples one view or yields all of them, not both")
         if len(features) != len(targets):
             raise ValueError(f"{len(features)} feature rows for {len(targets)} targets")
         self.features = features
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
         self.start = start  # the stage the features come out of: forward_features(x, start)
-        self.sample_views, self.seed = sample_views, seed
+        self.sample_views, self.seed, self.multi_view = sample_views, seed, multi_view
         self._views: Optional[torch.Tensor] = None
         if sample_views:
             self.set_epoch(0)
@@ -108,14 +111,15 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, num_
 def make_loaders(dataset: Any, model: Any, cfg: Config, *, cache_dir: Optional[Path], device: torch.device,
                  splits: Sequence[str] = SPLITS, timings: Optional[MutableMapping[str, float]] = None
                  ) -> Dict[str, DataLoader]:
-    """Loaders for those of ``splits`` that ``dataset`` has (validation: the single eval view;
-    test-time views are scored by ``capnet.engine.views.split_scores``).
+    """Loaders for those of ``splits`` that ``dataset`` has: train with its cached views (or the
+    train transform on images), val/test with the test-time views, so model selection judges
+    the model as it will be used (``capnet.engine.views.split_scores`` scores test the same way).
 
     ``data.batch_size`` is the global batch of one optimisation step: with N processes each
     loads ``batch_size // N``.
     """
     from capnet.data import ImageDataset
-    from capnet.engine.views import cache_depth, single_view, split_features, train_features
+    from capnet.engine.views import cache_depth, eval_views, split_features, train_features
 
     depth = cache_depth(model, cfg)
     world = distributed.world_size()
@@ -129,11 +133,11 @@ def make_loaders(dataset: Any, model: Any, cfg: Config, *, cache_dir: Optional[P
                 feats = train_features(model, split, cfg, device, cache_dir, timings)
                 data: Dataset = FeatureDataset(feats, split.labels, depth, sample_views=True, seed=cfg.train.seed)
             else:
-                feats = split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)
-                data = FeatureDataset(feats[:, 0], split.labels, depth)
+                feats = split_features(model, split.image_paths, eval_views(model, cfg), cfg, device, cache_dir, timings)
+                data = FeatureDataset(feats, split.labels, depth, multi_view=True)
             workers = 0  # tensors already in memory
         else:
-            data = ImageDataset(split, model.backbone.transform(train=train))
+            data = ImageDataset(split, model.backbone.transform(train=True) if train else eval_views(model, cfg))
             workers = cfg.data.num_workers
         batch = max(1, cfg.data.batch_size // world) if train else cfg.data.eval_batch_size
         loaders[name] = build_loader(data, batch, train, cfg.train.seed, workers, device)

@@ -82,8 +82,14 @@ def budget(cores: Optional[int] = None, workers: Optional[int] = None, threads: 
 
 
 def apply_budget(cfg) -> Budget:
-    """Resolve ``data.num_workers`` / ``train.threads`` and set torch's thread count."""
+    """Resolve ``data.num_workers`` / ``train.threads`` and set torch's thread count.
+
+    An explicit ``train.threads`` is applied as given; the automatic budget only ever lowers
+    torch's count (a process that already chose fewer threads, e.g. through OMP_NUM_THREADS or a
+    test harness, keeps its choice).
+    """
     plan = budget(workers=cfg.data.num_workers, threads=cfg.train.threads)
-    if torch.get_num_threads() != plan.threads:
-        torch.set_num_threads(plan.threads)
-    return plan
+    threads = plan.threads if cfg.train.threads is not None else min(plan.threads, torch.get_num_threads())
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return Budget(workers=plan.workers, threads=threads)

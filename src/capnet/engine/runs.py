@@ -53,6 +53,8 @@ def prepare_dataset(data: DataConfig):
     if any(s not in ds.splits for s in TRAINING_SPLITS):
         load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=TRAINING_SPLITS)  # names the file
         raise DataError(f"{data.root}: training needs a train and a test split, found {', '.join(ds.splits)}")
+    if data.resplit_folds:
+        ds = ds.kfold(data.resplit_folds, data.resplit_fold, data.resplit_seed)
     return ds.with_val_split(data.val_fraction, data.val_seed)
 
 
@@ -169,6 +171,28 @@ def _train(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.
                groups=ds.groups(), class_names=ds.classes, device=device)
 
 
+def fit_and_select(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device,
+                   cache_dir: Optional[Path], resume: bool = False,
+                   timings: Optional[Dict[str, float]] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Fit ``model`` on train and select on val: the probe's C, or the epoch of gradient training.
+
+    Returns the per-epoch history and a record with ``val_mAP`` (of the selection) plus either
+    ``probe`` or ``selected_epoch``. Test is not touched (``benchmarks/sweep_val.py`` relies on it).
+    """
+    timings = {} if timings is None else timings
+    if cfg.model.kind == "linear_probe":
+        probe = _fit_probe(model, ds, cfg, device, cache_dir, timings)
+        best = max(probe["val_mAP_by_C"].values()) if probe["val_mAP_by_C"] else None
+        return [], {"probe": probe, "val_mAP": best}
+    if not any(p.requires_grad for p in model.parameters()):
+        return [], {}
+    result = _train(model, ds, cfg, run_dir, device, cache_dir, resume, timings)
+    best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
+    record = {"selected_epoch": result.best_epoch, "val_mAP": result.best_val_map,
+              "val": {k: best.get(f"val_{k}") for k in ("mAP", "head", "medium", "tail")}}
+    return result.history, record
+
+
 def _thresholds(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
                 timings: Dict[str, float]) -> np.ndarray:
     """Per-class F1-optimal probability thresholds on val (0.5 without val), test-time views on."""
@@ -228,14 +252,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         if skipped:
             write_skipped(skipped, run_dir / SKIPPED_FILE)
     clock.lap("build the model")
-    history: List[Dict[str, float]] = []
-    extra: Dict[str, Any] = {}
-    if cfg.model.kind == "linear_probe":
-        extra["probe"] = _fit_probe(model, ds, run_cfg, device, cache_dir, timings)
-    elif any(p.requires_grad for p in model.parameters()):
-        result = _train(model, ds, run_cfg, run_dir, device, cache_dir, resume, timings)
-        history = result.history
-        extra["selected_epoch"] = result.best_epoch
+    history, extra = fit_and_select(model, ds, run_cfg, run_dir, device, cache_dir, resume, timings)
     thresholds = _thresholds(model, ds, run_cfg, device, cache_dir, timings)
     if cfg.train.refit and "selected_epoch" in extra and "val" in ds.splits:
         seed_everything(cfg.train.seed)
@@ -251,11 +268,13 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
               "test-time views": cfg.tte.views, "feature precision": extraction_amp(cfg, device),
               "train/val/test images":
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}
+    if cfg.data.resplit_folds:
+        header["dataset"] += f", fold {cfg.data.resplit_fold} of a {cfg.data.resplit_folds}-fold re-split (seed {cfg.data.resplit_seed})"
     if cfg.train.refit:
         header["refit"] = f"on train + val for {extra.get('selected_epoch', '-')} epochs (thresholds from the selected model)"
     if skipped:
         header["skipped images"] = skipped_summary(skipped)
-    metrics = evaluate_and_write(model, ds, cfg, run_dir, device, cache_dir, history, header, thresholds, timings)
+    metrics = evaluate_and_write(model, ds, run_cfg, run_dir, device, cache_dir, history, header, thresholds, timings)
     clock.lap("evaluate on test")
     metrics.update(extra)
     metrics["seconds"] = sum(clock.seconds.values())

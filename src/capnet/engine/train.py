@@ -188,7 +188,7 @@ def _validate(parts: _Parts, loader: Optional[DataLoader], cfg: Config, groups: 
     if names is None:
         names = [f"class_{i}" for i in range(len(loader.dataset[0][1]))]
     with parts.ema.applied(parts.model) if parts.ema is not None else contextlib.nullcontext():
-        report = evaluate(parts.model, loader, groups or {}, names, device=parts.device, amp=cfg.train.amp)
+        report = evaluate(parts.model, loader, groups or {}, names, device=parts.device, amp=cfg.train.amp, tte=True)
     return {f"val_{k}": float(report[k]) for k in ("mAP", "head", "medium", "tail") if k in report}
 
 

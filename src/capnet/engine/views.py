@@ -91,21 +91,6 @@ def train_features(model: nn.Module, split: Any, cfg: Config, device: torch.devi
     return torch.cat(views, dim=1)
 
 
-class ViewAverage(nn.Module):
-    """Wraps a model so (B, V, ...) view features give logits averaged over V."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
-
-    def forward_features(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        b, v = features.shape[:2]
-        return self.model.forward_features(features.flatten(0, 1), start).float().view(b, v, -1).mean(dim=1)
-
-
 def split_scores(model: nn.Module, split: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
                  timings: Optional[MutableMapping[str, float]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Logits (view-averaged) and targets of one split under the configured test-time views."""
@@ -116,9 +101,9 @@ def split_scores(model: nn.Module, split: Any, cfg: Config, device: torch.device
     depth = cache_depth(model, cfg)
     if depth > 0:
         feats = split_features(model, split.image_paths, transform, cfg, device, cache_dir, timings)
-        loader = build_loader(FeatureDataset(feats, split.labels, start=depth), cfg.data.eval_batch_size,
-                              False, cfg.train.seed, 0, device)
-        return predict_scores(ViewAverage(model), loader, device, cfg.train.amp)
+        loader = build_loader(FeatureDataset(feats, split.labels, start=depth, multi_view=True),
+                              cfg.data.eval_batch_size, False, cfg.train.seed, 0, device)
+        return predict_scores(model, loader, device, cfg.train.amp, tte=True)
     loader = build_loader(ImageDataset(split, transform), cfg.data.eval_batch_size, False,
                           cfg.train.seed, cfg.data.num_workers, device)
     return predict_scores(model, loader, device, cfg.train.amp, tte=True)

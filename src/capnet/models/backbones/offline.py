@@ -81,7 +81,9 @@ class OfflineBackbone(Backbone):
     """A frozen staged ImageNet image tower + the MiniLM text tower (384-d), optionally bridged.
 
     ``visual`` has ``stages`` (cacheable prefixes), ``prefix``/``suffix`` and ``out_dim``; with a
-    bridge it also has the ImageNet ``classifier`` the bridge reads.
+    bridge it also has the ImageNet ``classifier`` the bridge reads. The backbone's stages are the
+    tower's conv stages plus global pooling as the last one, so without PEFT the cache holds the
+    pooled features (1,280 numbers per image for Lite0) rather than the last feature maps.
     """
 
     token_width = 384
@@ -95,7 +97,7 @@ class OfflineBackbone(Backbone):
             raise CheckpointError(f"{name}: resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
         cache = Path(cache_dir) if cache_dir is not None else None
         self.visual = visual
-        self.num_image_stages = len(visual.stages)
+        self.num_image_stages = len(visual.stages) + 1  # the conv stages, then global pooling
         zip_path = minilm_zip_path()
         self.text = MiniLMText(extract_minilm(zip_path, cache), context_length=context_length)
         digest = weights_sha256([Path(image_weights), zip_path], cache)
@@ -129,13 +131,17 @@ class OfflineBackbone(Backbone):
             raise ValueError(f"stage must be in 0..{self.num_image_stages}, got {k}")
 
     def image_prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        """Output feature map of stage ``upto`` (0 = the input itself)."""
+        """Output of stage ``upto``: a feature map (0 = the input itself), pooled features at the last."""
         self._check_stage(upto)
+        if upto == self.num_image_stages:
+            return self.encode_image(images)
         return self.visual.prefix(images, upto)
 
     def image_suffix(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        """Stages after ``start``, then global pooling -> (B, image_dim)."""
+        """Stages after ``start``, then global pooling -> (B, image_dim) (identity after the last)."""
         self._check_stage(start)
+        if start == self.num_image_stages:
+            return features
         return self.visual.suffix(features, start)
 
     def transform(self, train: bool) -> Callable:
