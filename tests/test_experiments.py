@@ -25,7 +25,10 @@ def test_experiment_builds_and_steps(path: Path) -> None:
     model = build_model(cfg, CLASSES, LABELS)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.options, LABELS.sum(0).astype(int) + 1, len(LABELS) + 2)
     params = [p for group in model.param_groups().values() for p in group]
-    assert params, "every experiment trains something"
+    if cfg.model.kind == "zeroshot":
+        assert not params and torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+        return
+    assert params, "every other experiment trains something"
     before = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=0.5)
     images = torch.randn(4, 3, 32, 32)

@@ -126,13 +126,20 @@ def _center(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_
     if getattr(model, "feature_mean", None) is None:
         return
     depth = cache_depth(model, cfg)
-    if depth == 0:
-        raise CapnetError("model.center_features=true needs cached features (train.feature_cache=true)")
-    feats = split_features(model, ds.splits["train"].image_paths, single_view(model), cfg, device, cache_dir, timings)
+    split = ds.splits["train"]
     with torch.inference_mode():
-        final = torch.cat([model.backbone.image_suffix(feats[i:i + 256, 0].to(device), depth).float()
-                           for i in range(0, len(feats), 256)])
-    model.set_feature_mean(final.mean(dim=0))
+        if depth > 0:
+            feats = split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)
+            final = [model.backbone.image_suffix(feats[i:i + 256, 0].to(device), depth).float()
+                     for i in range(0, len(feats), 256)]
+        else:  # no cache: one pass of the (still zero-initialised) image branch over train
+            from capnet.data import ImageDataset
+            from capnet.engine.loaders import build_loader
+
+            loader = build_loader(ImageDataset(split, model.backbone.transform(train=False)), cfg.data.eval_batch_size,
+                                  False, cfg.train.seed, cfg.data.num_workers, device)
+            final = [model.image_features(x.to(device)).float() for x, _, _ in loader]
+    model.set_feature_mean(torch.cat(final).mean(dim=0))
 
 
 def _fit_probe(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
