@@ -5,7 +5,8 @@ train      CAPNET vs bare-encoder training step for every class count, with the 
            eval-time text cost uncached (once per evaluation) and cached (per batch).
 inference  CAPNET vs bare-encoder inference (eval, cached class embeddings) and TTE views.
 throughput images/s for inference and training per variant (amp / channels_last / compile).
-offline    seconds per image of the offline VGG19 features, model only and end to end.
+offline    ms/img of the offline towers (the demo's EfficientNet-Lite0 and VGG19), model only and on
+           the demo's own path, fp32 vs bf16, and the decode-worker / torch-thread grid.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from capnet.models.tte import tte_logits
 
 TRAIN_TARGET, INFER_TARGET = 1.10, 1.05  # issue 7: CAPNET / bare encoder
 TTE_VIEWS = (("flip", 2), ("five_crop", 5), ("ten_crop", 10))
-OFFLINE = "vgg19_minilm.offline"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +40,7 @@ class Settings:
     warmup: int
     tte_batch: int  # images per TTE call (each carries up to 10 views)
     full_text_limit: Optional[int]  # build/time CAPNET only up to this many classes (None: all)
-    offline_sizes: Tuple[int, ...]
-    offline_images: int
+    offline_images: int  # images timed end to end per offline tower (0: section skipped)
 
     def describe(self) -> Dict[str, Any]:
         """JSON-ready copy."""
@@ -253,39 +252,67 @@ def run_throughput(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
     return rows
 
 
-def run_offline(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
-    """Section 4: seconds per image of the offline backbone's VGG19 features."""
+# The offline towers timed in section 4: name -> (backbone, options). The first is the demo's.
+OFFLINE_TOWERS = {
+    "efficientnet_lite0@224": ("efficientnet_lite0_minilm.offline", {"image_size": 224, "resize": "whole"}),
+    "vgg19@128": ("vgg19_minilm.offline", {"image_size": 128, "resize": "crop"}),
+}
+BUDGET_GRID = ((0, 2), (1, 1), (1, 2), (2, 1), (2, 2))  # (decode workers, torch threads) on 2 cores
+
+
+def _offline_row(s: Settings, name: str, paths: list, precision: str, workers: int, threads: int,
+                 notes: List[str]) -> Dict[str, Any]:
+    """ms/img of one tower: model only (a ready batch) and the demo's path (files -> features)."""
     from capnet.engine.feature_cache import compute_features
     from capnet.registry import BACKBONES
 
-    if not s.offline_sizes or s.offline_images < 1:
-        notes.append("offline backbone not timed in this mode")
-        return []
-    if OFFLINE not in BACKBONES:
-        notes.append(f"offline backbone not timed: '{OFFLINE}' is not registered in BACKBONES")
-        return []
-    paths = sorted((REPO / "data" / "voc_real_lt" / "images").glob("*.jpg"))[: s.offline_images]
-    if not paths:
-        notes.append("offline backbone not timed: no JPEGs under data/voc_real_lt/images")
-        return []
-    rows = []
-    for size in s.offline_sizes:
-        backbone = BACKBONES.build(OFFLINE, image_size=size).to(s.device).eval()
-        images = batch(len(paths), 1, size, s.device)[0]
-
+    backbone_name, options = OFFLINE_TOWERS[name]
+    backbone = BACKBONES.build(backbone_name, **options).to(s.device).eval()
+    images = batch(min(len(paths), 64), 1, backbone.spec.image_size, s.device)[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
         def model_only() -> None:
-            with torch.inference_mode():  # float32, as compute_features runs it
+            with torch.inference_mode(), autocast(s.device, precision):
                 backbone.encode_image(images)
 
         def end_to_end() -> None:
-            compute_features(backbone, paths, backbone.transform(False), backbone.num_image_stages,
-                             batch_size=len(paths), device=s.device, progress=False)
+            compute_features(backbone, paths, backbone.transform(False), backbone.num_image_stages, batch_size=64,
+                             num_workers=workers, device=s.device, progress=False, amp=precision)
 
-        times = _timed(s, {"model_only": model_only, "end_to_end": end_to_end}, notes, f"offline {size}px")
-        rows.append({"image_size": size, "images": len(paths),
-                     **{f"{k}_s_per_image": summarize(v)["median_s"] / len(paths) for k, v in times.items()},
-                     "times": _medians(times)})
-        _free()
+        times = _timed(s, {"model_only": model_only, "end_to_end": end_to_end}, notes,
+                       f"offline {name} {precision} w{workers}t{threads}", warmup=1)
+    finally:
+        torch.set_num_threads(before)
+    per = {"model_only": len(images), "end_to_end": len(paths)}
+    return {"tower": name, "precision": precision, "workers": workers, "threads": threads, "images": len(paths),
+            **{f"{k}_ms_per_image": 1000 * summarize(v)["median_s"] / per[k] for k, v in times.items()}}
+
+
+def run_offline(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
+    """Section 4: ms/img of the offline towers on the path the demo runs (files, decode, transform,
+    DataLoader, tower, compute_features), fp32 vs bf16 where the CPU has it natively, and the
+    decode-worker / torch-thread grid for the demo's tower."""
+    from capnet.engine.resources import budget, native_bf16
+
+    if s.offline_images < 1:
+        notes.append("offline towers not timed in this mode")
+        return []
+    paths = sorted((REPO / "data" / "voc_real_lt" / "images").glob("*.jpg"))[: s.offline_images]
+    plan = budget()
+    precisions = ["none"] + (["bf16"] if native_bf16(s.device) else [])
+    if len(precisions) == 1:
+        notes.append("bf16 not timed: this device has no native bf16")
+    rows = []
+    for name in OFFLINE_TOWERS:
+        for precision in precisions:
+            rows.append(_offline_row(s, name, paths, precision, plan.workers, plan.threads, notes))
+            _free()
+    demo = next(iter(OFFLINE_TOWERS))
+    for workers, threads in BUDGET_GRID:
+        if (workers, threads) != (plan.workers, plan.threads):
+            rows.append({**_offline_row(s, demo, paths, precisions[-1], workers, threads, notes), "grid": True})
+            _free()
     return rows
 
 

@@ -87,15 +87,15 @@ def settings_from(args: argparse.Namespace, device: torch.device) -> sections.Se
     gpu = device.type == "cuda"
     if args.smoke:
         preset = dict(archs=TINY_ARCHS, classes=(4, 12), batch=2, image_size=None, repeats=1, warmup=1,
-                      tte_batch=2, full_text_limit=None, offline_sizes=(), offline_images=0)
+                      tte_batch=2, full_text_limit=None, offline_images=0)
     elif args.quick:
         preset = dict(archs=FULL_ARCHS, classes=(20, 80, 1000), batch=16 if gpu else 4, image_size=None if gpu else 96,
                       repeats=3, warmup=1, tte_batch=8 if gpu else 2, full_text_limit=None if gpu else 80,
-                      offline_sizes=(128, 224), offline_images=16 if gpu else 4)
+                      offline_images=64 if gpu else 64)
     else:
         preset = dict(archs=FULL_ARCHS, classes=(20, 80, 1000), batch=64 if gpu else 8, image_size=None,
                       repeats=5, warmup=2, tte_batch=32 if gpu else 4, full_text_limit=None,
-                      offline_sizes=(128, 224), offline_images=64 if gpu else 16)
+                      offline_images=256)
     explicit = dict(archs=args.archs, classes=args.classes, batch=args.batch_size, image_size=args.image_size,
                     repeats=args.repeats, warmup=args.warmup, full_text_limit=args.text_limit)
     preset.update({k: tuple(v) if isinstance(v, list) else v for k, v in explicit.items() if v is not None})
