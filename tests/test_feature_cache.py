@@ -80,7 +80,9 @@ def test_key_changes_with_transform_weights_depth_and_precision(images):
     assert cache_key(feature_key_parts(model, transform(24), 2)) != base
     assert cache_key(feature_key_parts(model, transform(16), 1)) != base
     assert cache_key(feature_key_parts(model, transform(16), 2, compute="bf16")) != base
-    model.spec = dataclasses.replace(model.spec, weights_sha256="b" * 64)
+    model.spec = dataclasses.replace(model.spec, extra={"pooling": "avgmax"})  # same weights, other features
+    assert cache_key(feature_key_parts(model, transform(16), 2)) != base
+    model.spec = dataclasses.replace(model.spec, extra={}, weights_sha256="b" * 64)
     assert cache_key(feature_key_parts(model, transform(16), 2)) != base
 
 

@@ -65,12 +65,17 @@ def image_fingerprints(paths: Sequence[PathLike]) -> List[Fingerprint]:
 
 
 def feature_key_parts(backbone: Any, transform: Callable, upto: int, compute: str = "float32") -> Dict[str, Any]:
-    """Everything an entry's features depend on, except which images (JSON-ready)."""
+    """Everything an entry's features depend on, except which images (JSON-ready).
+
+    The spec's ``extra`` is part of it: backbone options such as the pooling change the features
+    of the same weights and transform.
+    """
     spec = backbone.spec
     return {
         "format": FORMAT_VERSION,
         "backbone": spec.name,
         "weights_sha256": spec.weights_sha256,
+        "spec_extra": {k: v for k, v in sorted(dict(spec.extra).items())},
         "transform": repr(transform),
         "upto": int(upto),
         "dtype": str(next(backbone.visual.parameters()).dtype),
