@@ -29,12 +29,17 @@ from torch import nn
 DEFAULT_TAU = 0.05  # chosen on validation mAP of the zero-shot classifier (docs/offline_backbone.md)
 
 
-def imagenet_class_texts() -> List[str]:
-    """The 1,000 ImageNet-1k class descriptions in index order ("tabby, tabby cat", ...), from timm."""
+def imagenet_class_texts(detailed: bool = True) -> List[str]:
+    """The 1,000 ImageNet-1k class names in index order, from timm; ``detailed`` adds the WordNet
+    gloss ("goldfinch, Carduelis carduelis: small European finch having a crimson face ...").
+
+    The glosses say what a Latin or rare name is: with them the zero-shot classifier scored
+    42.4 validation mAP on the bundled split, 40.8 with the names alone (docs/offline_backbone.md).
+    """
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(info.num_classes())]
+    return [info.index_to_description(i, detailed=detailed) for i in range(info.num_classes())]
 
 
 def _keys_file(cache_dir: Path, encoder_digest: str, texts: Sequence[str]) -> Path:
