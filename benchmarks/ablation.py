@@ -136,7 +136,7 @@ def markdown(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
     for proto, res in results.items():
         n = res["runs_per_row"]
         title = {"fixed": "the bundled split (1,026 test images)",
-                 "cv": f"5-fold re-split of all 3,426 images"}[proto]
+                 "cv": "5-fold re-split of all 3,426 images"}[proto]
         lines += [f"## Protocol `{proto}`: {title}, {n} runs per row", "",
                   "Test mAP (%), mean ± std over (split, seed). Δ: paired difference on the same (split, seed), mean ± "
                   "95% t-interval half-width. A row's contrast is the step before it (a parenthesised row: its twin; "

@@ -228,7 +228,6 @@ def test_baselines():
 
 
 # ------------------------------------------------------------------ build_model from a Config
-import numpy as np  # noqa: E402
 
 from capnet.config import config_from_dict  # noqa: E402
 from capnet.models import MODEL_KINDS, build_model  # noqa: E402

@@ -1,11 +1,12 @@
 """Atomic file writes: readers never see half a file, a crash leaves the old one intact."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 import numpy as np
 
@@ -50,3 +51,13 @@ def _json_default(o: Any) -> Any:
 def write_json_atomic(path: PathLike, obj: Any) -> None:
     """JSON (numpy scalars and arrays allowed) written through :func:`atomic_write_bytes`."""
     atomic_write_bytes(json.dumps(obj, indent=2, default=_json_default).encode(), path)
+
+
+def sha256_of(files: Iterable[PathLike]) -> str:
+    """SHA-256 over the bytes of ``files`` in order (one file: its usual checksum)."""
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -12,14 +12,13 @@ shapes, each failure a CheckpointError that names the file and what was expected
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import open_clip
 import torch
@@ -49,14 +48,7 @@ class RawCheckpoint:
     hf_config: Optional[dict] = None  # config.json of a Hugging Face directory
 
 
-def sha256_of(files: Iterable[Path]) -> str:
-    """SHA-256 over the bytes of ``files`` in order (one file: its usual checksum)."""
-    digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+from capnet.fileio import sha256_of  # noqa: E402,F401  (re-exported: one implementation)
 
 
 # ------------------------------------------------------------------------------- reading

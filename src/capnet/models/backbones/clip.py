@@ -27,7 +27,6 @@ from capnet.errors import CheckpointError
 from capnet.models.backbones.base import Backbone, BackboneSpec
 from capnet.models.backbones.checkpoints import load_clip_weights, sha256_of
 from capnet.models.backbones.specs import CLIP_ARCHS, CLIPArch
-from capnet.registry import BACKBONES
 
 RANDOM = "random"  # the `weights` value asking for random initialisation
 RANDOM_INIT_SEED = 0  # random-init backbones are seeded: one name, one set of weights
@@ -204,23 +203,3 @@ def build_clip(name: str, weights: Optional[str] = None, image_size: Optional[in
                "open_clip_version": open_clip.__version__},
     )
     return CLIPBackbone(model, spec, context_length=model.context_length)
-
-
-def _register(name: str) -> None:
-    """Register ``build(weights=None, image_size=None)`` for one entry of the CLIP_ARCHS table."""
-
-    def build(weights: Optional[str] = None, image_size: Optional[int] = None) -> CLIPBackbone:
-        return build_clip(name, weights, image_size)
-
-    arch = CLIP_ARCHS[name]
-    build.__name__ = name.replace(".", "_")
-    build.__doc__ = (f"CLIP {arch.open_clip_name} ('{name}'): "
-                     + ("random init, for tests and speed checks." if arch.random_tag
-                        else "weights from a local file or the usual caches (docs/weights.md)."))
-    BACKBONES.register(name)(build)
-
-
-# Architectures are data (specs.CLIP_ARCHS): RN50 and ViT-B/16 (the paper's backbones), ViT-B/32,
-# ViT-L/14, and two tiny random-init variants for tests.
-for _name in CLIP_ARCHS:
-    _register(_name)

@@ -26,7 +26,7 @@ from torchvision import transforms as T
 
 from capnet.models.backbones.base import Backbone, BackboneSpec
 from capnet.errors import CheckpointError
-from capnet.models.backbones.checkpoints import sha256_of
+from capnet.fileio import sha256_of
 from capnet.models.backbones.offline_text import MiniLMText, capnet_cache_dir, extract_minilm, minilm_zip_path
 from capnet.models.backbones import efficientnet_lite
 from capnet.models.backbones.offline_vision import CAFFE_MEAN_RGB, build_vgg19_visual

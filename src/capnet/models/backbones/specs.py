@@ -10,7 +10,6 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
-import open_clip
 
 OPENAI_LICENSE = "MIT (OpenAI CLIP)"
 
@@ -44,6 +43,8 @@ class CLIPArch:
 
     def model_config(self) -> Dict[str, Any]:
         """A fresh open_clip config dict (embed_dim, vision_cfg, text_cfg) for this architecture."""
+        import open_clip  # heavy (seconds): only when a CLIP is built
+
         cfg = self.config if self.config is not None else open_clip.get_model_config(self.open_clip_name)
         if cfg is None:
             raise KeyError(f"open_clip {open_clip.__version__} has no architecture '{self.open_clip_name}'")

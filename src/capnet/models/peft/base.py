@@ -35,6 +35,11 @@ class PEFTError(CapnetError, ValueError):
 
 def tower_kind(visual: nn.Module) -> Optional[str]:
     """Classify a visual tower: 'vit', 'resnet', 'staged_cnn' or None (unknown)."""
+    stages = getattr(visual, "stages", None)
+    if isinstance(stages, nn.ModuleList) and any(isinstance(m, nn.Conv2d) for m in stages.modules()):
+        return STAGED_CNN
+    if not type(visual).__module__.startswith("open_clip"):
+        return None  # not an open_clip tower: no need to import open_clip (seconds) to say so
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
 
@@ -42,9 +47,6 @@ def tower_kind(visual: nn.Module) -> Optional[str]:
         return VIT
     if isinstance(visual, ModifiedResNet):
         return RESNET
-    stages = getattr(visual, "stages", None)
-    if isinstance(stages, nn.ModuleList) and any(isinstance(m, nn.Conv2d) for m in stages.modules()):
-        return STAGED_CNN
     return None
 
 
