@@ -27,7 +27,7 @@ ZEROSHOT = ["model.kind=zeroshot", "model.backbone=clip_tiny_rn.random", "model.
 TRAINED = ["model.kind=capnet", "model.backbone=clip_tiny_rn.random", "model.peft.method=none",
            "model.prompts.enabled=false", "model.gcn.enabled=false", "model.graph.source=none",
            "model.class_residual=true", "tte.views=single", "tte.templates=false", "data.num_workers=0",
-           "data.val_fraction=0.3", "loss.name=db_focal", "train.epochs=2", "data.batch_size=4"]
+           "data.val_fraction=0.3", "loss.name=db_focal", "train.epochs=2", "data.batch_size=4", "train.refit=false"]
 
 
 def _train(data: Path, out: Path, sets, *extra: str) -> int:
@@ -128,3 +128,20 @@ def test_a_finished_run_records_its_config_hash(data: Path, tmp_path: Path) -> N
     assert finished_run(out, cfg)["mAP"] == json.loads((out / "metrics.json").read_text())["mAP"]
     changed = load_config([out / "config.yaml"], ["optim.lr=0.123"])
     assert finished_run(out, changed) is None
+
+
+def test_images_that_decoded_before_are_not_decoded_again(data: Path, tmp_path: Path, monkeypatch) -> None:
+    from capnet.data import check
+
+    decoded = []
+    real = check.image_problem
+    monkeypatch.setattr(check, "image_problem", lambda p: decoded.append(p) or real(p))
+    args = ["train", "--config", str(REPO / "configs" / "demo.yaml"), "--cache-dir", str(tmp_path / "cache")]
+    sets = [a for s in ZEROSHOT + [f"data.root={data}"] for a in ("--set", s)]
+    assert main(args + ["--out", str(tmp_path / "a")] + sets) == 0
+    assert len(decoded) == 14  # every image, once
+    assert main(args + ["--out", str(tmp_path / "b")] + sets) == 0
+    assert len(decoded) == 14  # unchanged files: known good
+    (data / "images" / "0101.jpg").write_bytes(b"")  # a changed file is decoded again, and fails
+    assert main(args + ["--out", str(tmp_path / "c")] + sets) == 1
+    assert decoded[-1].name == "0101.jpg" and len(decoded) == 15

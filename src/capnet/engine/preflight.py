@@ -6,9 +6,10 @@ caller asks to skip them, are dropped from their splits and listed in ``skipped_
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from capnet.engine import distributed
 from capnet.errors import DataError
@@ -19,15 +20,46 @@ SKIPPED_FILE = "skipped_images.txt"  # in the run directory: one "path: reason" 
 SHOWN = 20  # skipped images named in report.md; all of them are in SKIPPED_FILE
 
 
-def preflight_images(ds: Any, skip_bad_images: bool) -> Tuple[Any, List[Tuple[Path, str]]]:
+CHECKED_FILE = "checked_images.json"  # in the feature cache: fingerprints of images that decoded
+
+
+def _fingerprint_keys(paths: Sequence[Path]) -> List[str]:
+    from capnet.engine.feature_cache import image_fingerprints
+
+    return [json.dumps(fp) for fp in image_fingerprints(paths)]
+
+
+def _known_good(cache_dir: Optional[Path]) -> set:
+    """Fingerprints (path, size, mtime) of images an earlier run decoded; empty without a cache."""
+    if cache_dir is None:
+        return set()
+    try:
+        return set(json.loads((Path(cache_dir) / CHECKED_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def preflight_images(ds: Any, skip_bad_images: bool,
+                     cache_dir: Optional[Path] = None) -> Tuple[Any, List[Tuple[Path, str]]]:
     """Decode every image before any long work: a bad file fails here, not after training.
 
-    With ``skip_bad_images`` the bad files are dropped from their splits and returned, so the
-    caller can list them; otherwise a ``BadImagesError`` names them (``.problems`` has all).
+    Images that decoded in an earlier run and have not changed since (same path, size and
+    mtime, recorded in ``cache_dir/checked_images.json``) are not decoded again. With
+    ``skip_bad_images`` the bad files are dropped from their splits and returned, so the caller
+    can list them; otherwise a ``BadImagesError`` names them (``.problems`` has all).
     """
-    from capnet.data.check import bad_images_error, check_dataset, drop_images
+    from capnet.data.check import bad_images_error, check_images, drop_images
 
-    found = check_dataset(ds, progress=distributed.is_main())
+    paths = list(dict.fromkeys(p for split in ds.splits.values() for p in split.image_paths))
+    keys = _fingerprint_keys(paths)
+    known = _known_good(cache_dir)
+    todo = [(p, k) for p, k in zip(paths, keys) if k not in known]
+    bad = dict(check_images([p for p, _ in todo], progress=distributed.is_main()))
+    if cache_dir is not None and distributed.is_main() and todo:
+        good = known | {k for p, k in todo if p not in bad}
+        atomic_write_bytes(json.dumps(sorted(good)).encode(), Path(cache_dir) / CHECKED_FILE)
+    found = {name: [(p, bad[p]) for p in split.image_paths if p in bad] for name, split in ds.splits.items()}
+    found = {name: probs for name, probs in found.items() if probs}
     problems = [p for split in found.values() for p in split]
     if not problems:
         return ds, []

@@ -250,7 +250,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
     device = distributed.init_distributed(cfg.train.device).device
     run_cfg = runtime_config(cfg)
     ds = prepare_dataset(cfg.data)
-    ds, skipped = preflight_images(ds, skip_bad_images)
+    ds, skipped = preflight_images(ds, skip_bad_images, cache_dir)
     clock.lap("read and check the data")
     model = build_model(cfg, ds.classes, ds.splits["train"].labels).to(device)
     if distributed.is_main():
