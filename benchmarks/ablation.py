@@ -31,24 +31,27 @@ KEYS = ("mAP", "head", "medium", "tail")
 PROBE = "linear_probe"
 FULL = "full"
 
-# (row key, label, experiment file or None for the recipe itself), in the paper's order; rows
-# indented with "  " are contrasts, not steps of the cumulative ablation.
+# (row key, label, experiment file or None for the recipe itself). The recipe was chosen on
+# validation (configs/model/offline_efficientnet_lite0.yaml); every other CAPNET row takes one
+# component out of it ("-") or adds one the recipe left out ("+"), so each row's paired
+# difference to "full" is that component's contribution.
 ROWS = [
-    ("zeroshot", "Zero-shot (ImageNet text bridge, no training)", "zeroshot.yaml"),
+    ("zeroshot", "Zero-shot (text bridge, no training)", "zeroshot.yaml"),
     (PROBE, "Linear probe (scikit-learn, C chosen on val, refit on train + val)", "linear_probe.yaml"),
-    ("coop", "CoOp prompts + class residual (BCE)", "coop_bce.yaml"),
-    ("coop_no_residual", "  (prompts only, no class residual)", "coop_no_residual.yaml"),
-    ("text_gcn", "+ text-derived graph & GCN", "coop_text_gcn.yaml"),
-    ("cooc_gcn", "  (co-occurrence graph instead)", "coop_cooccurrence_gcn.yaml"),
-    ("db_focal", "+ DB loss", "text_gcn_db_focal.yaml"),
-    ("class_aware", "+ class-aware re-weighting", "text_gcn_db_focal_cw.yaml"),
-    ("peft", "+ PEFT", "no_tte.yaml"),
-    (FULL, "+ test-time ensembling = full CAPNET", None),
-    ("db_focal_baseline", "Baseline: DB-focal fine-tune, no prompts / graph", "db_focal_finetune.yaml"),
+    (FULL, "Full CAPNET (the recipe chosen on validation)", None),
+    ("no_prompts", "- soft prompts (fixed template classifier)", "no_prompts.yaml"),
+    ("no_residual", "- class residual (the prompt classifier alone)", "no_residual.yaml"),
+    ("no_gcn", "- text graph and GCN", "no_gcn.yaml"),
+    ("cooc_graph", "co-occurrence graph instead of the text graph", "cooccurrence_graph.yaml"),
+    ("no_tte", "- test-time ensembling", "no_tte.yaml"),
+    ("db_loss", "+ DB loss (re-balanced weighting)", "db_loss.yaml"),
+    ("db_loss_cw", "+ DB loss + class-aware re-weighting", "db_loss_cw.yaml"),
+    ("db_focal", "+ DB-focal as published (NTR, focal, q = 0.5)", "db_focal_published.yaml"),
+    ("peft", "+ PEFT (conv adapter before the head conv)", "peft_adapter.yaml"),
+    ("db_focal_baseline", "Baseline: DB-loss fine-tune, no prompts / graph", "db_focal_finetune.yaml"),
 ]
-# Each row's paired contrast: the step of the cumulative ablation before it (contrasts: their twin).
-PREVIOUS = {"text_gcn": "coop", "db_focal": "text_gcn", "class_aware": "db_focal", "peft": "class_aware",
-            FULL: "peft", "coop_no_residual": "coop", "cooc_gcn": "text_gcn", "db_focal_baseline": FULL}
+# A row's paired contrast: full CAPNET for the leave-one-out / add-one rows.
+PREVIOUS = {k: FULL for k, _, _ in ROWS if k not in ("zeroshot", PROBE, FULL)}
 
 
 def protocol_splits(protocol: str, folds: int) -> Dict[str, List[str]]:
@@ -139,9 +142,9 @@ def markdown(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
                  "cv": "5-fold re-split of all 3,426 images"}[proto]
         lines += [f"## Protocol `{proto}`: {title}, {n} runs per row", "",
                   "Test mAP (%), mean ± std over (split, seed). Δ: paired difference on the same (split, seed), mean ± "
-                  "95% t-interval half-width. A row's contrast is the step before it (a parenthesised row: its twin; "
-                  "the DB-focal baseline: full CAPNET).", "",
-                  "| row | total mAP | head | medium | tail | Δ total vs probe | Δ tail vs probe | Δ total vs its contrast | Δ tail vs its contrast |",
+                  "95% t-interval half-width; the contrast of every other row is full CAPNET (so a '-' row's Δ is minus "
+                  "that component's contribution).", "",
+                  "| row | total mAP | head | medium | tail | Δ total vs probe | Δ tail vs probe | Δ total vs full | Δ tail vs full |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for key, label, _ in ROWS:
             if key not in res["rows"]:

@@ -22,6 +22,8 @@ TINY = ["model.backbone=clip_tiny_vit.random", "model.gcn.hidden=16", "model.pro
 def test_experiment_builds_and_steps(path: Path) -> None:
     # the ViT recipe brings its PEFT (adaptformer) into rows that keep the recipe's PEFT
     cfg = load_config([REPO / "configs" / "voc_lt_vit_b16.yaml", path], TINY)
+    if cfg.model.peft.method == "conv_adapter":  # a CNN adapter: the tiny ResNet tower instead
+        cfg = load_config([REPO / "configs" / "voc_lt_rn50.yaml", path], TINY + ["model.backbone=clip_tiny_rn.random"])
     model = build_model(cfg, CLASSES, LABELS)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.options, LABELS.sum(0).astype(int) + 1, len(LABELS) + 2)
     params = [p for group in model.param_groups().values() for p in group]
@@ -31,7 +33,8 @@ def test_experiment_builds_and_steps(path: Path) -> None:
     assert params, "every other experiment trains something"
     before = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=0.5)
-    images = torch.randn(4, 3, 32, 32)
+    size = model.backbone.spec.image_size
+    images = torch.randn(4, 3, size, size)
     loss = loss_fn(model(images), torch.from_numpy(LABELS))
     loss.backward()
     opt.step()
