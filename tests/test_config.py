@@ -59,11 +59,12 @@ def test_missing_and_malformed_files_name_the_file(tmp_path: Path) -> None:
 
 def test_changing_the_selector_drops_the_old_options() -> None:
     """PEFT/loss options belong to their method/loss: switching must not leak them."""
-    cfg = load_config([REPO / "configs" / "demo.yaml"], ["model.peft.method=lora"])
+    vgg = REPO / "configs" / "model" / "offline_vgg19_minilm.yaml"
+    cfg = load_config([vgg], ["model.peft.method=lora"])
     assert cfg.model.peft.options == {}
-    cfg = load_config([REPO / "configs" / "demo.yaml"], ["model.peft.options.reduction=8"])
+    cfg = load_config([vgg], ["model.peft.options.reduction=8"])
     assert cfg.model.peft.options == {"stages": [4], "reduction": 8}
-    voc = load_config([REPO / "configs" / "voc_lt_rn50.yaml", REPO / "configs" / "experiments" / "coop_bce.yaml"])
+    voc = load_config([REPO / "configs" / "voc_lt_rn50.yaml"], ["loss.name=bce"])
     assert voc.loss.name == "bce" and voc.loss.options == {}
 
 

@@ -39,7 +39,8 @@ def test_feature_cache_loaders(tmp_path, write_jpeg):
     assert isinstance(loaders["train"].sampler, EpochSampler) and loaders["train"].batch_size == 4
     assert any((tmp_path / "cache").iterdir())
     feats, target, index = loaders["val"].dataset[2]
-    assert feats.shape == (12,) and index == 2 and torch.equal(target, torch.from_numpy(ds.splits["val"].labels[2]))
+    # evaluation splits hold every test-time view: (views, features), one view here
+    assert feats.shape == (1, 12) and index == 2 and torch.equal(target, torch.from_numpy(ds.splits["val"].labels[2]))
     # cached and image paths give the same scores (features stored as float16)
     model.calls.clear()
     cached, _ = predict_scores(model, loaders["test"], CPU)
@@ -56,7 +57,7 @@ def test_image_loaders_and_split_selection(tmp_path, write_jpeg):
     loaders = make_loaders(ds, model, toy_config(), cache_dir=None, device=CPU)
     assert all(isinstance(l.dataset, ImageDataset) and feature_start(l) is None for l in loaders.values())
     x, _, _ = next(iter(loaders["val"]))
-    assert x.shape == (3, 3, 8, 8)
+    assert x.shape == (3, 1, 3, 8, 8)  # (batch, test-time views, C, H, W)
     fit_only = make_loaders(ds, model, toy_config(), cache_dir=None, device=CPU, splits=("train", "val"))
     assert set(fit_only) == {"train", "val"}  # test is never loaded for fitting
 

@@ -38,9 +38,9 @@ def batch_logits(forward: nn.Module, inputs: torch.Tensor, start: Optional[int],
     """(B, C) float32 logits; a batch of views ((B, V, 3, H, W) images, or (B, V, ...) cached
     features when ``feature_views``) is averaged over V in logit space."""
     if (start is None and inputs.ndim == 5) or feature_views:
-        if not tte:
-            raise CapnetError("the loader yields (B, V, ...) views but tte=False: enable TTE or use a single view")
         b, v = inputs.shape[:2]
+        if v > 1 and not tte:
+            raise CapnetError(f"the loader yields {v} views per image but tte=False: enable TTE or use a single view")
         return forward(inputs.flatten(0, 1), start).float().view(b, v, -1).mean(dim=1)
     return forward(inputs, start).float()
 

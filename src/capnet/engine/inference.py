@@ -41,6 +41,11 @@ def load_eval_dataset(data: DataConfig, split: str):
 
 
 
+# Non-trainable tensors saved beside the trained ones: (model attribute, key in model.safetensors).
+EXTRA_STATE = (("adjacency", "graph.adjacency"), ("feature_mean", "model.feature_mean"))
+EXTRA_STATE_KEYS = tuple(key for _, key in EXTRA_STATE)
+
+
 @dataclasses.dataclass
 class LoadedRun:
     """A trained run ready for evaluation or prediction."""
@@ -74,10 +79,11 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
     if meta.get("backbone_sha256") and found and meta["backbone_sha256"] != found:
         raise CheckpointError(f"{run_dir / 'model.safetensors'}: trained on backbone weights sha256 "
                               f"{meta['backbone_sha256'][:12]}…, but {cfg.model.backbone} loaded {found[:12]}…")
+    extra = {k: tensors.pop(k) for k in EXTRA_STATE_KEYS if k in tensors}
     weights = checkpoint.split_prefix(tensors, "model.")
     checkpoint.check_compatible(model.trainable_state_dict(), weights, run_dir / "model.safetensors")
     model.load_trainable_state_dict(weights)
-    load_extra_state(model, tensors)
+    load_extra_state(model, extra)
     metrics_path = run_dir / "metrics.json"
     thr = np.full(len(classes), 0.5)
     if metrics_path.is_file():

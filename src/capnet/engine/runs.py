@@ -24,7 +24,7 @@ from torch import nn
 from capnet.config import Config, DataConfig, config_hash, replace, save_config
 from capnet.data import Split
 from capnet.engine import checkpoint, distributed
-from capnet.engine.inference import set_test_time_templates
+from capnet.engine.inference import EXTRA_STATE, set_test_time_templates
 from capnet.engine.loaders import make_loaders
 from capnet.engine.preflight import SKIPPED_FILE, preflight_images, skipped_summary, write_skipped
 from capnet.engine.resources import apply_budget, extraction_amp
@@ -67,7 +67,7 @@ def runtime_config(cfg: Config) -> Config:
 def extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Non-trainable tensors a run needs to be rebuilt anywhere (label graph, feature mean)."""
     out = {}
-    for name, key in (("adjacency", "graph.adjacency"), ("feature_mean", "model.feature_mean")):
+    for name, key in EXTRA_STATE:
         tensor = getattr(model, name, None)
         if tensor is not None:
             out[key] = tensor.detach().cpu().contiguous()
