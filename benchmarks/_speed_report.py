@@ -74,14 +74,16 @@ def _throughput(rows: List[Dict[str, Any]]) -> str:
 
 
 def _offline(rows: List[Dict[str, Any]]) -> str:
-    header = ["tower", "precision", "decode workers", "torch threads", "images",
+    header = ["tower", "precision", "allocator", "decode workers", "torch threads", "images",
               "model only ms/img", "demo path ms/img (files, decode, transform, loader, tower)"]
-    body = [[r["tower"], "bf16 autocast" if r["precision"] == "bf16" else "fp32", r["workers"], r["threads"],
+    body = [[r["tower"], "bf16 autocast" if r["precision"] == "bf16" else "fp32", r.get("allocator", "glibc default"),
+             r["workers"], r["threads"],
              r["images"], f"{r['model_only_ms_per_image']:.1f}", f"{r['end_to_end_ms_per_image']:.1f}"]
             for r in rows]
     return ("## 4. Offline towers: feature extraction\n\nRows without a mark use the machine's budget "
-            "(capnet.engine.resources.budget); the last rows vary decode workers and torch threads for the "
-            "demo's tower.\n\n" + md_table(header, body))
+            "(capnet.engine.resources.budget) and the allocator every capnet run sets (freed memory kept in the "
+            "heap, capnet.engine.resources.keep_freed_memory); the last rows time glibc's default allocator, then "
+            "vary decode workers and torch threads, for the demo's tower.\n\n" + md_table(header, body))
 
 
 def render_markdown(results: Dict[str, Any]) -> str:

@@ -123,7 +123,8 @@ def test_sharded_epoch_sampler_covers_the_epoch_like_distributed_sampler():
 
 
 def test_budget_splits_cores_between_decoding_and_torch(monkeypatch):
-    assert resources.budget(cores=2) == resources.Budget(workers=1, threads=2)
+    assert resources.budget(cores=2) == resources.Budget(workers=0, threads=2)
+    assert resources.budget(cores=4) == resources.Budget(workers=1, threads=3)
     assert resources.budget(cores=16) == resources.Budget(workers=4, threads=12)
     assert resources.budget(cores=1) == resources.Budget(workers=0, threads=1)
     assert resources.budget(cores=16, workers=0, threads=3) == resources.Budget(workers=0, threads=3)
@@ -142,3 +143,12 @@ def test_native_bf16_is_detected_from_cpu_flags(monkeypatch):
     cfg = load_config([], ["train.extract_amp=auto"])
     assert resources.extraction_amp(cfg, cpu) == "bf16"
     assert resources.extraction_amp(load_config([], ["train.extract_amp=none"]), cpu) == "none"
+
+
+def test_keep_freed_memory_is_a_noop_off_linux_and_switchable_on_glibc(monkeypatch):
+    import platform
+
+    assert resources.keep_freed_memory(True) == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    resources.keep_freed_memory(False)  # glibc's defaults back: nothing else in the suite depends on it
+    monkeypatch.setattr(resources.platform, "system", lambda: "Darwin")
+    assert resources.keep_freed_memory(True) is False

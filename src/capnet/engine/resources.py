@@ -5,10 +5,18 @@ AMX (measured in benchmarks/speed.py) and *slower* on CPUs that emulate it, so `
 only where the hardware has it. The budget splits the cores between JPEG-decoding DataLoader
 workers and torch's intra-op threads so the two never oversubscribe the machine (2 workers
 beside 2 torch threads on 2 cores spent a quarter of the demo's CPU time in the kernel).
+
+glibc returns every freed block above its mmap threshold to the kernel, so each conv activation
+of a batched forward is a fresh ``mmap`` whose pages fault in again: EfficientNet-Lite0 at 224 px
+took ~5,000 page faults and 11 ms per image, 5 ms once freed memory stays in the heap
+(``keep_freed_memory``; the reason PyTorch's CPU tuning guide suggests jemalloc / tcmalloc).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import logging
 import os
 import platform
 from dataclasses import dataclass
@@ -18,6 +26,10 @@ import torch
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo
 BF16_ARM_FLAGS = ("bf16",)  # aarch64 "Features"
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,15 +81,17 @@ class Budget:
 def budget(cores: Optional[int] = None, workers: Optional[int] = None, threads: Optional[int] = None) -> Budget:
     """Split ``cores`` between decode workers and torch threads (explicit values win).
 
-    Decoding a <=320 px JPEG and resizing it costs about a third of a bf16 EfficientNet-Lite0
-    forward on one core, so one worker per four cores keeps the tower fed; the rest are torch
-    threads (benchmarks/speed.py measures the alternatives on the machine at hand).
+    Decoding a bundled (<=500 px) JPEG and resizing it costs ~1 ms, a fifth of a bf16
+    EfficientNet-Lite0 forward on 2 threads, so below 4 cores decoding runs in the main process
+    (a worker process costs its start-up and steals a core: 7.1 vs 6.7 ms/img end to end on 768
+    images, 2 cores); from 4 cores one worker per four cores keeps the tower fed and the rest are
+    torch threads (benchmarks/speed.py measures the alternatives on the machine at hand).
     """
     cores = usable_cores() if cores is None else cores
     if workers is None:
-        workers = max(1, cores // 4) if cores > 1 else 0
+        workers = cores // 4
     if threads is None:
-        threads = max(1, cores - workers) if cores > 2 else cores
+        threads = max(1, cores - workers)
     return Budget(workers=int(workers), threads=int(threads))
 
 
@@ -89,7 +103,29 @@ def apply_budget(cfg) -> Budget:
     test harness, keeps its choice).
     """
     plan = budget(workers=cfg.data.num_workers, threads=cfg.train.threads)
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     threads = plan.threads if cfg.train.threads is not None else min(plan.threads, torch.get_num_threads())
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return Budget(workers=plan.workers, threads=threads)
+
+
+def keep_freed_memory(enable: bool = True) -> bool:
+    """Make glibc keep freed memory in the heap (no per-tensor mmap / munmap); True if applied.
+
+    ``enable=False`` restores glibc's default limits (for side-by-side benchmarks). Only glibc
+    on Linux has ``mallopt``; elsewhere this is a no-op (False). The cost is memory: freed
+    blocks are not given back until exit (the demo's peak RSS went from 2.4 to 3.3 GB).
+    """
+    if platform.system() != "Linux":
+        return False
+    mmap_max, trim = (0, 1 << 30) if enable else (GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(M_MMAP_MAX, mmap_max) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim) == 1
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    if not ok:
+        log.debug("mallopt refused the allocator settings; keeping the defaults")
+    return bool(ok)
