@@ -82,8 +82,8 @@ def _offline(rows: List[Dict[str, Any]]) -> str:
             for r in rows]
     return ("## 4. Offline towers: feature extraction\n\nRows without a mark use the machine's budget "
             "(capnet.engine.resources.budget) and the allocator every capnet run sets (freed memory kept in the "
-            "heap, capnet.engine.resources.keep_freed_memory); the last rows time glibc's default allocator, then "
-            "vary decode workers and torch threads, for the demo's tower.\n\n" + md_table(header, body))
+            "heap, capnet.engine.resources.keep_freed_memory; its effect needs fresh processes: "
+            "benchmarks/allocator.py); the last rows vary decode workers and torch threads for the demo's tower.\n\n" + md_table(header, body))
 
 
 def render_markdown(results: Dict[str, Any]) -> str:

@@ -261,12 +261,9 @@ BUDGET_GRID = ((0, 2), (1, 1), (1, 2), (2, 1), (2, 2))  # (decode workers, torch
 
 
 def _offline_row(s: Settings, name: str, paths: list, precision: str, workers: int, threads: int,
-                 notes: List[str], keep_freed: bool = True) -> Dict[str, Any]:
-    """ms/img of one tower: model only (a ready batch) and the demo's path (files -> features).
-
-    ``keep_freed``: glibc keeps freed memory in the heap, as every capnet run sets it
-    (engine/resources.py ``keep_freed_memory``); False times glibc's default allocator.
-    """
+                 notes: List[str]) -> Dict[str, Any]:
+    """ms/img of one tower: model only (a ready batch) and the demo's path (files -> features),
+    with the allocator setting every capnet run makes (engine/resources.py ``keep_freed_memory``)."""
     from capnet.engine.feature_cache import compute_features
     from capnet.engine.resources import keep_freed_memory
     from capnet.registry import BACKBONES
@@ -276,9 +273,7 @@ def _offline_row(s: Settings, name: str, paths: list, precision: str, workers: i
     images = batch(min(len(paths), 64), 1, backbone.spec.image_size, s.device)[0]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    allocator = "keep freed" if keep_freed and keep_freed_memory(True) else "glibc default"
-    if not keep_freed:
-        keep_freed_memory(False)
+    allocator = "keep freed" if keep_freed_memory(True) else "glibc default"
     try:
         def model_only() -> None:
             with torch.inference_mode(), autocast(s.device, precision):
@@ -292,7 +287,6 @@ def _offline_row(s: Settings, name: str, paths: list, precision: str, workers: i
                        f"offline {name} {precision} w{workers}t{threads}", warmup=1)
     finally:
         torch.set_num_threads(before)
-        keep_freed_memory(True)
     per = {"model_only": len(images), "end_to_end": len(paths)}
     return {"tower": name, "precision": precision, "workers": workers, "threads": threads, "images": len(paths),
             "allocator": allocator,
@@ -319,9 +313,6 @@ def run_offline(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
             rows.append(_offline_row(s, name, paths, precision, plan.workers, plan.threads, notes))
             _free()
     demo = next(iter(OFFLINE_TOWERS))
-    rows.append({**_offline_row(s, demo, paths, precisions[-1], plan.workers, plan.threads, notes, keep_freed=False),
-                 "grid": True})
-    _free()
     for workers, threads in BUDGET_GRID:
         if (workers, threads) != (plan.workers, plan.threads):
             rows.append({**_offline_row(s, demo, paths, precisions[-1], workers, threads, notes), "grid": True})
