@@ -42,6 +42,7 @@ class DataConfig:
     batch_size: int = 32  # images per optimisation step (before accumulation)
     eval_batch_size: int = 64  # images per forward pass at evaluation
     num_workers: Optional[int] = None  # JPEG-decoding DataLoader processes; null: the machine's budget (engine/resources.py)
+    exclude_classes: List[str] = field(default_factory=list)  # classes removed from the class list and all labels (held out for open-vocabulary tests)
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,8 @@ def config_hash(cfg: Config) -> str:
     for dotted in RUNTIME_KEYS:
         section, key = dotted.split(".")
         raw[section].pop(key, None)
+    if not raw["data"].get("exclude_classes"):  # added later: runs that exclude nothing keep their hash
+        raw["data"].pop("exclude_classes", None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -341,6 +344,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     if cfg.train.select == "val" and cfg.data.val_fraction == 0.0:
         raise ConfigError("train.select=val needs data.val_fraction > 0 (model selection never uses test)")
+    if len(set(cfg.data.exclude_classes)) != len(cfg.data.exclude_classes):
+        raise ConfigError(f"data.exclude_classes lists a class twice: {cfg.data.exclude_classes}")
     if cfg.model.prompts.n_ctx < 1:
         raise ConfigError("model.prompts.n_ctx must be >= 1")
     if cfg.train.augment_views < 0:

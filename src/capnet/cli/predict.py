@@ -1,7 +1,9 @@
 """``capnet predict --run DIR IMAGE_OR_DIR...``: one JSON line per image (labels + all scores).
 
 A directory contributes its files with an image suffix; every other entry is listed on stderr
-as skipped. Nothing to predict is an error (exit 1).
+as skipped. Nothing to predict is an error (exit 1). ``--add-classes "zebra,giraffe"`` scores
+new class names next to the trained ones (docs/open_vocab.md); each line then carries an
+``open_vocab`` field naming them, their threshold and how it was set.
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ def collect_images(inputs: List[str]) -> Tuple[List[Path], List[Path]]:
     return images, skipped
 
 
+def parse_class_list(text: str) -> List[str]:
+    """ "zebra, giraffe" -> ["zebra", "giraffe"]; an empty entry is an error (not silently dropped)."""
+    names = [n.strip() for n in text.split(",")]
+    if not any(names) or not all(names):
+        raise DataError(f"--add-classes {text!r}: give comma-separated class names, none empty")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     """Print a JSON line per image: labels above the per-class (validation-chosen) thresholds."""
     from capnet.engine.inference import load_run, predict_images
@@ -44,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
               f"(suffix not {'/'.join(sorted(IMAGE_SUFFIXES))}): {names}", file=sys.stderr)
     if not images:
         raise DataError(f"no images to predict in {', '.join(args.images)}")
-    loaded = load_run(Path(args.run), device=args.device)
+    added = parse_class_list(args.add_classes) if args.add_classes is not None else None
+    loaded = load_run(Path(args.run), device=args.device, add_classes=added)
     for row in predict_images(loaded, images, batch_size=args.batch_size):
         print(json.dumps(row), flush=True)
     return 0
@@ -55,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="label images with a trained run", description=__doc__)
     p.add_argument("--run", required=True, help="run directory written by train/demo")
     p.add_argument("images", nargs="+", help="image files or directories of images")
+    p.add_argument("--add-classes", default=None, metavar="NAMES",
+                   help='comma-separated new class names scored open-vocabulary, e.g. "zebra,giraffe"')
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=run)

@@ -104,6 +104,27 @@ class MultiLabelDataset:
             raise DataError(f"{self.name}: unknown class groups {sorted(extra)} (expected {GROUP_NAMES})")
         return out
 
+    def without_classes(self, names: Sequence[str]) -> "MultiLabelDataset":
+        """The dataset with ``names`` removed from the class list, every split's labels and the
+        head/medium/tail groups; every image stays (one left with no label is a negative).
+
+        Used to hold classes out of training and score them open-vocabulary afterwards.
+        """
+        names = list(names)
+        unknown = [n for n in names if n not in self.classes]
+        if unknown:
+            raise DataError(f"{self.name}: data.exclude_classes names unknown classes {unknown} "
+                            f"(classes: {', '.join(self.classes)})")
+        if not names:
+            return self
+        keep = [i for i, c in enumerate(self.classes) if c not in names]
+        if not keep:
+            raise DataError(f"{self.name}: data.exclude_classes removes every class")
+        splits = {k: Split(s.image_ids, s.image_paths, s.labels[:, keep]) for k, s in self.splits.items()}
+        groups = None if self.class_groups is None else {
+            g: [c for c in members if c not in names] for g, members in self.class_groups.items()}
+        return dataclasses.replace(self, classes=[self.classes[i] for i in keep], splits=splits, class_groups=groups)
+
     def kfold(self, folds: int, fold: int, seed: int = 0) -> "MultiLabelDataset":
         """Re-split train + test into ``folds`` stratified folds; fold ``fold`` is the new test.
 

@@ -57,10 +57,37 @@ class LoadedRun:
     device: torch.device
     class_groups: Optional[Dict[str, List[str]]] = None  # head/medium/tail by name, from training
     train_class_freq: Optional[List[int]] = None  # training positives per class (None: older run)
+    added_classes: List[str] = dataclasses.field(default_factory=list)  # open-vocabulary names (the last columns)
+
+    def with_classes(self, names: Sequence[str], keep_old: bool = True) -> "LoadedRun":
+        """This run over its classes plus ``names`` scored open-vocabulary (models/open_vocab.py).
+
+        Threshold of an added class (it has no validation data): the median of the trained
+        classes' validation-chosen thresholds (ADDED_THRESHOLD_POLICY); trained classes keep theirs.
+        """
+        from capnet.models.build import extend_model
+
+        if self.added_classes:
+            raise CheckpointError("this run already has added classes; add all names in one call")
+        set_test_time_templates(self.model, self.cfg)
+        model = extend_model(self.cfg, self.model, self.classes, names, keep_old=keep_old)
+        added = list(model.added)
+        thr = np.concatenate([self.thresholds, np.full(len(added), added_threshold(self.thresholds))])
+        return dataclasses.replace(self, model=model.to(self.device).eval(), classes=self.classes + added,
+                                   thresholds=thr, added_classes=added)
 
 
-def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
-    """Rebuild the model of ``run_dir`` and load its trained tensors (checks the backbone sha256)."""
+ADDED_THRESHOLD_POLICY = "median of the trained classes' validation-chosen thresholds"
+
+
+def added_threshold(trained: np.ndarray) -> float:
+    """Threshold for an open-vocabulary class: the median trained threshold (ADDED_THRESHOLD_POLICY)."""
+    return float(np.median(trained)) if len(trained) else 0.5
+
+
+def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence[str]] = None) -> LoadedRun:
+    """Rebuild the model of ``run_dir`` and load its trained tensors (checks the backbone sha256);
+    ``add_classes``: names scored open-vocabulary after the trained ones (``LoadedRun.with_classes``)."""
     import json
 
     from capnet.models.build import build_model
@@ -89,8 +116,9 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
     if metrics_path.is_file():
         saved = json.loads(metrics_path.read_text()).get("thresholds", {})
         thr = np.array([saved.get(c, 0.5) for c in classes], dtype=np.float64)
-    return LoadedRun(cfg, model.to(dev).eval(), classes, thr, dev,
-                     class_groups=meta.get("class_groups"), train_class_freq=meta.get("train_class_freq"))
+    run = LoadedRun(cfg, model.to(dev).eval(), classes, thr, dev,
+                    class_groups=meta.get("class_groups"), train_class_freq=meta.get("train_class_freq"))
+    return run.with_classes(add_classes) if add_classes else run
 
 
 def evaluate_run(run: LoadedRun, ds: Any, split: str, cache_dir: Optional[Path],
@@ -155,6 +183,8 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
 
     views_of = eval_views(run.model, run.cfg)
     set_test_time_templates(run.model, run.cfg)
+    added = {"classes": run.added_classes, "threshold": round(float(run.thresholds[-1]), 6),
+             "threshold_policy": ADDED_THRESHOLD_POLICY} if run.added_classes else None
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
         views = torch.stack([views_of(load_image(p)) for p in chunk]).to(run.device)
@@ -163,6 +193,9 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
             logits = run.model(views.flatten(0, 1)).float().view(b, v, -1).mean(dim=1)
         probs = torch.sigmoid(logits.double()).cpu().numpy()
         for path, p in zip(chunk, probs):
-            yield {"image": str(path),
+            row = {"image": str(path),
                    "labels": [c for c, s, t in zip(run.classes, p, run.thresholds) if s >= t],
                    "scores": {c: round(float(s), 6) for c, s in zip(run.classes, p)}}
+            if added is not None:
+                row["open_vocab"] = added
+            yield row

@@ -55,7 +55,9 @@ def prepare_dataset(data: DataConfig):
         raise DataError(f"{data.root}: training needs a train and a test split, found {', '.join(ds.splits)}")
     if data.resplit_folds:
         ds = ds.kfold(data.resplit_folds, data.resplit_fold, data.resplit_seed)
-    return ds.with_val_split(data.val_fraction, data.val_seed)
+    # Classes are removed after the splits are drawn: the same images land in train/val/test as
+    # in a run over all classes, so the two runs compare class by class.
+    return ds.with_val_split(data.val_fraction, data.val_seed).without_classes(data.exclude_classes)
 
 
 def runtime_config(cfg: Config) -> Config:

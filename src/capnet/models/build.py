@@ -106,3 +106,15 @@ def build_model(
     if backbone is None:
         backbone = BACKBONES.build(cfg.model.backbone, weights=cfg.model.weights, **cfg.model.backbone_options)
     return MODEL_KINDS.build(cfg.model.kind, cfg, backbone, list(class_names), train_labels)
+
+
+def extend_model(cfg: Config, model: ClassifierBase, old_names: Sequence[str], new_names: Sequence[str],
+                 keep_old: bool = True) -> ClassifierBase:
+    """``open_vocab.extend_classes`` with the run's templates and label graph: a ``text`` graph is
+    rebuilt over old + new names with the run's settings; any other source (co-occurrence needs
+    labels the new classes lack) leaves the new classes isolated in the graph."""
+    from capnet.models.open_vocab import extend_classes, text_graph_fn  # sibling module, imported late
+
+    g = cfg.model.graph
+    graph = text_graph_fn(g.topk, g.threshold, g.p) if g.source == "text" else None
+    return extend_classes(model, old_names, new_names, templates=cfg.model.templates, graph=graph, keep_old=keep_old)

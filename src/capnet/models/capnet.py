@@ -133,11 +133,15 @@ class CAPNET(ClassifierBase):
         with torch.no_grad():
             self.feature_mean.copy_(mean.to(self.feature_mean))
 
-    def _text_head(self, emb: torch.Tensor) -> torch.Tensor:
-        """GCN refinement (residual) then projection then L2 normalisation."""
+    def _text_head(self, emb: torch.Tensor, adjacency: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """GCN refinement (residual) then projection then L2 normalisation.
+
+        ``adjacency`` replaces the trained label graph (open-vocabulary rows, ``open_vocab.py``).
+        """
         emb = emb.float()
         if self.gcn is not None:
-            emb = emb + self.gcn_residual * self.gcn(self.adjacency, emb)
+            adj = self.adjacency if adjacency is None else adjacency
+            emb = emb + self.gcn_residual * self.gcn(adj.to(emb.device), emb)
         if self.text_proj is not None:
             emb = self.text_proj(emb)
         return F.normalize(emb, dim=-1)
