@@ -273,7 +273,7 @@ def _offline_row(s: Settings, name: str, paths: list, precision: str, workers: i
     images = batch(min(len(paths), 64), 1, backbone.spec.image_size, s.device)[0]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    allocator = "keep freed" if keep_freed_memory(True) else "glibc default"
+    allocator = "keep freed" if keep_freed_memory() else "glibc default"
     try:
         def model_only() -> None:
             with torch.inference_mode(), autocast(s.device, precision):

@@ -19,7 +19,7 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from capnet.engine.resources import keep_freed_memory, native_bf16
 keep = sys.argv[1] == "1"
-applied = keep_freed_memory(True) if keep else False
+applied = keep_freed_memory() if keep else False
 from capnet.models.backbones.efficientnet_lite import build_efficientnet_lite_visual
 batch, images = int(sys.argv[2]), int(sys.argv[3])
 tower, _ = build_efficientnet_lite_visual("lite0")

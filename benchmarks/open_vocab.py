@@ -41,14 +41,17 @@ def _train(name: str, runs_dir: Path, overrides: Sequence[str], extra: Sequence[
 
 
 def _f1(probs: np.ndarray, target: np.ndarray, thr: float) -> float:
-    pred = probs >= thr
-    tp = float((pred & (target > 0)).sum())
-    denom = float(pred.sum() + (target > 0).sum())
-    return 100.0 * 2 * tp / denom if denom else 0.0
+    """F1 (%) of one class at ``probs >= thr`` (capnet.metrics.f1_report)."""
+    from capnet.metrics import f1_report
+
+    return float(f1_report(probs[:, None], target[:, None], thr)["f1"][0])
 
 
 def _best_f1(probs: np.ndarray, target: np.ndarray) -> float:
-    return max(_f1(probs, target, t) for t in np.unique(probs))
+    """F1 (%) at the threshold best on these very labels: an upper bound, never a policy."""
+    from capnet.metrics import best_thresholds
+
+    return _f1(probs, target, float(best_thresholds(probs[:, None], target[:, None])[0]))
 
 
 def _score(run: Any, ds: Any) -> Dict[str, Any]:

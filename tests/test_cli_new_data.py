@@ -150,3 +150,20 @@ def test_predict_lists_what_it_skips(zs_run: Path, tmp_path: Path, capsys, write
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "readme.md" in captured.err and "no images to predict" in captured.err
+
+
+def test_eval_of_a_run_saved_with_the_machine_budget(zs_run: Path, tmp_path: Path, make_folder_tree) -> None:
+    """Runs save ``data.num_workers: null`` (the demo does); loading one must resolve it before
+    any image is decoded, not hand None to the DataLoader."""
+    import shutil
+
+    run = shutil.copytree(zs_run, tmp_path / "run")
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("num_workers: 1", "num_workers: null"))
+    assert "num_workers: null" in cfg.read_text()
+    data = make_folder_tree(tmp_path / "new", {"test": [("n1", "person"), ("n2", "car"), ("n3", "person car")]},
+                            RUN_CLASSES)
+    out = tmp_path / "m.json"
+    assert _eval(run, tmp_path, "--data-dir", str(data), "--json", str(out)) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["classes"]["scored"] == len(RUN_CLASSES) and set(metrics["excluded"]) == {"motorcycle", "dining_table"}

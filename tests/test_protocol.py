@@ -145,10 +145,9 @@ def test_native_bf16_is_detected_from_cpu_flags(monkeypatch):
     assert resources.extraction_amp(load_config([], ["train.extract_amp=none"]), cpu) == "none"
 
 
-def test_keep_freed_memory_is_a_noop_off_linux_and_switchable_on_glibc(monkeypatch):
+def test_keep_freed_memory_applies_on_glibc_and_is_a_noop_elsewhere(monkeypatch):
     import platform
 
-    assert resources.keep_freed_memory(True) == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
-    resources.keep_freed_memory(False)  # glibc's defaults back: nothing else in the suite depends on it
+    assert resources.keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
     monkeypatch.setattr(resources.platform, "system", lambda: "Darwin")
-    assert resources.keep_freed_memory(True) is False
+    assert resources.keep_freed_memory() is False

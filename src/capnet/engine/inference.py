@@ -19,6 +19,7 @@ from torch import nn
 from capnet.config import Config, DataConfig, load_config
 from capnet.data.lt_stats import GROUP_NAMES
 from capnet.engine import checkpoint, distributed
+from capnet.engine.resources import runtime_config
 from capnet.engine.views import eval_views, split_scores
 from capnet.errors import CheckpointError, DataError
 
@@ -96,7 +97,7 @@ def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence
     for name in ("config.yaml", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise CheckpointError(f"{run_dir}: not a capnet run directory (missing {name})")
-    cfg = load_config([run_dir / "config.yaml"])
+    cfg = runtime_config(load_config([run_dir / "config.yaml"]))  # a saved null worker count would reach DataLoader
     tensors, meta = checkpoint.load_file(run_dir / "model.safetensors")
     classes = list(meta.get("classes", []))
     dev = distributed.resolve_device(device if device != "auto" else cfg.train.device)

@@ -24,10 +24,12 @@ from typing import Optional
 
 import torch
 
+from capnet.config import Config, replace
+
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo
 BF16_ARM_FLAGS = ("bf16",)  # aarch64 "Features"
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
-GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
+KEEP_TRIM_THRESHOLD = 1 << 30  # give memory back to the system only above 1 GiB of free heap top
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +113,29 @@ def apply_budget(cfg) -> Budget:
     return Budget(workers=plan.workers, threads=threads)
 
 
-def keep_freed_memory(enable: bool = True) -> bool:
+def runtime_config(cfg: Config) -> Config:
+    """``cfg`` with the decode workers / torch threads resolved for this machine (and applied).
+
+    Saved configs keep ``null`` (the run is portable); every path that runs a model resolves them.
+    """
+    plan = apply_budget(cfg)
+    return replace(cfg, data=replace(cfg.data, num_workers=plan.workers), train=replace(cfg.train, threads=plan.threads))
+
+
+def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in the heap (no per-tensor mmap / munmap); True if applied.
 
-    ``enable=False`` restores glibc's default limits (for side-by-side benchmarks). Only glibc
-    on Linux has ``mallopt``; elsewhere this is a no-op (False). The cost is memory: freed
+    It acts on memory freed afterwards, so compare it in fresh processes (benchmarks/allocator.py).
+    Only glibc on Linux has ``mallopt``; elsewhere this is a no-op (False). The cost is memory: freed
     blocks are not given back until exit (the demo's peak RSS went from 2.4 to 3.3 GB).
     """
     if platform.system() != "Linux":
         return False
-    mmap_max, trim = (0, 1 << 30) if enable else (GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_MMAP_MAX, mmap_max) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim) == 1
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD) == 1
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
     if not ok:
-        log.debug("mallopt refused the allocator settings; keeping the defaults")
+        log.warning("glibc mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD: CPU forwards keep the default allocator")
     return bool(ok)

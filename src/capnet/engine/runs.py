@@ -27,7 +27,7 @@ from capnet.engine import checkpoint, distributed
 from capnet.engine.inference import EXTRA_STATE, set_test_time_templates
 from capnet.engine.loaders import make_loaders
 from capnet.engine.preflight import SKIPPED_FILE, preflight_images, skipped_summary, write_skipped
-from capnet.engine.resources import apply_budget, extraction_amp
+from capnet.engine.resources import extraction_amp, runtime_config
 from capnet.engine.seed import seed_everything
 from capnet.engine.train import fit
 from capnet.engine.views import cache_depth, single_view, split_features, split_scores
@@ -58,12 +58,6 @@ def prepare_dataset(data: DataConfig):
     # Classes are removed after the splits are drawn: the same images land in train/val/test as
     # in a run over all classes, so the two runs compare class by class.
     return ds.with_val_split(data.val_fraction, data.val_seed).without_classes(data.exclude_classes)
-
-
-def runtime_config(cfg: Config) -> Config:
-    """``cfg`` with the decode workers / torch threads resolved for this machine (and applied)."""
-    plan = apply_budget(cfg)
-    return replace(cfg, data=replace(cfg.data, num_workers=plan.workers), train=replace(cfg.train, threads=plan.threads))
 
 
 def extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
