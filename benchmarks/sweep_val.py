@@ -45,9 +45,25 @@ def run_variant(config: List[str], overrides: List[str], seed: int, cache: Path)
     model = build_model(cfg, ds.classes, ds.splits["train"].labels)
     with tempfile.TemporaryDirectory() as tmp:
         _, record = fit_and_select(model, ds, cfg, Path(tmp), torch.device("cpu"), cache)
+    if not record:  # nothing to fit (zero-shot): score validation as it stands
+        record = {"val": frozen_val_metrics(model, ds, cfg, cache)}
     val = record.get("val") or {"mAP": record.get("val_mAP")}
     return {k: val.get(k) for k in KEYS} | {"epoch": record.get("selected_epoch"),
                                             "C": record.get("probe", {}).get("C")}
+
+
+def frozen_val_metrics(model, ds, cfg, cache: Path) -> Dict[str, float]:
+    """Validation mAP of a model with nothing to fit, test-time templates and views as configured."""
+    import torch
+
+    from capnet.engine.inference import set_test_time_templates
+    from capnet.engine.views import split_scores
+    from capnet.metrics import map_report
+
+    set_test_time_templates(model, cfg)
+    logits, targets = split_scores(model, ds.splits["val"], cfg, torch.device("cpu"), cache, {})
+    report = map_report(logits, targets, ds.groups(), list(ds.classes))
+    return {k: report[k] for k in KEYS}
 
 
 def summarize(rows: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:

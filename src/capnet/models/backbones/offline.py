@@ -91,7 +91,7 @@ class OfflineBackbone(Backbone):
     def __init__(self, name: str, visual: nn.Module, image_weights: Path, *, mean: Sequence[float],
                  std: Sequence[float], license: str, image_size: int, resize: str = "crop",
                  interpolation: str = "bilinear", text_bridge: bool = False, bridge_tau: float = DEFAULT_TAU,
-                 context_length: int = 77, cache_dir: Optional[Union[str, Path]] = None) -> None:
+                 bridge_glosses: bool = True, context_length: int = 77, cache_dir: Optional[Union[str, Path]] = None) -> None:
         super().__init__()
         if resize not in RESIZE_MODES:
             raise CheckpointError(f"{name}: resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
@@ -108,7 +108,7 @@ class OfflineBackbone(Backbone):
                                       f"this tower has none (use an EfficientNet-Lite backbone)")
             keys = imagenet_keys(self.text.encode, weights_sha256([zip_path], cache),
                                  cache if cache is not None else capnet_cache_dir(),
-                                 [fill(KEY_TEMPLATE, t) for t in imagenet_class_texts()])
+                                 [fill(KEY_TEMPLATE, t) for t in imagenet_class_texts(detailed=bridge_glosses)])
             self.bridge = TextBridge(keys, bridge_weight(visual.classifier, visual.pool.mode), bridge_tau)
         self.image_dim = visual.out_dim
         self.text_dim = self.bridge.out_dim if self.bridge is not None else MiniLMText.width
@@ -117,7 +117,7 @@ class OfflineBackbone(Backbone):
             weights=f"{image_weights} + {zip_path}", weights_sha256=digest, license=license,
             extra={"image_weights": str(image_weights), "text_weights": str(zip_path),
                    "aligned": self.bridge is not None, "pooling": visual.pool.mode, "resize": resize,
-                   "text_bridge": None if self.bridge is None else {"tau": self.bridge.tau, "keys": "ImageNet-1k names"}},
+                   "text_bridge": None if self.bridge is None else {"tau": self.bridge.tau, "keys": "ImageNet-1k names" + (" + WordNet glosses" if bridge_glosses else "")}},
         )
         self.requires_grad_(False)
 

@@ -34,7 +34,8 @@ def imagenet_class_texts(detailed: bool = True) -> List[str]:
     gloss ("goldfinch, Carduelis carduelis: small European finch having a crimson face ...").
 
     The glosses say what a Latin or rare name is: with them the zero-shot classifier scored
-    42.4 validation mAP on the bundled split, 40.8 with the names alone (docs/offline_backbone.md).
+    40.8 validation mAP (bundled split + 5 re-splits), 36.3 with the names alone
+    (benchmarks/results/sweeps/sweep7_zeroshot_keys.json, docs/offline_backbone.md).
     """
     from timm.data import ImageNetInfo
 
