@@ -13,12 +13,24 @@ import numpy as np
 PathLike = Union[str, Path]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(data: bytes, path: PathLike) -> None:
-    """Write ``data`` to ``path`` via a fsync'ed temporary file and ``os.replace``."""
+    """Write ``data`` to ``path`` via a fsync'ed temporary file and ``os.replace``.
+
+    The file gets the permissions a plain ``open`` would give (0666 less the umask), not
+    mkstemp's private 0600: run directories and exports are meant to be shared.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
