@@ -161,7 +161,7 @@ def markdown(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
                       "`LogisticRegression(C=0.01)` on standardised features fitted on the full train split gives "
                       + ", ".join(f"{k} {ref[k]:.2f}" for k in KEYS) + "."]
         lines += [""]
-    lines += goal_check(results) + ["![group mAP by row](img/ablation_groups.png)", ""] + demo_times()
+    lines += goal_check(results) + ["![group mAP by row](img/ablation_groups.png)", ""] + open_vocab() + demo_times()
     notes = REPO / "docs" / "results_notes.md"
     if notes.is_file():
         lines += [notes.read_text()]
@@ -197,6 +197,22 @@ def demo_times() -> List[str]:
             f"({t['machine']}; `python benchmarks/demo_times.py`).", ""]
 
 
+def open_vocab() -> List[str]:
+    """Held-out classes added by name, if benchmarks/open_vocab.py has run (its own table)."""
+    path = REPO / "benchmarks" / "results" / "open_vocab.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    held = " and ".join(r["held_out"])
+    return ["## Open-vocabulary classes, measured", "",
+            f"{held} removed from the classes and every label of the demo recipe, then scored by name as added "
+            f"classes (`capnet predict --add-classes`, docs/open_vocab.md); test AP (%), mean ± std over "
+            f"{len(r['seeds'])} seeds, next to the same recipe trained with their labels and to zero-shot. The lower "
+            "table is the 14 trained classes' test mAP with the added rows kept apart or re-run through the GCN "
+            f"on the enlarged graph. Command: `{r['command']}`. Threshold of an added class: {r['threshold_policy']}.",
+            "", r["table"], ""]
+
+
 def plot(results: Dict[str, Any], path: Path) -> None:
     """Grouped bars (cv protocol when present) with std over runs as error bars."""
     from capnet.plots import plot_group_bars
@@ -218,7 +234,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--set", action="append", default=[], dest="overrides", help="extra key=value for every run")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "ablation.json"))
     p.add_argument("--doc", default=str(REPO / "docs" / "results.md"))
+    p.add_argument("--render", action="store_true",
+                   help="no runs: rewrite --doc from the results already in --json (after editing the notes)")
     args = p.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.json).read_text())
+        Path(args.doc).write_text(markdown(saved["protocols"], saved["meta"]))
+        print(f"wrote {args.doc} from {args.json}")
+        return 0
     from capnet.engine.runs import default_cache_dir
 
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()

@@ -8,7 +8,10 @@ Each variant (``name:key=value[,key=value...]``) is fitted with the engine's own
 every (split, seed): the bundled split (``--fixed``) and/or each fold of a ``--folds``-fold
 re-split of all its images, validation carved from each train part. Only validation mAP is
 read; the test parts are never scored. Printed: the mean over (split, seed) of the selected
-validation mAP (overall / head / medium / tail) and its standard error.
+validation mAP (overall / head / medium / tail) and its standard error, and for every variant
+after the first its paired difference from the first on the same (split, seed): mean ± 95%
+t-interval half-width (the folds share images, so the unpaired standard errors overstate how
+well two variants are told apart).
 """
 from __future__ import annotations
 
@@ -76,6 +79,18 @@ def summarize(rows: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     return out
 
 
+def paired_difference(rows: List[Dict[str, float]], base: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """Per metric: mean of (variant - base) over matching (split, seed) runs and its 95% t half-width."""
+    from scipy import stats
+
+    out = {}
+    for k in KEYS:
+        d = np.array([r[k] - b[k] for r, b in zip(rows, base) if r.get(k) is not None and b.get(k) is not None])
+        half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+        out[k] = {"mean": float(d.mean()) if d.size else float("nan"), "ci95": half}
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", required=True)
@@ -97,9 +112,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for split in splits(args.folds, args.fixed) for seed in args.seeds]
         stats = summarize(rows)
         out[name] = {"overrides": overrides, "val": stats, "runs": rows}
+        first = next(iter(out))
+        if name != first:
+            out[name]["vs_" + first] = diff = paired_difference(rows, out[first]["runs"])
         print(f"{name:28s} val mAP {stats['mAP']['mean']:.2f} ± {stats['mAP']['se']:.2f}  "
               + "  ".join(f"{k} {stats[k]['mean']:.2f}" for k in KEYS[1:])
-              + f"   epochs/C {[r['epoch'] or r['C'] for r in rows]}", flush=True)
+              + f"   epochs/C {[r['epoch'] or r['C'] for r in rows]}"
+              + ("" if name == first else f"   vs {first}: total {diff['mAP']['mean']:+.2f} ± {diff['mAP']['ci95']:.2f}, "
+                 f"tail {diff['tail']['mean']:+.2f} ± {diff['tail']['ci95']:.2f}"), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"config": args.config, "folds": args.folds, "fixed": args.fixed,

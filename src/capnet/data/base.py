@@ -137,13 +137,12 @@ class MultiLabelDataset:
             raise DataError(f"{self.name}: fold {fold} of {folds} folds is not a valid re-split (need folds >= 2, 0 <= fold < folds)")
         if "val" in self.splits or any(s not in self.splits for s in ("train", "test")):
             raise DataError(f"{self.name}: a k-fold re-split needs exactly train and test splits, has {', '.join(self.splits)}")
-        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+        from capnet.data.stratify import kfold_split
 
         train, test = self.splits["train"], self.splits["test"]
         both = Split(train.image_ids + test.image_ids, train.image_paths + test.image_paths,
                      np.concatenate([train.labels, test.labels]))
-        splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        rest, held = list(splitter.split(np.zeros((len(both), 1)), both.labels))[fold]
+        rest, held = kfold_split(both.labels, folds, fold, seed)
         frozen = {g: [self.classes[i] for i in idx] for g, idx in self.groups().items()}
         return dataclasses.replace(self, splits={"train": both.subset(np.sort(rest)), "test": both.subset(np.sort(held))},
                                    class_groups=frozen)
@@ -163,13 +162,12 @@ class MultiLabelDataset:
             return self
         if "train" not in self.splits:
             raise DataError(f"{self.name} has no 'train' split to carve a val split from")
-        from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+        from capnet.data.stratify import shuffle_split
 
         train = self.splits["train"]
         if len(train) < 2:
             raise DataError(f"{self.name}: train has {len(train)} image(s), too few to carve a val split")
-        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-        train_idx, val_idx = next(splitter.split(np.zeros((len(train), 1)), train.labels))
+        train_idx, val_idx = shuffle_split(train.labels, fraction, seed)  # memoised: see data/stratify.py
         groups = self.groups()
         frozen = {g: [self.classes[i] for i in idx] for g, idx in groups.items()}
         splits = dict(self.splits)

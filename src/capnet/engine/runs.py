@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from capnet.cache import capnet_cache_dir
 from capnet.config import Config, DataConfig, config_hash, replace, save_config
 from capnet.data import Split
 from capnet.engine import checkpoint, distributed
@@ -42,7 +42,7 @@ TRAINING_SPLITS = ("train", "test")  # what training needs; a val split is read 
 
 def default_cache_dir() -> Path:
     """``$CAPNET_CACHE/features`` (default ``~/.cache/capnet/features``)."""
-    return Path(os.environ.get("CAPNET_CACHE", Path.home() / ".cache" / "capnet")) / "features"
+    return capnet_cache_dir() / "features"
 
 
 def prepare_dataset(data: DataConfig):
