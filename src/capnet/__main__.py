@@ -1,6 +1,4 @@
 """``python -m capnet`` is the ``capnet`` command."""
-import sys
+from capnet.cli import entry_point
 
-from capnet.cli import main
-
-sys.exit(main())
+entry_point()

