@@ -24,6 +24,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: make `benchmarks` importable
 KEYS = ("mAP", "head", "medium", "tail")
 
 
@@ -81,15 +83,13 @@ def summarize(rows: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
 
 def paired_difference(rows: List[Dict[str, float]], base: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     """Per metric: mean of (variant - base) over matching (split, seed) runs and its 95% t half-width."""
-    from scipy import stats
+    from benchmarks.ablation import t_interval  # the ablation's paired interval, the same formula
 
     out = {}
     for k in KEYS:
-        d = np.array([r[k] - b[k] for r, b in zip(rows, base) if r.get(k) is not None and b.get(k) is not None])
-        half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
-        out[k] = {"mean": float(d.mean()) if d.size else float("nan"), "ci95": half}
+        t = t_interval([r[k] - b[k] for r, b in zip(rows, base) if r.get(k) is not None and b.get(k) is not None])
+        out[k] = {"mean": t["mean"], "ci95": t["half"]}
     return out
-
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

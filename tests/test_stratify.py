@@ -30,13 +30,14 @@ def test_equals_iterstrat_and_is_read_back(labels: np.ndarray, tmp_path: Path, m
             np.testing.assert_array_equal(a, b)
     assert len(list((tmp_path / "splits").iterdir())) == 2  # one entry per (labels, kind, params)
 
-    def fail():  # a second call must not compute
-        raise AssertionError("recomputed")
-    monkeypatch.setattr(stratify, "_memoised", lambda kind, lab, params, compute, cache_dir:
-                        stratify._read(stratify._memo_path(stratify._key(kind, lab, params), cache_dir), len(lab))
-                        or fail())
-    np.testing.assert_array_equal(stratify.shuffle_split(labels, 0.2, 3, cache_dir=tmp_path)[1], want[1])
+    import iterstrat.ml_stratifiers as ms
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed instead of read back")
+    monkeypatch.setattr(ms, "MultilabelStratifiedShuffleSplit", refuse)
+    monkeypatch.setattr(ms, "MultilabelStratifiedKFold", refuse)
+    np.testing.assert_array_equal(stratify.shuffle_split(labels, 0.2, 3, cache_dir=tmp_path)[1], want[1])
+    np.testing.assert_array_equal(stratify.kfold_split(labels, 4, 2, 1, cache_dir=tmp_path)[1], folds[2][1])
 
 def test_other_labels_or_params_get_other_entries(labels: np.ndarray, tmp_path: Path) -> None:
     a = stratify.shuffle_split(labels, 0.2, 3, cache_dir=tmp_path)

@@ -62,7 +62,7 @@ def entry_point() -> None:
     walks all of them several times while they load and again in the interpreter's final sweep
     at exit. A first generation of 100,000 allocations instead of 700 (garbage cycles, rare in
     tensor code, wait longer: a few MB) and a frozen heap at exit took the demo's repeated run
-    from ~20.5 s to ~17 s on 2 cores (1.1-1.3 s of it the final sweep). atexit handlers and
+    from 20.4-21.4 s to 17.5-17.9 s on 2 cores (1.1-1.3 s of it the final sweep). atexit handlers and
     stream flushing run as usual. In-process callers use ``main`` and keep their own settings.
     """
     gc.set_threshold(100_000, 20, 20)

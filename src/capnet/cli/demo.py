@@ -5,7 +5,7 @@ text bridge, a per-class residual, text graph + GCN, BCE, flip + template test-t
 every choice made on validation) on data/voc_real_lt with the offline EfficientNet-Lite0 backbone,
 selects the epoch on the validation split, refits on train + val, evaluates on test and prints the
 table. The first run extracts image features (about a minute on 2 CPU cores); repeated runs read
-them from the cache (under 20 s).
+them from the cache (17-20 s on the 2-core development machine).
 """
 from __future__ import annotations
 

@@ -28,14 +28,18 @@ from torch import nn
 
 from capnet import __version__
 from capnet.config import config_hash
-from capnet.engine.inference import ADDED_THRESHOLD_POLICY, LoadedRun, set_test_time_templates
+from capnet.engine.exported import METADATA_KEY
+from capnet.engine.inference import (
+    ADDED_THRESHOLD_POLICY,
+    LoadedRun,
+    set_test_time_templates,
+)
 from capnet.errors import CapnetError
 from capnet.fileio import atomic_write_bytes
 from capnet.registry import Registry
 
 EXPORT_FORMATS = Registry("export format")
 EXPORT_TTE = ("none", "flip")  # what can be folded into one graph (crops need the full-size image)
-METADATA_KEY = "capnet"  # ONNX metadata_props key / TorchScript extra file "capnet.json"
 INPUT_NAME, OUTPUT_NAME = "images", "scores"
 
 
@@ -177,7 +181,5 @@ def export_run(run: LoadedRun, fmt: str, out: Path, tte: Optional[str] = None,
     tte = resolve_tte(run, tte)
     meta = export_metadata(run, tte, run_dir)
     graph = build_graph(run, tte)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer(graph, meta, out)
+    writer(graph, meta, Path(out))  # atomic_write_bytes makes the parent folder
     return meta

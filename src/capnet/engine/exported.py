@@ -19,7 +19,7 @@ from torchvision import transforms as T
 
 from capnet.errors import CheckpointError
 
-METADATA_KEY = "capnet"  # must match capnet.engine.export.METADATA_KEY
+METADATA_KEY = "capnet"  # ONNX metadata_props key / TorchScript extra file "capnet.json"
 
 
 def preprocess_transform(meta: Dict[str, Any]) -> T.Compose:

@@ -10,24 +10,17 @@ glibc returns every freed block above its mmap threshold to the kernel, so each 
 of a batched forward is a fresh ``mmap`` whose pages fault in again: EfficientNet-Lite0 at 224 px
 took ~5,000 page faults and 11 ms per image, 5 ms once freed memory stays in the heap
 (``keep_freed_memory``; the reason PyTorch's CPU tuning guide suggests jemalloc / tcmalloc).
-
-Python's cyclic garbage collector walks every tracked object in a full collection: after torch,
-transformers and timm are imported that is ~500,000 objects, and the training loop's autograd
-churn triggers such collections again and again (1.1 s of the demo's repeated run).
-``gc_frozen`` moves what exists before the loop out of the collector's sight for its duration.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
-import gc
 import logging
 import os
 import platform
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -146,18 +139,3 @@ def keep_freed_memory() -> bool:
     if not ok:
         log.warning("glibc mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD: CPU forwards keep the default allocator")
     return bool(ok)
-
-
-@contextlib.contextmanager
-def gc_frozen() -> Iterator[None]:
-    """Collections inside the block ignore the objects that existed when it began.
-
-    ``gc.freeze`` moves them to a permanent generation and ``gc.unfreeze`` puts them back into
-    the oldest one, so nothing is leaked: a cycle among them is collected after the block
-    instead of during it. Objects made inside the block are collected as usual.
-    """
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()

@@ -37,7 +37,6 @@ from capnet.engine.evaluate import autocast, evaluate
 from capnet.engine.loaders import ModelForward, feature_start
 from capnet.engine.optim import build_optimizer, build_scheduler, group_lrs
 from capnet.engine.seed import reseed_loader, seed_everything
-from capnet.engine.resources import gc_frozen
 from capnet.errors import CheckpointError, TrainingError
 from capnet.fileio import atomic_write_bytes
 
@@ -244,11 +243,10 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
         seed_everything(cfg.train.seed)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-    with gc_frozen():  # the loop's many small collections skip the imported libraries' objects
-        for epoch in range(progress["epoch"] + 1, cfg.train.epochs + 1):
-            _run_epoch(parts, train_loader, val_loader, cfg, epoch, progress, run_dir, groups, class_names)
-            for callback in callbacks or ():
-                callback(progress["history"][-1])
+    for epoch in range(progress["epoch"] + 1, cfg.train.epochs + 1):
+        _run_epoch(parts, train_loader, val_loader, cfg, epoch, progress, run_dir, groups, class_names)
+        for callback in callbacks or ():
+            callback(progress["history"][-1])
     distributed.barrier()
     if best_path.is_file():
         checkpoint.load_weights(model, best_path)
