@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from capnet.config import Config, load_config
-from capnet.engine.evaluate import autocast
-from capnet.engine.optim import build_optimizer
+from capnet.runtime.precision import autocast
+from capnet.train.optim import build_optimizer
 from capnet.losses import build_loss
 from capnet.models import build_model
 

@@ -81,8 +81,8 @@ def _offline(rows: List[Dict[str, Any]]) -> str:
              r["images"], f"{r['model_only_ms_per_image']:.1f}", f"{r['end_to_end_ms_per_image']:.1f}"]
             for r in rows]
     return ("## 4. Offline towers: feature extraction\n\nRows without a mark use the machine's budget "
-            "(capnet.engine.resources.budget) and the allocator every capnet run sets (freed memory kept in the "
-            "heap, capnet.engine.resources.keep_freed_memory; its effect needs fresh processes: "
+            "(capnet.runtime.resources.budget) and the allocator every capnet run sets (freed memory kept in the "
+            "heap, capnet.runtime.resources.keep_freed_memory; its effect needs fresh processes: "
             "benchmarks/allocator.py); the last rows vary decode workers and torch threads for the demo's tower.\n\n" + md_table(header, body))
 
 

@@ -18,7 +18,7 @@ import torch
 
 from benchmarks._speed_models import REPO, batch, branch_steps, build_pair, train_step, trainable_count
 from benchmarks._timing import measure, paired_ratio, summarize, unstable
-from capnet.engine.evaluate import autocast
+from capnet.runtime.precision import autocast
 from capnet.models.tte import tte_logits
 
 TRAIN_TARGET, INFER_TARGET = 1.10, 1.05  # issue 7: CAPNET / bare encoder
@@ -263,9 +263,9 @@ BUDGET_GRID = ((0, 2), (1, 1), (1, 2), (2, 1), (2, 2))  # (decode workers, torch
 def _offline_row(s: Settings, name: str, paths: list, precision: str, workers: int, threads: int,
                  notes: List[str]) -> Dict[str, Any]:
     """ms/img of one tower: model only (a ready batch) and the demo's path (files -> features),
-    with the allocator setting every capnet run makes (engine/resources.py ``keep_freed_memory``)."""
-    from capnet.engine.feature_cache import compute_features
-    from capnet.engine.resources import keep_freed_memory
+    with the allocator setting every capnet run makes (src/capnet/runtime/resources.py ``keep_freed_memory``)."""
+    from capnet.features.cache import compute_features
+    from capnet.runtime.resources import keep_freed_memory
     from capnet.registry import BACKBONES
 
     backbone_name, options = OFFLINE_TOWERS[name]
@@ -297,7 +297,8 @@ def run_offline(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
     """Section 4: ms/img of the offline towers on the path the demo runs (files, decode, transform,
     DataLoader, tower, compute_features), fp32 vs bf16 where the CPU has it natively, and the
     decode-worker / torch-thread grid for the demo's tower."""
-    from capnet.engine.resources import budget, native_bf16
+    from capnet.runtime.resources import budget
+    from capnet.runtime.precision import native_bf16
 
     if s.offline_images < 1:
         notes.append("offline towers not timed in this mode")

@@ -4,7 +4,7 @@
     python benchmarks/ablation.py --protocols fixed --seeds 0 --rows linear_probe full   # a quick look
 
 Each row is ``configs/demo.yaml`` plus one experiment file of ``configs/experiments/`` (overrides
-only), trained by ``capnet.engine.runs.train_run``: choices on validation, test scored once.
+only), trained by ``capnet.experiment.train_run``: choices on validation, test scored once.
 Protocols: ``fixed`` = the bundled train/test split; ``cv`` = a 5-fold re-split of all 3,426
 images (``data.resplit_folds``; iterative stratification; each fold's validation carved from its
 train part). Every (row, split, seed) is one run directory under ``--runs-dir``; a finished run
@@ -64,7 +64,7 @@ def protocol_splits(protocol: str, folds: int) -> Dict[str, List[str]]:
 def run_row(base: Path, exp: Optional[str], overrides: List[str], out: Path, cache: Path) -> Dict[str, Any]:
     """Train one (row, split, seed) unless a finished run of the same config exists; return its metrics."""
     from capnet.config import load_config
-    from capnet.engine.runs import finished_run, train_run
+    from capnet.experiment import finished_run, train_run
 
     cfg = load_config([base] + ([EXP / exp] if exp else []), overrides)
     done = finished_run(out, cfg)
@@ -108,8 +108,8 @@ def sklearn_reference(base: Path, overrides: List[str], cache: Path) -> Dict[str
 
     from capnet.config import load_config
     from capnet.data import load_dataset
-    from capnet.engine.runs import runtime_config
-    from capnet.engine.views import single_view, split_features
+    from capnet.runtime.resources import runtime_config
+    from capnet.features.views import single_view, split_features
     from capnet.metrics import map_report
     from capnet.models.build import build_model
 
@@ -242,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         Path(args.doc).write_text(markdown(saved["protocols"], saved["meta"]))
         print(f"wrote {args.doc} from {args.json}")
         return 0
-    from capnet.engine.runs import default_cache_dir
+    from capnet.experiment import default_cache_dir
 
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     results: Dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
     python benchmarks/allocator.py [--batch 64] [--images 384] [--rounds 3]
 
-The setting (capnet.engine.resources.keep_freed_memory) only acts on memory freed after it is
+The setting (capnet.runtime.resources.keep_freed_memory) only acts on memory freed after it is
 made, so each candidate runs in its own fresh process; candidates alternate round by round and
 the median is reported with the page faults per image (the cost the setting removes). Weights
 are the real EfficientNet-Lite0 (``offline`` extra), bf16 autocast where the CPU has it.
@@ -17,7 +17,8 @@ import sys
 
 CHILD = r"""
 import json, resource, sys, time, torch
-from capnet.engine.resources import keep_freed_memory, native_bf16
+from capnet.runtime.resources import keep_freed_memory
+from capnet.runtime.precision import native_bf16
 keep = sys.argv[1] == "1"
 applied = keep_freed_memory() if keep else False
 from capnet.models.backbones.efficientnet_lite import build_efficientnet_lite_visual

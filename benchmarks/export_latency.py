@@ -3,9 +3,9 @@
     python benchmarks/export_latency.py                  # trains the demo recipe first (~1 min)
     python benchmarks/export_latency.py --run runs/demo  # an existing run
 
-The run is exported in both formats (``capnet.engine.export``), then the three graphs score the
+The run is exported in both formats (``capnet.serving.export``), then the three graphs score the
 same preprocessed batches (float32 RGB in [0, 1], flip TTE folded in as the run tests): torch
-eager is the :class:`~capnet.engine.export.ExportGraph` module itself (the fp32 path
+eager is the :class:`~capnet.serving.export.ExportGraph` module itself (the fp32 path
 ``capnet predict`` runs), TorchScript is the traced+frozen file, onnxruntime the ONNX file on the
 CPU provider. Same intra-op thread count for all (``--threads``, default: the cores). Calls are
 interleaved round by round after warm-up; ms/img is the median call time over the batch size.
@@ -48,9 +48,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
 
-    from capnet.engine.export import build_graph, export_run
-    from capnet.engine.exported import load_exported
-    from capnet.engine.inference import load_run
+    from capnet.serving.export import build_graph, export_run
+    from capnet.serving.exported import load_exported
+    from capnet.serving.run import load_run
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ HELD = ["sheep", "cow"]
 def _train(name: str, runs_dir: Path, overrides: Sequence[str], extra: Sequence[Path] = ()) -> Path:
     """Train (or reuse, when its config hash matches) one run of the demo recipe."""
     from capnet.config import load_config
-    from capnet.engine.runs import default_cache_dir, finished_run, train_run
+    from capnet.experiment import default_cache_dir, finished_run, train_run
 
     cfg = load_config([REPO / "configs" / "demo.yaml", *extra], list(overrides))
     run_dir = runs_dir / name
@@ -57,9 +57,9 @@ def _best_f1(probs: np.ndarray, target: np.ndarray) -> float:
 def _score(run: Any, ds: Any) -> Dict[str, Any]:
     """Test logits of ``run`` on the columns of ``ds`` it knows: per-class AP, probabilities, targets."""
     from capnet.data.class_match import match_classes
-    from capnet.engine.inference import set_test_time_templates
-    from capnet.engine.runs import default_cache_dir
-    from capnet.engine.views import split_scores
+    from capnet.evaluation.scores import set_test_time_templates
+    from capnet.experiment import default_cache_dir
+    from capnet.evaluation.scores import split_scores
     from capnet.metrics import average_precision
 
     match = match_classes(run.classes, ds.classes, None, where=str(ds.root))
@@ -80,7 +80,7 @@ def _old_map(scored: Dict[str, Any], old: List[str]) -> float:
 
 def seed_result(seed: int, runs_dir: Path, ds: Any) -> Dict[str, Any]:
     """Every number of one seed (module docstring)."""
-    from capnet.engine.inference import load_run
+    from capnet.serving.run import load_run
     from capnet.models.open_vocab import extend_classes
 
     full = load_run(_train(f"full_s{seed}", runs_dir, [f"train.seed={seed}"]), device="cpu")
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "open_vocab.json")
     args = parser.parse_args(argv)
     from capnet.config import load_config
-    from capnet.engine.inference import load_eval_dataset, load_run
+    from capnet.serving.run import load_eval_dataset, load_run
 
     cfg = load_config([REPO / "configs" / "demo.yaml"])
     ds = load_eval_dataset(cfg.data, "test")

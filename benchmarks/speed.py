@@ -20,7 +20,7 @@ Methodology (a reviewer should be able to check every step):
 * Throughput: images/s for inference and training, per variant (GPU: bf16 autocast,
   channels_last, torch.compile, each on/off); CPU runs fp32 only unless --variants says so.
 * Offline backbone: seconds per image of VGG19 features, model only and end to end
-  (JPEG decode + transform + model, capnet.engine.feature_cache.compute_features).
+  (JPEG decode + transform + model, capnet.features.cache.compute_features).
 * The machine (CPU, threads, load average before/after, GPU, torch, git commit) is recorded:
   numbers taken while other processes compete for the CPU are not comparable.
 """

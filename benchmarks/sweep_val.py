@@ -4,7 +4,7 @@
         --variant "base:" --variant "no_gcn:model.gcn.enabled=false" --json benchmarks/results/sweeps/x.json
 
 Each variant (``name:key=value[,key=value...]``) is fitted with the engine's own selection
-(``capnet.engine.runs.fit_and_select``: the probe's C, or the epoch of gradient training) on
+(``capnet.experiment.fit_and_select``: the probe's C, or the epoch of gradient training) on
 every (split, seed): the bundled split (``--fixed``) and/or each fold of a ``--folds``-fold
 re-split of all its images, validation carved from each train part. Only validation mAP is
 read; the test parts are never scored. Printed: the mean over (split, seed) of the selected
@@ -40,8 +40,9 @@ def run_variant(config: List[str], overrides: List[str], seed: int, cache: Path)
     import torch
 
     from capnet.config import load_config
-    from capnet.engine.runs import fit_and_select, prepare_dataset, runtime_config
-    from capnet.engine.seed import seed_everything
+    from capnet.experiment import fit_and_select, prepare_dataset
+    from capnet.runtime.resources import runtime_config
+    from capnet.runtime.seed import seed_everything
     from capnet.models.build import build_model
 
     cfg = runtime_config(load_config(config, overrides + [f"train.seed={seed}", "train.refit=false"]))
@@ -61,8 +62,8 @@ def frozen_val_metrics(model, ds, cfg, cache: Path) -> Dict[str, float]:
     """Validation mAP of a model with nothing to fit, test-time templates and views as configured."""
     import torch
 
-    from capnet.engine.inference import set_test_time_templates
-    from capnet.engine.views import split_scores
+    from capnet.evaluation.scores import set_test_time_templates
+    from capnet.evaluation.scores import split_scores
     from capnet.metrics import map_report
 
     set_test_time_templates(model, cfg)
@@ -101,7 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from capnet.engine.runs import default_cache_dir
+    from capnet.experiment import default_cache_dir
 
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     out = {}

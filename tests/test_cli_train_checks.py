@@ -11,8 +11,8 @@ import pytest
 
 from capnet.cli import main
 from capnet.config import config_hash, load_config
-from capnet.engine import train as train_module
-from capnet.engine.runs import finished_run
+from capnet.train import loop as train_module
+from capnet.experiment import finished_run
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "person", "horse"]  # horse: no training positive

@@ -131,7 +131,7 @@ def test_unaligned_towers_without_a_bridge_are_refused():
 
 def test_exclude_classes_removes_the_class_and_its_labels(small_real: Path):
     from capnet.config import load_config
-    from capnet.engine.runs import prepare_dataset
+    from capnet.experiment import prepare_dataset
 
     base = load_config([REPO / "configs" / "demo.yaml"], [f"data.root={small_real}", "data.val_fraction=0.25"])
     held = load_config([REPO / "configs" / "demo.yaml"], [f"data.root={small_real}", "data.val_fraction=0.25",

@@ -11,10 +11,10 @@ import torch
 
 from capnet.config import load_config
 from capnet.data import load_dataset
-from capnet.engine import resources
-from capnet.engine.probe import fit_logistic, select_and_fit
-from capnet.engine.runs import prepare_dataset, train_run
-from capnet.engine.seed import EpochSampler, epoch_seed
+from capnet.runtime import precision, resources
+from capnet.evaluation.probe import fit_logistic, select_and_fit
+from capnet.experiment import prepare_dataset, train_run
+from capnet.runtime.seed import EpochSampler, epoch_seed
 from capnet.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,17 +132,17 @@ def test_budget_splits_cores_between_decoding_and_torch(monkeypatch):
 
 def test_native_bf16_is_detected_from_cpu_flags(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(resources, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    monkeypatch.setattr(resources.platform, "machine", lambda: "x86_64")
-    assert not resources.native_bf16(cpu)
-    monkeypatch.setattr(resources, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-    assert resources.native_bf16(cpu)
-    monkeypatch.setattr(resources, "cpu_flags", lambda: frozenset({"fp", "asimd", "bf16"}))
-    monkeypatch.setattr(resources.platform, "machine", lambda: "aarch64")
-    assert resources.native_bf16(cpu)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    assert not precision.native_bf16(cpu)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert precision.native_bf16(cpu)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"fp", "asimd", "bf16"}))
+    monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")
+    assert precision.native_bf16(cpu)
     cfg = load_config([], ["train.extract_amp=auto"])
-    assert resources.extraction_amp(cfg, cpu) == "bf16"
-    assert resources.extraction_amp(load_config([], ["train.extract_amp=none"]), cpu) == "none"
+    assert precision.extraction_amp(cfg, cpu) == "bf16"
+    assert precision.extraction_amp(load_config([], ["train.extract_amp=none"]), cpu) == "none"
 
 
 def test_keep_freed_memory_applies_on_glibc_and_is_a_noop_elsewhere(monkeypatch):

@@ -41,7 +41,7 @@ class DataConfig:
     val_seed: int = 0  # seed of that carve-out; fixed so runs compare
     batch_size: int = 32  # images per optimisation step (before accumulation)
     eval_batch_size: int = 64  # images per forward pass at evaluation
-    num_workers: Optional[int] = None  # JPEG-decoding DataLoader processes; null: the machine's budget (engine/resources.py)
+    num_workers: Optional[int] = None  # JPEG-decoding DataLoader processes; null: the machine's budget (src/capnet/runtime/resources.py)
     exclude_classes: List[str] = field(default_factory=list)  # classes removed from the class list and all labels (held out for open-vocabulary tests)
 
 
@@ -124,7 +124,7 @@ class TrainConfig:
     augment_views: int = 0  # cached random augmentations per training image (train transform), beside the eval view
     augment_seed: int = 0  # seed of those augmentations (fixed across train.seed so the cache is shared)
     extract_amp: str = "auto"  # frozen-tower precision: auto (bf16 where the device has it natively) | none | bf16
-    threads: Optional[int] = None  # torch intra-op threads; null: the machine's budget (engine/resources.py)
+    threads: Optional[int] = None  # torch intra-op threads; null: the machine's budget (src/capnet/runtime/resources.py)
     keep_freed_memory: bool = True  # glibc keeps freed memory in the heap: ~2x faster CPU forwards (resources.py)
     refit: bool = False  # after selecting the epoch on val, retrain on train + val for that many epochs
     device: str = "auto"  # auto | cpu | cuda

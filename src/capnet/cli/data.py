@@ -23,7 +23,7 @@ def _load(args: argparse.Namespace):
 def stats(args: argparse.Namespace) -> int:
     """Print the dataset's long-tail statistics; with --write also save them as JSON files."""
     from capnet.data import describe
-    from capnet.data.lt_stats import stat_files
+    from capnet.data.summary import stat_files
     from capnet.fileio import atomic_write_bytes
 
     dataset = _load(args)

@@ -20,7 +20,7 @@ from capnet.errors import CapnetError
 def run(args: argparse.Namespace) -> int:
     """Resolve the demo config and data inside the checkout, then train and report."""
     from capnet.config import load_config
-    from capnet.engine.runs import default_cache_dir, train_run
+    from capnet.experiment import default_cache_dir, train_run
     from capnet.report import summary_table
 
     root = repo_root()

@@ -51,8 +51,8 @@ def report_classes(classes: Mapping[str, Any], num_run_classes: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate a trained run on a dataset split; prints the table and optionally writes JSON."""
     from capnet.config import load_config
-    from capnet.engine.inference import evaluate_run, load_eval_dataset, load_run
-    from capnet.engine.runs import default_cache_dir
+    from capnet.serving.run import evaluate_run, load_eval_dataset, load_run
+    from capnet.experiment import default_cache_dir
     from capnet.fileio import write_json_atomic
     from capnet.report import summary_table
 

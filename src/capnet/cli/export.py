@@ -5,7 +5,7 @@ embeddings are computed once and folded in, and so is flip TTE (``--tte``; defau
 own views when they are single or flip). The file carries its metadata (classes, image size,
 resize mode, thresholds, capnet version, source run, config hash): ONNX ``metadata_props`` key
 ``capnet`` / TorchScript extra file ``capnet.json``. ``--add-classes`` bakes open-vocabulary
-classes in (docs/open_vocab.md). Run it with ``capnet.engine.exported.load_exported`` or any
+classes in (docs/open_vocab.md). Run it with ``capnet.serving.exported.load_exported`` or any
 ONNX runtime (docs/export.md).
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from capnet.cli.predict import parse_class_list
 
 def run(args: argparse.Namespace) -> int:
     """Export the run and print a one-line summary (the metadata with --json)."""
-    from capnet.engine.export import export_run
-    from capnet.engine.inference import load_run
+    from capnet.serving.export import export_run
+    from capnet.serving.run import load_run
 
     added = parse_class_list(args.add_classes) if args.add_classes is not None else None
     loaded = load_run(Path(args.run), device="cpu", add_classes=added)
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``export`` to the top-level parser."""
-    from capnet.engine.export import EXPORT_TTE
+    from capnet.serving.export import EXPORT_TTE
 
     p = subparsers.add_parser("export", help="write a run as one ONNX or TorchScript graph", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

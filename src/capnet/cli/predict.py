@@ -45,7 +45,7 @@ def parse_class_list(text: str) -> List[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Print a JSON line per image: labels above the per-class (validation-chosen) thresholds."""
-    from capnet.engine.inference import load_run, predict_images
+    from capnet.serving.run import load_run, predict_images
 
     images, skipped = collect_images(args.images)
     if skipped:

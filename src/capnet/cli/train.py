@@ -12,8 +12,8 @@ from capnet.errors import CapnetError
 def run(args: argparse.Namespace) -> int:
     """Check every image, train, select on validation, evaluate on test and write the run directory."""
     from capnet.data.check import BadImagesError
-    from capnet.engine.preflight import SKIPPED_FILE
-    from capnet.engine.runs import default_cache_dir, train_run
+    from capnet.features.preflight import SKIPPED_FILE
+    from capnet.experiment import default_cache_dir, train_run
     from capnet.report import summary_table
 
     cfg = resolve_config(args.config, args.overrides)

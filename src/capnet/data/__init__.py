@@ -13,7 +13,8 @@ from capnet.data import coco, folder, nus_wide, voc  # noqa: F401  (register the
 from capnet.data.base import ImageDataset, MultiLabelDataset, Split, image_problem, load_image
 from capnet.data.check import check_dataset, check_images, drop_images
 from capnet.data.class_match import match_classes
-from capnet.data.lt_stats import GROUP_NAMES, assign_groups, class_freq, describe, imbalance_ratio
+from capnet.data.lt_stats import GROUP_NAMES, assign_groups, class_freq, imbalance_ratio
+from capnet.data.summary import describe
 from capnet.errors import DataError
 from capnet.registry import DATASETS
 

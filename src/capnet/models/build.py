@@ -82,7 +82,7 @@ def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_
 
 @MODEL_KINDS.register("linear_probe")
 def build_linear_probe(cfg: Config, backbone: Backbone, class_names: List[str], train_labels: Optional[np.ndarray]) -> LinearProbe:
-    """Linear probe (fitted by scikit-learn in the engine, ``capnet.engine.probe``)."""
+    """Linear probe (fitted by scikit-learn in the engine, ``capnet.evaluation.probe``)."""
     backbone.requires_grad_(False)
     return LinearProbe(backbone, len(class_names))
 

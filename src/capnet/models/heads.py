@@ -127,7 +127,7 @@ class ClassifierBase(nn.Module):
 class LinearProbe(ClassifierBase):
     """Baseline: logistic regression on frozen image features, ``W f + b``.
 
-    It is fitted in closed loop by scikit-learn (``capnet.engine.probe``: standardised features,
+    It is fitted in closed loop by scikit-learn (``capnet.evaluation.probe``: standardised features,
     L2 strength chosen on validation, L-BFGS to convergence) and the standardisation is folded
     into ``W`` and ``b`` (``load_fit``), so the head reads raw features. Logits are float32.
     """

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from capnet.errors import CheckpointError
-from capnet.models.backbones.offline_vision import GlobalPool
+from capnet.models.backbones.offline_vision import GlobalPool, StagedTower
 from capnet.models.backbones.package_files import package_file
 
 # arch -> (timm model name, python module of the weights package, file inside it, pip requirement)
@@ -90,7 +90,7 @@ def convert_lukemelas(state: Dict[str, torch.Tensor], model: nn.Module, source: 
     return out
 
 
-class EfficientNetLiteVisual(nn.Module):
+class EfficientNetLiteVisual(StagedTower):
     """timm's EfficientNet-Lite as ``stages`` (stem, 7 block stages, head conv), pooled features.
 
     ``classifier`` is the frozen ImageNet head (``head_dim`` -> 1000), read by the text bridge; the
@@ -116,24 +116,6 @@ class EfficientNetLiteVisual(nn.Module):
         """Load a lukemelas-format state dict (every tensor checked, see ``convert_lukemelas``)."""
         net = self._timm[0]
         net.load_state_dict(convert_lukemelas(state, net, source))
-
-    def prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        """Output of stage ``upto`` (0 returns the input)."""
-        x = images.contiguous(memory_format=torch.channels_last)
-        for stage in self.stages[:upto]:
-            x = stage(x)
-        return x
-
-    def suffix(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        """Stages after ``start``, then global pooling -> (B, out_dim)."""
-        x = features.contiguous(memory_format=torch.channels_last)
-        for stage in self.stages[start:]:
-            x = stage(x)
-        return self.pool(x)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised RGB -> (B, out_dim) pooled features."""
-        return self.suffix(images, 0)
 
     def imagenet_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1000) ImageNet logits of the original network (average pooling, then the head)."""

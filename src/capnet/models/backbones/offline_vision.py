@@ -106,7 +106,35 @@ class GlobalPool(nn.Module):
         return f"mode={self.mode!r}"
 
 
-class VGG19Visual(nn.Module):
+class StagedTower(nn.Module):
+    """A conv tower as ``self.stages`` then ``self.pool``: the frozen prefix of the first stages is
+    cacheable (``prefix``), the rest runs per step (``suffix``). Channels-last throughout: the
+    CPU conv kernels are faster on it.
+    """
+
+    stages: nn.ModuleList
+    pool: nn.Module
+
+    def prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
+        """Output of stage ``upto`` (``upto == 0`` returns the input)."""
+        x = images.contiguous(memory_format=torch.channels_last)
+        for stage in self.stages[:upto]:
+            x = stage(x)
+        return x
+
+    def suffix(self, features: torch.Tensor, start: int) -> torch.Tensor:
+        """Stages after ``start``, then global pooling -> (B, out_dim)."""
+        x = features.contiguous(memory_format=torch.channels_last)
+        for stage in self.stages[start:]:
+            x = stage(x)
+        return self.pool(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised RGB -> (B, out_dim) pooled features."""
+        return self.suffix(images, 0)
+
+
+class VGG19Visual(StagedTower):
     """The five VGG19 conv blocks as ``stages``, then global pooling to 512-d (1024 for avgmax)."""
 
     def __init__(self, pooling: str = "avg") -> None:
@@ -136,24 +164,6 @@ class VGG19Visual(nn.Module):
             with torch.no_grad():
                 conv.weight.copy_(weight)
                 conv.bias.copy_(bias)
-
-    def prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        """Output feature map of block ``upto`` (``upto == 0`` returns the input)."""
-        x = images.contiguous(memory_format=torch.channels_last)
-        for stage in self.stages[:upto]:
-            x = stage(x)
-        return x
-
-    def suffix(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        """Run blocks after ``start`` then pool: (B, C, H, W) feature map -> (B, 512)."""
-        x = features.contiguous(memory_format=torch.channels_last)
-        for stage in self.stages[start:]:
-            x = stage(x)
-        return self.pool(x)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) Caffe-normalised RGB -> (B, 512) pooled block-5 features."""
-        return self.suffix(images, 0)
 
 
 def build_vgg19_visual(weights: Optional[Path] = None, pooling: str = "avg") -> Tuple[VGG19Visual, Path]:

@@ -13,9 +13,9 @@ import torch
 
 from capnet.cli import main
 from capnet.config import replace
-from capnet.engine.export import resolve_tte
-from capnet.engine.exported import load_exported, preprocess_transform
-from capnet.engine.inference import load_run, predict_images
+from capnet.serving.export import resolve_tte
+from capnet.serving.exported import load_exported, preprocess_transform
+from capnet.serving.run import load_run, predict_images
 from capnet.errors import CapnetError, CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]

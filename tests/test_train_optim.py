@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from capnet.config import OptimConfig
-from capnet.engine.optim import build_optimizer, build_scheduler, group_lrs
+from capnet.train.optim import build_optimizer, build_scheduler, group_lrs
 from capnet.errors import TrainingError
 
 

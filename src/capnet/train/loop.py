@@ -31,14 +31,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from capnet.config import RUNTIME_KEYS, Config, to_dict
-from capnet.engine import checkpoint, distributed
-from capnet.engine.ema import EMA
-from capnet.engine.evaluate import autocast, evaluate
-from capnet.engine.loaders import ModelForward, feature_start
-from capnet.engine.optim import build_optimizer, build_scheduler, group_lrs
-from capnet.engine.seed import reseed_loader, seed_everything
 from capnet.errors import CheckpointError, TrainingError
+from capnet.evaluation.predict import evaluate
+from capnet.features.loaders import ModelForward, feature_start
 from capnet.fileio import atomic_write_bytes
+from capnet.runtime import distributed
+from capnet.runtime.precision import autocast
+from capnet.runtime.seed import reseed_loader, seed_everything
+from capnet.train import checkpoint
+from capnet.train.ema import EMA
+from capnet.train.optim import build_optimizer, build_scheduler, group_lrs
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from capnet.engine import checkpoint
-from capnet.engine.loaders import build_loader
-from capnet.engine.train import fit
+from capnet.train import checkpoint
+from capnet.features.loaders import build_loader
+from capnet.train.loop import fit
 from capnet.errors import CapnetError, CheckpointError, TrainingError
 
-from _engine_toys import CLASS_NAMES, GROUPS, TextToyModel, ToyModel, toy_config, toy_data
+from _toys import CLASS_NAMES, GROUPS, TextToyModel, ToyModel, toy_config, toy_data
 
 CPU = torch.device("cpu")
 

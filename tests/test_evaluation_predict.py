@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from capnet.engine.distributed import gather_predictions
-from capnet.engine.evaluate import evaluate, predict_scores
-from capnet.engine.loaders import FeatureDataset
+from capnet.runtime.distributed import gather_predictions
+from capnet.evaluation.predict import evaluate, predict_scores
+from capnet.features.loaders import FeatureDataset
 from capnet.errors import CapnetError
 
-from _engine_toys import CLASS_NAMES, GROUPS, ToyModel, toy_data
+from _toys import CLASS_NAMES, GROUPS, ToyModel, toy_data
 
 CPU = torch.device("cpu")
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from capnet.config import OptimConfig
-from capnet.engine import checkpoint
-from capnet.engine.ema import EMA
-from capnet.engine.optim import build_optimizer, build_scheduler
-from capnet.engine.seed import rng_state, set_rng_state
+from capnet.train import checkpoint
+from capnet.train.ema import EMA
+from capnet.train.optim import build_optimizer, build_scheduler
+from capnet.runtime.seed import rng_state, set_rng_state
 from capnet.errors import CheckpointError
 
-from _engine_toys import ToyModel
+from _toys import ToyModel
 
 
 def _train_a_bit(model, opt, sched, steps=3):

@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from capnet.engine import distributed
 from capnet.errors import DataError
 from capnet.fileio import atomic_write_bytes
+from capnet.runtime import distributed
 
 log = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped_images.txt"  # in the run directory: one "path: reason" line per skipped image
@@ -24,7 +24,7 @@ CHECKED_FILE = "checked_images.json"  # in the feature cache: fingerprints of im
 
 
 def _fingerprint_keys(paths: Sequence[Path]) -> List[str]:
-    from capnet.engine.feature_cache import image_fingerprints
+    from capnet.features.cache import image_fingerprints
 
     return [json.dumps(fp) for fp in image_fingerprints(paths)]
 

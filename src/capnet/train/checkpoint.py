@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
+from torch import nn
 
-from capnet.fileio import atomic_write_bytes
 from capnet.errors import CheckpointError
+from capnet.fileio import atomic_write_bytes
 
 FORMAT = "capnet-checkpoint-v1"
 PathLike = Union[str, Path]
@@ -138,7 +139,7 @@ def unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, 
 def save_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler: Any = None,
                         scaler: Any = None, ema: Any = None, progress: Optional[Mapping[str, Any]] = None) -> None:
     """Everything ``resume`` needs: weights, optimizer, scheduler, scaler, EMA, RNG, progress."""
-    from capnet.engine.seed import rng_state
+    from capnet.runtime.seed import rng_state
 
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
@@ -159,7 +160,7 @@ def save_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
 def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler: Any = None,
                         scaler: Any = None, ema: Any = None) -> Dict[str, Any]:
     """Restore what :func:`save_training_state` wrote (in place); returns its ``progress`` dict."""
-    from capnet.engine.seed import set_rng_state
+    from capnet.runtime.seed import set_rng_state
 
     tensors, meta = load_file(path)
     weights = split_prefix(tensors, "model.")
@@ -181,3 +182,36 @@ def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
         scaler.load_state_dict(meta["scaler"])
     set_rng_state(split_prefix(tensors, ""), meta["rng"])
     return meta["progress"]
+
+
+# Non-trainable tensors saved beside the trained ones: (model attribute, key in model.safetensors).
+EXTRA_STATE = (("adjacency", "graph.adjacency"), ("feature_mean", "model.feature_mean"))
+EXTRA_STATE_KEYS = tuple(key for _, key in EXTRA_STATE)
+
+
+def extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Non-trainable tensors a run needs to be rebuilt anywhere (label graph, feature mean)."""
+    out = {}
+    for name, key in EXTRA_STATE:
+        tensor = getattr(model, name, None)
+        if tensor is not None:
+            out[key] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def save_model(model: nn.Module, path: Path, classes: Sequence[str],
+               statistics: Optional[Dict[str, Any]] = None) -> None:
+    """model.safetensors: trainable tensors + extra state, backbone identity (and the training
+    statistics) in the metadata."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    tensors.update(extra_state(model))
+    meta = {**model_identity(model), "classes": list(classes), **(statistics or {})}
+    save_file(tensors, meta, path)
+
+
+def load_extra_state(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+    """Restore the non-trainable tensors ``extra_state`` saved (label graph, feature mean)."""
+    if "graph.adjacency" in tensors and getattr(model, "adjacency", None) is not None:
+        model.adjacency = tensors["graph.adjacency"].float()
+    if "model.feature_mean" in tensors and getattr(model, "feature_mean", None) is not None:
+        model.set_feature_mean(tensors["model.feature_mean"])

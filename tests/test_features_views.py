@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from capnet.config import load_config
-from capnet.engine.views import AugmentedViews, eval_views, single_view
+from capnet.features.views import AugmentedViews, eval_views, single_view
 from capnet.models.build import build_model
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from capnet.engine.feature_cache import FeatureCache, cache_key, compute_features, feature_key_parts
+from capnet.features.cache import FeatureCache, cache_key, compute_features, feature_key_parts
 from capnet.data import load_image
 from capnet.errors import DataError
 from capnet.models.backbones.base import BackboneSpec

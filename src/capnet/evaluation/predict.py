@@ -7,7 +7,6 @@ float32 even under autocast; probabilities are taken only for thresholds and pre
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -15,22 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from capnet.engine import distributed
-from capnet.engine.loaders import ModelForward, feature_start
 from capnet.errors import CapnetError
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``amp`` in none | bf16 | fp16 (fp16 needs CUDA)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp not in AMP_DTYPES:
-        raise CapnetError(f"train.amp={amp!r} is not one of none, bf16, fp16")
-    if amp == "fp16" and device.type != "cuda":
-        raise CapnetError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on CPU")
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+from capnet.features.loaders import ModelForward, feature_start
+from capnet.runtime import distributed
+from capnet.runtime.precision import autocast
 
 
 def batch_logits(forward: nn.Module, inputs: torch.Tensor, start: Optional[int], tte: bool,

@@ -8,7 +8,7 @@ def test_finished_run_matches_the_resolved_config_only(tmp_path) -> None:
     import json
 
     from capnet.config import config_hash
-    from capnet.engine.runs import finished_run
+    from capnet.experiment import finished_run
 
     cfg = load_config([], ["train.seed=3"])
     assert finished_run(tmp_path, cfg) is None  # no metrics.json

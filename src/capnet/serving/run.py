@@ -18,10 +18,13 @@ from torch import nn
 
 from capnet.config import Config, DataConfig, load_config
 from capnet.data.lt_stats import GROUP_NAMES
-from capnet.engine import checkpoint, distributed
-from capnet.engine.resources import runtime_config
-from capnet.engine.views import eval_views, split_scores
 from capnet.errors import CheckpointError, DataError
+from capnet.evaluation.scores import set_test_time_templates, split_scores
+from capnet.features.views import eval_views
+from capnet.runtime import distributed
+from capnet.runtime.resources import runtime_config
+from capnet.train import checkpoint
+from capnet.train.checkpoint import EXTRA_STATE_KEYS, load_extra_state
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,6 @@ def load_eval_dataset(data: DataConfig, split: str):
     return ds if "val" in ds.splits else ds.with_val_split(data.val_fraction, data.val_seed)
 
 
-
-
-# Non-trainable tensors saved beside the trained ones: (model attribute, key in model.safetensors).
-EXTRA_STATE = (("adjacency", "graph.adjacency"), ("feature_mean", "model.feature_mean"))
-EXTRA_STATE_KEYS = tuple(key for _, key in EXTRA_STATE)
 
 
 @dataclasses.dataclass
@@ -159,20 +157,6 @@ def _eval_groups(run: LoadedRun, ds: Any, match: Any) -> Dict[str, np.ndarray]:
                     "head/medium/tail are not reported", ds.root)
         keys = []
     return {g: np.array([k for k, key in enumerate(keys) if key == g], dtype=np.int64) for g in GROUP_NAMES}
-
-
-def set_test_time_templates(model: nn.Module, cfg: Config) -> None:
-    """Switch on the text side of test-time ensembling when the config asks and the model can."""
-    if hasattr(model, "ensemble_templates") and getattr(model, "template_embeddings", None) is not None:
-        model.ensemble_templates = cfg.tte.templates and getattr(model, "prompt_learner", None) is not None
-
-
-def load_extra_state(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
-    """Restore the non-trainable tensors ``runs.extra_state`` saved (label graph, feature mean)."""
-    if "graph.adjacency" in tensors and getattr(model, "adjacency", None) is not None:
-        model.adjacency = tensors["graph.adjacency"].float()
-    if "model.feature_mean" in tensors and getattr(model, "feature_mean", None) is not None:
-        model.set_feature_mean(tensors["model.feature_mean"])
 
 
 def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) -> Iterator[Dict[str, Any]]:

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,17 +23,24 @@ from torch import nn
 from capnet.cache import capnet_cache_dir
 from capnet.config import Config, DataConfig, config_hash, replace, save_config
 from capnet.data import Split
-from capnet.engine import checkpoint, distributed
-from capnet.engine.inference import EXTRA_STATE, set_test_time_templates
-from capnet.engine.loaders import make_loaders
-from capnet.engine.preflight import SKIPPED_FILE, preflight_images, skipped_summary, write_skipped
-from capnet.engine.resources import extraction_amp, runtime_config
-from capnet.engine.seed import seed_everything
-from capnet.engine.train import fit
-from capnet.engine.views import cache_depth, single_view, split_features, split_scores
 from capnet.errors import CapnetError, DataError
+from capnet.evaluation.scores import set_test_time_templates, split_scores
+from capnet.features.loaders import make_loaders
+from capnet.features.preflight import (
+    SKIPPED_FILE,
+    preflight_images,
+    skipped_summary,
+    write_skipped,
+)
+from capnet.features.views import cache_depth, single_view, split_features
 from capnet.fileio import write_json_atomic
 from capnet.report import write_report
+from capnet.runtime import distributed
+from capnet.runtime.precision import extraction_amp
+from capnet.runtime.resources import runtime_config
+from capnet.runtime.seed import seed_everything
+from capnet.train import checkpoint
+from capnet.train.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -60,32 +67,12 @@ def prepare_dataset(data: DataConfig):
     return ds.with_val_split(data.val_fraction, data.val_seed).without_classes(data.exclude_classes)
 
 
-def extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Non-trainable tensors a run needs to be rebuilt anywhere (label graph, feature mean)."""
-    out = {}
-    for name, key in EXTRA_STATE:
-        tensor = getattr(model, name, None)
-        if tensor is not None:
-            out[key] = tensor.detach().cpu().contiguous()
-    return out
-
-
 def train_statistics(ds: Any) -> Dict[str, Any]:
     """The training class counts and head/medium/tail groups (by name), kept with the model so a
     later evaluation on data without a train split still reports groups the way training did."""
     groups = ds.groups()
     return {"train_class_freq": [int(n) for n in ds.class_freq("train")],
             "class_groups": {g: [ds.classes[i] for i in idx] for g, idx in groups.items()}}
-
-
-def save_model(model: nn.Module, path: Path, classes: Sequence[str],
-               statistics: Optional[Dict[str, Any]] = None) -> None:
-    """model.safetensors: trainable tensors + extra state, backbone identity (and the training
-    statistics) in the metadata."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    tensors.update(extra_state(model))
-    meta = {**checkpoint.model_identity(model), "classes": list(classes), **(statistics or {})}
-    checkpoint.save_file(tensors, meta, path)
 
 
 def merged_train(ds: Any) -> Any:
@@ -130,7 +117,7 @@ def _center(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_
                      for i in range(0, len(feats), 256)]
         else:  # no cache: one pass of the (still zero-initialised) image branch over train
             from capnet.data import ImageDataset
-            from capnet.engine.loaders import build_loader
+            from capnet.features.loaders import build_loader
 
             loader = build_loader(ImageDataset(split, model.backbone.transform(train=False)), cfg.data.eval_batch_size,
                                   False, cfg.train.seed, cfg.data.num_workers, device)
@@ -141,7 +128,7 @@ def _center(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_
 def _fit_probe(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
                timings: Dict[str, float]) -> Dict[str, Any]:
     """Fit a linear probe with scikit-learn on cached final features; returns its selection record."""
-    from capnet.engine.probe import select_and_fit
+    from capnet.evaluation.probe import select_and_fit
 
     depth = cache_depth(model, cfg)
     if depth != model.backbone.num_image_stages:
@@ -265,7 +252,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         history = history + [{**row, "refit": 1} for row in refit.history]
     clock.lap("train")
     if distributed.is_main():
-        save_model(model, run_dir / "model.safetensors", ds.classes, train_statistics(ds))
+        checkpoint.save_model(model, run_dir / "model.safetensors", ds.classes, train_statistics(ds))
     header = {"name": run_dir.name, "dataset": f"{ds.name} ({cfg.data.root})", "backbone": cfg.model.backbone,
               "model": cfg.model.kind, "loss": cfg.loss.name, "PEFT": cfg.model.peft.method,
               "test-time views": cfg.tte.views, "feature precision": extraction_amp(cfg, device),

@@ -10,14 +10,15 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from capnet.engine import checkpoint, distributed
-from capnet.engine.evaluate import predict_scores
-from capnet.engine.loaders import build_loader
-from capnet.engine.train import fit
+from capnet.train import checkpoint
+from capnet.runtime import distributed
+from capnet.evaluation.predict import predict_scores
+from capnet.features.loaders import build_loader
+from capnet.train.loop import fit
 
 import pytest
 
-from _engine_toys import CLASS_NAMES, GROUPS, TextToyModel, ToyModel, toy_config, toy_data
+from _toys import CLASS_NAMES, GROUPS, TextToyModel, ToyModel, toy_config, toy_data
 
 CPU = torch.device("cpu")
 OPTS = dict(train={"epochs": 2, "select": "val"}, optim={"weight_decay": 0.0}, data={"batch_size": 4, "eval_batch_size": 3})

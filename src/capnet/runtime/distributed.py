@@ -109,7 +109,7 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bo
     """DDP-wrap ``module`` when several processes train it and it has trainable parameters.
 
     ``ignore`` names parameters DDP must leave alone: the text branch, whose gradient the
-    training loop averages itself once per optimiser step (``engine.train._TextPass``).
+    training loop averages itself once per optimiser step (``capnet.train.loop._TextPass``).
     """
     ignored = set(ignore)
     if world_size() == 1 or not any(p.requires_grad for n, p in module.named_parameters() if n not in ignored):

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, MutableMapping, Optional, Tuple
+from typing import Any, Callable, MutableMapping, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from capnet.config import Config
-from capnet.engine import distributed
-from capnet.engine.evaluate import predict_scores
-from capnet.engine.feature_cache import FeatureCache, compute_features
+from capnet.features.cache import FeatureCache, compute_features
+from capnet.runtime import distributed
 
 
 class AugmentedViews:
@@ -71,7 +69,7 @@ def cache_depth(model: nn.Module, cfg: Config) -> int:
 def split_features(model: nn.Module, paths: Any, transform: Callable, cfg: Config, device: torch.device,
                    cache_dir: Optional[Path], timings: Optional[MutableMapping[str, float]] = None) -> torch.Tensor:
     """(N, V, ...) cached prefix features of ``paths`` under a stacked-view ``transform``."""
-    from capnet.engine.resources import extraction_amp
+    from capnet.runtime.precision import extraction_amp
 
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
     with distributed.main_first():  # rank 0 fills the disk cache, the others then read it
@@ -91,19 +89,3 @@ def train_features(model: nn.Module, split: Any, cfg: Config, device: torch.devi
     return torch.cat(views, dim=1)
 
 
-def split_scores(model: nn.Module, split: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
-                 timings: Optional[MutableMapping[str, float]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Logits (view-averaged) and targets of one split under the configured test-time views."""
-    from capnet.data import ImageDataset
-    from capnet.engine.loaders import FeatureDataset, build_loader
-
-    transform = eval_views(model, cfg)
-    depth = cache_depth(model, cfg)
-    if depth > 0:
-        feats = split_features(model, split.image_paths, transform, cfg, device, cache_dir, timings)
-        loader = build_loader(FeatureDataset(feats, split.labels, start=depth, multi_view=True),
-                              cfg.data.eval_batch_size, False, cfg.train.seed, 0, device)
-        return predict_scores(model, loader, device, cfg.train.amp, tte=True)
-    loader = build_loader(ImageDataset(split, transform), cfg.data.eval_batch_size, False,
-                          cfg.train.seed, cfg.data.num_workers, device)
-    return predict_scores(model, loader, device, cfg.train.amp, tte=True)

@@ -29,7 +29,18 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    MutableMapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 import torch
@@ -217,7 +228,7 @@ def compute_features(
     ``timings`` (if given) accumulates images computed, seconds waiting for decoding and
     seconds in the tower.
     """
-    from capnet.engine.evaluate import autocast as make_autocast
+    from capnet.runtime.precision import autocast as make_autocast
 
     paths = [Path(p) for p in paths]
     if not paths:

@@ -2,7 +2,7 @@
 
 When ``train.feature_cache`` is on and the model has a cacheable frozen visual prefix
 (``model.frozen_image_stages() > 0``), each split's prefix features are computed once per image
-(``engine/views.py``; stored under ``cache_dir`` when given). Training features are (N, V, ...):
+(``src/capnet/features/views.py``; stored under ``cache_dir`` when given). Training features are (N, V, ...):
 the eval view plus ``train.augment_views`` cached augmentations, of which each epoch draws one per
 image (``FeatureDataset.set_epoch``), so cached training still sees augmentation.
 
@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from capnet.config import Config
-from capnet.engine import distributed
-from capnet.engine.seed import EpochSampler, epoch_seed, make_generator, seed_worker
+from capnet.runtime import distributed
+from capnet.runtime.seed import EpochSampler, epoch_seed, make_generator, seed_worker
 
 SPLITS = ("train", "val", "test")
 
@@ -113,13 +113,18 @@ def make_loaders(dataset: Any, model: Any, cfg: Config, *, cache_dir: Optional[P
                  ) -> Dict[str, DataLoader]:
     """Loaders for those of ``splits`` that ``dataset`` has: train with its cached views (or the
     train transform on images), val/test with the test-time views, so model selection judges
-    the model as it will be used (``capnet.engine.views.split_scores`` scores test the same way).
+    the model as it will be used (``capnet.evaluation.scores.split_scores`` scores test the same way).
 
     ``data.batch_size`` is the global batch of one optimisation step: with N processes each
     loads ``batch_size // N``.
     """
     from capnet.data import ImageDataset
-    from capnet.engine.views import cache_depth, eval_views, split_features, train_features
+    from capnet.features.views import (
+        cache_depth,
+        eval_views,
+        split_features,
+        train_features,
+    )
 
     depth = cache_depth(model, cfg)
     world = distributed.world_size()

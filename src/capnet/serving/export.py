@@ -28,15 +28,12 @@ from torch import nn
 
 from capnet import __version__
 from capnet.config import config_hash
-from capnet.engine.exported import METADATA_KEY
-from capnet.engine.inference import (
-    ADDED_THRESHOLD_POLICY,
-    LoadedRun,
-    set_test_time_templates,
-)
 from capnet.errors import CapnetError
+from capnet.evaluation.scores import set_test_time_templates
 from capnet.fileio import atomic_write_bytes
 from capnet.registry import Registry
+from capnet.serving.exported import METADATA_KEY
+from capnet.serving.run import ADDED_THRESHOLD_POLICY, LoadedRun
 
 EXPORT_FORMATS = Registry("export format")
 EXPORT_TTE = ("none", "flip")  # what can be folded into one graph (crops need the full-size image)

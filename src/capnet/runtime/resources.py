@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import logging
 import os
 import platform
@@ -26,42 +25,10 @@ import torch
 
 from capnet.config import Config, replace
 
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo
-BF16_ARM_FLAGS = ("bf16",)  # aarch64 "Features"
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 KEEP_TRIM_THRESHOLD = 1 << 30  # give memory back to the system only above 1 GiB of free heap top
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset:
-    """The CPU feature flags Linux reports (empty elsewhere or when unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively (CUDA: Ampere or newer; CPU: AVX512-BF16 / AMX / ARM bf16)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    flags = cpu_flags()
-    arm = platform.machine().lower() in ("aarch64", "arm64")
-    return any(f in flags for f in (BF16_ARM_FLAGS if arm else BF16_CPU_FLAGS))
-
-
-def extraction_amp(cfg, device: torch.device) -> str:
-    """Precision of frozen-tower feature extraction: ``train.extract_amp`` with ``auto`` resolved."""
-    choice = cfg.train.extract_amp
-    if choice == "auto":
-        return "bf16" if native_bf16(device) else "none"
-    return choice
 
 
 def usable_cores() -> int:

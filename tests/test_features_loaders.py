@@ -6,11 +6,11 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from capnet.data import ImageDataset, MultiLabelDataset, Split
-from capnet.engine.evaluate import predict_scores
-from capnet.engine.loaders import FeatureDataset, feature_start, make_loaders
-from capnet.engine.seed import EpochSampler, reseed_loader
+from capnet.evaluation.predict import predict_scores
+from capnet.features.loaders import FeatureDataset, feature_start, make_loaders
+from capnet.runtime.seed import EpochSampler, reseed_loader
 
-from _engine_toys import ToyModel, toy_config
+from _toys import ToyModel, toy_config
 
 CPU = torch.device("cpu")
 

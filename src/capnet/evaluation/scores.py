@@ -1,0 +1,40 @@
+"""Scores of a whole split under the configured test-time views (image views and, for models
+with a text branch, prompt templates): what validation, thresholds, test and predict all judge.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, MutableMapping, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from capnet.config import Config
+from capnet.evaluation.predict import predict_scores
+from capnet.features.loaders import FeatureDataset, build_loader
+from capnet.features.views import cache_depth, eval_views, split_features
+
+
+def set_test_time_templates(model: nn.Module, cfg: Config) -> None:
+    """Switch on the text side of test-time ensembling when the config asks and the model can."""
+    if hasattr(model, "ensemble_templates") and getattr(model, "template_embeddings", None) is not None:
+        model.ensemble_templates = cfg.tte.templates and getattr(model, "prompt_learner", None) is not None
+
+
+
+def split_scores(model: nn.Module, split: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
+                 timings: Optional[MutableMapping[str, float]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Logits (view-averaged) and targets of one split under the configured test-time views."""
+    from capnet.data import ImageDataset
+
+    transform = eval_views(model, cfg)
+    depth = cache_depth(model, cfg)
+    if depth > 0:
+        feats = split_features(model, split.image_paths, transform, cfg, device, cache_dir, timings)
+        loader = build_loader(FeatureDataset(feats, split.labels, start=depth, multi_view=True),
+                              cfg.data.eval_batch_size, False, cfg.train.seed, 0, device)
+        return predict_scores(model, loader, device, cfg.train.amp, tte=True)
+    loader = build_loader(ImageDataset(split, transform), cfg.data.eval_batch_size, False,
+                          cfg.train.seed, cfg.data.num_workers, device)
+    return predict_scores(model, loader, device, cfg.train.amp, tte=True)
