@@ -322,6 +322,16 @@ def _check_hf_config(config: dict, model: nn.Module, source: str, expected: str)
                 f"{source}: {name}_config.num_attention_heads is {got}; {expected} expects {want}")
 
 
+_TEXT_TOWER_KEYS = ("text_projection", "positional_embedding", "token_embedding.", "transformer.", "ln_final.")
+
+
+def to_custom_text_layout(sd: StateDict) -> StateDict:
+    """CLIP's flat text keys -> CustomTextCLIP's ``text.*`` (open_clip's converter misses Linear projections)."""
+    if "positional_embedding" not in sd:
+        return sd
+    return {("text." + k if k.startswith(_TEXT_TOWER_KEYS) else k): v for k, v in sd.items()}
+
+
 def load_clip_weights(model: nn.Module, path: str | Path, expected: str) -> RawCheckpoint:
     """Load any supported checkpoint into an open_clip ``CLIP`` built for ``expected``; return it."""
     raw = read_checkpoint(path)
@@ -329,8 +339,8 @@ def load_clip_weights(model: nn.Module, path: str | Path, expected: str) -> RawC
     if raw.hf_config is not None:
         _check_hf_config(raw.hf_config, model, source, expected)
     sd = dict(raw.state_dict)
-    if isinstance(getattr(model, "text", None), nn.Module) and "positional_embedding" in sd:
-        sd = open_clip.model.convert_to_custom_text_state_dict(sd)  # CLIP layout -> CustomTextCLIP's text.*
+    if isinstance(getattr(model, "text", None), nn.Module):
+        sd = to_custom_text_layout(sd)
     _fit_image_size(sd, model.state_dict())
     check_state_dict(sd, model, source, expected)
     model.load_state_dict(sd, strict=True)
