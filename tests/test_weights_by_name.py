@@ -293,7 +293,7 @@ def test_custom_text_model_loads_flat_checkpoint(tmp_path: Path, monkeypatch: py
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-custom", cfg)
     torch.manual_seed(5)
     model = open_clip_model(cfg, quick_gelu=False)
-    flat = {k[len("text."):] if k.startswith("text.") else k: v for k, v in model.state_dict().items()}
+    flat = {k.removeprefix("text."): v for k, v in model.state_dict().items()}
     path = tmp_path / "flat.safetensors"
     save_file({k: v.contiguous() for k, v in flat.items()}, str(path))
     backbone = BACKBONES.build("tiny-custom.random", weights=str(path))

@@ -173,12 +173,12 @@ def candidate_paths(arch: CLIPArch) -> List[str]:
             out.append(str(root / arch.hf_transformers.split("/")[1]))
     if arch.openai_file:
         out.append(str(Path.home() / ".cache" / "clip" / arch.openai_file))
-    for hub in _hub_cache_dirs():
+    for root in _hub_cache_dirs():
         if arch.hf_hub_open_clip:
-            repo = hub / ("models--" + arch.hf_hub_open_clip.replace("/", "--")) / "snapshots" / "*"
+            repo = root / ("models--" + arch.hf_hub_open_clip.replace("/", "--")) / "snapshots" / "*"
             out += [str(repo / f) for f in _OPEN_CLIP_FILES]
         if arch.hf_transformers:
-            out.append(str(hub / ("models--" + arch.hf_transformers.replace("/", "--")) / "snapshots" / "*"))
+            out.append(str(root / ("models--" + arch.hf_transformers.replace("/", "--")) / "snapshots" / "*"))
     return out
 
 
