@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import capnet.models.backbones  # noqa: F401  (fills BACKBONES)
 from capnet.errors import CheckpointError
 from capnet.models.backbones.checkpoints import convert_hf_state_dict, read_checkpoint
-from capnet.models.backbones.clip import _open_clip_model, _tokenizer
+from capnet.models.backbones.clip import _tokenizer, open_clip_model
 from capnet.models.backbones.specs import CLIP_ARCHS
 from capnet.registry import BACKBONES
 
@@ -25,7 +25,7 @@ TEXTS = ["a photo of a cat.", "a dog on a sofa next to a potted plant"]
 def _model(name: str, seed: int = 0) -> CLIP:
     """A random tiny open_clip CLIP whose weights are exactly representable in fp16."""
     torch.manual_seed(seed)
-    model = _open_clip_model(CLIP_ARCHS[name], None)
+    model = open_clip_model(CLIP_ARCHS[name].model_config(), quick_gelu=True)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())

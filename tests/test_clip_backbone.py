@@ -12,7 +12,7 @@ from PIL import Image
 import capnet.models.backbones  # noqa: F401  (fills BACKBONES)
 from capnet.errors import CheckpointError
 from capnet.models.backbones.checkpoints import describe_config, describe_state_dict, known_architectures
-from capnet.models.backbones.clip import CLIPBackbone, _open_clip_model, candidate_paths, find_weights
+from capnet.models.backbones.clip import CLIPBackbone, candidate_paths, open_clip_model, find_weights
 from capnet.models.backbones.specs import CLIP_ARCHS
 from capnet.registry import BACKBONES
 
@@ -23,7 +23,7 @@ TEXTS = ["a photo of a cat.", "", "a much longer sentence about a small dog play
 
 def _reference(backbone: CLIPBackbone) -> CLIP:
     """An open_clip CLIP loaded from the backbone's state dict (same key layout, strict)."""
-    model = _open_clip_model(CLIP_ARCHS[backbone.spec.name], None)
+    model = open_clip_model(CLIP_ARCHS[backbone.spec.name].model_config(), quick_gelu=True)
     model.load_state_dict(backbone.state_dict(), strict=True)
     return model
 
@@ -32,6 +32,7 @@ def _reference(backbone: CLIPBackbone) -> CLIP:
 def _no_real_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point every cache location into tmp_path so no real file on this machine is found."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test may reach the network
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "CAPNET_WEIGHTS_DIR"):
         monkeypatch.delenv(var, raising=False)
 

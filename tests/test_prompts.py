@@ -1,4 +1,6 @@
 """PromptLearner: placeholder layout, context shapes and init, one text pass, eval cache."""
+import warnings
+
 import pytest
 import torch
 
@@ -35,18 +37,26 @@ def test_init_phrase_equals_hand_prompt(backbone):
     assert torch.allclose(pl(), hand, atol=1e-5)
 
 
-def test_short_init_fills_last_slots(backbone):
+@pytest.mark.parametrize("n_ctx", [16, 2])
+def test_init_phrase_sets_n_ctx_as_coop(backbone, n_ctx):
+    """CoOp: with ctx_init, n_ctx is the phrase's token count; a different setting warns and is overridden."""
     torch.manual_seed(0)
-    pl = PromptLearner(backbone, NAMES, n_ctx=6, class_specific=True, init="a photo")
+    with pytest.warns(UserWarning, match=rf"using n_ctx=2 as CoOp does \(prompts.n_ctx={n_ctx} ignored\)") \
+            if n_ctx != 2 else warnings.catch_warnings():
+        if n_ctx == 2:
+            warnings.simplefilter("error")  # a matching n_ctx is silent
+        pl = PromptLearner(backbone, NAMES, n_ctx=n_ctx, class_specific=True, init="a photo")
+    assert pl.n_ctx == 2 and tuple(pl.ctx.shape) == (4, 2, 16)
     phrase = backbone.embed_tokens(backbone.tokenize(["a photo"]))[0, 1:3]
     for c in range(4):
-        assert torch.allclose(pl.ctx[c, 4:], phrase)
-        assert pl.ctx[c, :4].std() < 0.1  # random N(0, 0.02) slots
+        assert torch.allclose(pl.ctx[c], phrase)  # no random slot left
+    hand = backbone.encode_text([f"a photo {n}." for n in ("dog", "potted plant", "dining table", "cat")])
+    assert torch.allclose(pl(), hand, atol=1e-5)
 
 
-def test_long_init_is_an_error(backbone):
-    with pytest.raises(CapnetError, match="n_ctx"):
-        PromptLearner(backbone, NAMES, n_ctx=2, init="a photo of a")
+def test_empty_init_is_an_error(backbone):
+    with pytest.raises(CapnetError, match="has no tokens"):
+        PromptLearner(backbone, NAMES, n_ctx=4, init=" ")
 
 
 def test_frozen_parts_are_buffers_and_grad_reaches_ctx(backbone):

@@ -10,6 +10,7 @@ import fnmatch
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
 
 T = TypeVar("T", bound=Callable[..., Any])
+Resolver = Callable[[str], Optional[Callable[..., Any]]]
 
 
 class Registry:
@@ -18,6 +19,15 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: Dict[str, Callable[..., Any]] = {}
+        self._resolvers: List[Resolver] = []
+
+    def add_resolver(self, resolver: Resolver) -> None:
+        """Consult ``resolver(name)`` for unregistered names (timm's ``hf-hub:`` style families).
+
+        A resolver returns a builder for the names it understands (e.g. every open_clip
+        "arch.tag" pair, too many to register one by one) and None for the rest.
+        """
+        self._resolvers.append(resolver)
 
     def register(self, name: Optional[str] = None) -> Callable[[T], T]:
         """Decorator: ``@REG.register("name")`` (defaults to the object's ``__name__``)."""
@@ -33,14 +43,15 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         """Return the builder registered as ``name`` or raise a KeyError naming the choices."""
-        try:
+        if name in self._items:
             return self._items[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, list(self._items), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise KeyError(
-                f"unknown {self.kind} '{name}'.{hint} Available: {', '.join(sorted(self._items))}"
-            ) from None
+        for resolver in self._resolvers:
+            builder = resolver(name)
+            if builder is not None:
+                return builder
+        close = difflib.get_close_matches(name, list(self._items), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise KeyError(f"unknown {self.kind} '{name}'.{hint} Available: {', '.join(sorted(self._items))}")
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Look up ``name`` and call its builder."""

@@ -8,6 +8,7 @@ tower runs once per call for all C classes, never per image.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -76,6 +77,7 @@ class PromptLearner(nn.Module):
         super().__init__()
         if n_ctx < 1:
             raise CapnetError(f"prompts: n_ctx must be >= 1, got {n_ctx}")
+        n_ctx = self.context_length_for(backbone, n_ctx, init)
         # Not registered as a submodule: the backbone belongs to the model that owns us.
         object.__setattr__(self, "_backbone", backbone)
         self.n_ctx, self.class_specific = n_ctx, class_specific
@@ -96,17 +98,29 @@ class PromptLearner(nn.Module):
         self._cache = EvalCache()
 
     @staticmethod
-    def _init_context(backbone: Backbone, n_ctx: int, init: Optional[str], width: int, dtype: torch.dtype) -> torch.Tensor:
-        """(n_ctx, W) context: random N(0, 0.02), with the phrase's embeddings in the LAST slots.
+    def context_length_for(backbone: Backbone, n_ctx: int, init: Optional[str]) -> int:
+        """CoOp's rule: with an init phrase the context is exactly the phrase (n_ctx = its tokens).
 
-        A phrase shorter than ``n_ctx`` fills the slots next to the class name ("X X a photo
-        of a dog."), the leading slots stay random; a longer phrase is an error.
+        CoOp (``ctx_init``) sets n_ctx to the phrase length, so the soft prompt starts as the
+        hand prompt "a photo of a <class>." and nothing in it is random; a configured n_ctx that
+        differs is overridden with a warning that names the value to write instead.
         """
+        if not init:
+            return n_ctx
+        k = count_tokens(backbone, init)
+        if k < 1:
+            raise CapnetError(f"prompts.init {init!r} has no tokens; give a phrase or init: null")
+        if k != n_ctx:
+            warnings.warn(f"prompts.init {init!r} has {k} tokens: using n_ctx={k} as CoOp does "
+                          f"(prompts.n_ctx={n_ctx} ignored); set prompts.n_ctx={k} to silence this", stacklevel=3)
+        return k
+
+    @staticmethod
+    def _init_context(backbone: Backbone, n_ctx: int, init: Optional[str], width: int, dtype: torch.dtype) -> torch.Tensor:
+        """(n_ctx, W) context: the init phrase's token embeddings, or random N(0, 0.02) without one."""
         ctx = torch.randn(n_ctx, width, dtype=dtype) * INIT_STD
         if init:
-            k = count_tokens(backbone, init)
-            if k > n_ctx:
-                raise CapnetError(f"prompts.init {init!r} has {k} tokens but prompts.n_ctx is {n_ctx}")
+            k = count_tokens(backbone, init)  # == n_ctx (context_length_for)
             tokens = backbone.tokenize([init]).to(backbone.device)
             with torch.no_grad():
                 emb = backbone.embed_tokens(tokens)[0].detach().cpu().to(dtype)

@@ -1,12 +1,14 @@
 """Backbones: importing this package registers every backbone in BACKBONES.
 
 CLIP entries are registered from the architecture table (``specs.CLIP_ARCHS``, data only); their
-builders import open_clip (several seconds) when called, so offline runs never pay for it.
+builders import open_clip (several seconds) when called, so offline runs never pay for it. Other
+CLIP names (``clip_vit_b16.laion2b_s34b_b88k``, ``ViT-B-16.datacomp_xl_s13b_b90k``,
+``hf-hub:org/repo``) are too many to register: a resolver builds them on demand.
 """
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from capnet.models.backbones import offline  # noqa: F401  (registers the offline backbones)
-from capnet.models.backbones.specs import CLIP_ARCHS
+from capnet.models.backbones.specs import CLIP_ARCHS, resolve_arch
 from capnet.registry import BACKBONES
 
 
@@ -30,6 +32,23 @@ def _register_clip(name: str) -> None:
 # ViT-L/14, and two tiny random-init variants for tests.
 for _name in CLIP_ARCHS:
     _register_clip(_name)
+
+
+def _resolve_clip(name: str) -> Optional[Callable[..., Any]]:
+    """A ``build(weights=None, image_size=None)`` for any CLIP name ``specs.resolve_arch`` understands."""
+    if resolve_arch(name) is None:
+        return None
+
+    def build(weights: Optional[str] = None, image_size: Optional[int] = None) -> Any:
+        from capnet.models.backbones.clip import build_clip
+
+        return build_clip(name, weights, image_size)
+
+    build.__name__ = "build_clip_by_name"
+    return build
+
+
+BACKBONES.add_resolver(_resolve_clip)
 
 
 def __getattr__(attr: str) -> Any:

@@ -309,16 +309,27 @@ def _heads(tower: nn.Module) -> Optional[int]:
 def _check_hf_config(config: dict, model: nn.Module, source: str, expected: str) -> None:
     """Check what the state dict cannot show: activation and head counts of a HF directory."""
     text_cfg, vision_cfg = config.get("text_config") or {}, config.get("vision_config") or {}
+    want_act = "quick_gelu" if any(isinstance(m, open_clip.model.QuickGELU) for m in model.modules()) else "gelu"
     for name, cfg in (("text", text_cfg), ("vision", vision_cfg)):
         act = cfg.get("hidden_act", "quick_gelu")
-        if act != "quick_gelu":
-            raise CheckpointError(f"{source}: {name}_config.hidden_act is {act!r}; {expected} uses quick_gelu")
+        if act != want_act:
+            raise CheckpointError(f"{source}: {name}_config.hidden_act is {act!r}; {expected} uses {want_act}")
     heads = {"text": (text_cfg.get("num_attention_heads"), _heads(model)),
              "vision": (vision_cfg.get("num_attention_heads"), _heads(model.visual))}
     for name, (got, want) in heads.items():
         if got is not None and want is not None and got != want:
             raise CheckpointError(
                 f"{source}: {name}_config.num_attention_heads is {got}; {expected} expects {want}")
+
+
+_TEXT_TOWER_KEYS = ("text_projection", "positional_embedding", "token_embedding.", "transformer.", "ln_final.")
+
+
+def to_custom_text_layout(sd: StateDict) -> StateDict:
+    """CLIP's flat text keys -> CustomTextCLIP's ``text.*`` (open_clip's converter misses Linear projections)."""
+    if "positional_embedding" not in sd:
+        return sd
+    return {("text." + k if k.startswith(_TEXT_TOWER_KEYS) else k): v for k, v in sd.items()}
 
 
 def load_clip_weights(model: nn.Module, path: str | Path, expected: str) -> RawCheckpoint:
@@ -328,6 +339,8 @@ def load_clip_weights(model: nn.Module, path: str | Path, expected: str) -> RawC
     if raw.hf_config is not None:
         _check_hf_config(raw.hf_config, model, source, expected)
     sd = dict(raw.state_dict)
+    if isinstance(getattr(model, "text", None), nn.Module):
+        sd = to_custom_text_layout(sd)
     _fit_image_size(sd, model.state_dict())
     check_state_dict(sd, model, source, expected)
     model.load_state_dict(sd, strict=True)

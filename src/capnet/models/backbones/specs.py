@@ -1,31 +1,39 @@
-"""The registered CLIP variants ("arch.tag", timm style): architecture and usual weight homes.
+"""The CLIP variants ("arch.tag", timm style): architecture and usual weight homes.
 
 Architectures are open_clip model configs (data, not code); the table below adds what capnet
 needs on top: where a copy of the weights is usually cached and whether the tag means random
-initialisation (the tiny test architectures).
+initialisation (the tiny test architectures). Names outside the table resolve through
+``resolve_arch``: ``<family>.<tag>`` (a family of the table, e.g. ``clip_vit_b16.laion2b_s34b_b88k``),
+``<open_clip arch>.<tag>`` (``ViT-B-16.datacomp_xl_s13b_b90k``) and ``hf-hub:org/repo``.
 """
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from pathlib import Path
+from typing import Any, Dict, FrozenSet, Mapping, Optional
 
 
 OPENAI_LICENSE = "MIT (OpenAI CLIP)"
 
 # Tiny architectures for tests and speed checks: same code paths as the real towers, ~2M
-# parameters (the 49408 x 32 token table dominates), random weights.
+# parameters (the 49408 x 32 token table dominates), random weights. QuickGELU as OpenAI's CLIP.
 _TINY_TEXT: Dict[str, Any] = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 TINY_VIT_CONFIG: Dict[str, Any] = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": _TINY_TEXT,
+    "quick_gelu": True,
 }
 TINY_RN_CONFIG: Dict[str, Any] = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
     "text_cfg": _TINY_TEXT,
+    "quick_gelu": True,
 }
+HF_HUB_PREFIX = "hf-hub:"  # open_clip's schema for a hub repo holding open_clip_config.json + weights
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,12 @@ class CLIPArch:
     hf_transformers: Optional[str] = None  # transformers CLIPModel repo on the HF hub
     license: Optional[str] = None  # licence of the weights
     random_tag: bool = False  # the tag is "random": weights=None means random initialisation
+    hf_repo: Optional[str] = None  # "org/repo" of an ``hf-hub:`` name (config and weights there)
+
+    @property
+    def tag(self) -> Optional[str]:
+        """The weights tag after the last dot ("openai"); None for ``hf-hub:`` names."""
+        return None if self.hf_repo else self.name.rpartition(".")[2]
 
     def model_config(self) -> Dict[str, Any]:
         """A fresh open_clip config dict (embed_dim, vision_cfg, text_cfg) for this architecture."""
@@ -69,3 +83,51 @@ CLIP_ARCHS: Dict[str, CLIPArch] = {
         CLIPArch("clip_tiny_rn.random", "tiny-RN", config=TINY_RN_CONFIG, random_tag=True),
     )
 }
+
+
+# capnet family names ("clip_vit_b16") -> their table entry; "family.<any open_clip tag>" reuses it.
+FAMILIES: Dict[str, CLIPArch] = {}
+for _arch in CLIP_ARCHS.values():
+    FAMILIES.setdefault(_arch.name.rpartition(".")[0], _arch)
+
+
+def open_clip_arch_names() -> FrozenSet[str]:
+    """open_clip's architecture names, read from its model_configs/*.json without importing it.
+
+    Importing open_clip takes seconds; the registry asks this for every unknown backbone name.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    root = Path(list(spec.submodule_search_locations)[0]) / "model_configs"
+    return frozenset(p.stem for p in root.glob("*.json"))
+
+
+def resolve_arch(name: str) -> Optional[CLIPArch]:
+    """The CLIPArch a backbone name stands for, or None when the name is not a CLIP name.
+
+    Registered names come from the table; ``family.tag`` and ``open_clip_arch.tag`` are built on
+    the fly (the tag is checked against open_clip's pretrained registry when weights are
+    resolved); ``hf-hub:org/repo`` reads its architecture from the repo's open_clip_config.json.
+    """
+    if name in CLIP_ARCHS:
+        return CLIP_ARCHS[name]
+    if name.startswith(HF_HUB_PREFIX):
+        repo = name[len(HF_HUB_PREFIX):].strip("/")
+        return CLIPArch(name, name, hf_repo=repo) if repo.count("/") == 1 else None
+    family, dot, tag = name.rpartition(".")
+    if not dot or not family or not tag:
+        return None
+    base = FAMILIES.get(family)
+    if base is not None:
+        return CLIPArch(name, base.open_clip_name, config=base.config, openai_file=None,
+                        license=base.license if tag == "openai" else None)
+    if family in open_clip_arch_names() or _runtime_config(family):
+        return CLIPArch(name, family)
+    return None
+
+
+def _runtime_config(arch: str) -> bool:
+    """Whether an already imported open_clip knows ``arch`` (configs added with add_model_config)."""
+    open_clip = sys.modules.get("open_clip")
+    return open_clip is not None and open_clip.get_model_config(arch) is not None
