@@ -24,10 +24,10 @@ TINY_CLIP = [
     "model.backbone=clip_tiny_vit.random", "model.peft.method=lora", "model.gcn.hidden=32",
     "model.prompts.n_ctx=4", "train.epochs=1", "data.batch_size=16", "data.num_workers=0",
     "model.backbone_options.image_size=32", "data.val_fraction=0.25", "tte.views=flip",
-    "tte.templates=true", "train.refit=false",
-]
+    "tte.templates=true", "train.refit=false", "train.extract_amp=none",
+]  # export is float32 end to end: parity with predict needs a float32 prefix (runtime.precision)
 OFFLINE = ["model.backbone_options.image_size=64", "train.epochs=2", "data.num_workers=0",
-           "data.val_fraction=0.25", "train.refit=false"]  # the demo's backbone, small images
+           "data.val_fraction=0.25", "train.refit=false", "train.extract_amp=none"]  # the demo's backbone, small images
 
 
 def _train(out: Path, data: Path, sets) -> Path:
@@ -157,7 +157,8 @@ def test_exported_files_are_readable_by_others(clip_run: Path, tmp_path: Path) -
 def test_linear_probe_run_exports_equal_predict(small_real: Path, tmp_path: Path) -> None:
     """A run without a text branch (the scikit-learn probe's linear head) exports too."""
     args = [a for s in TINY_CLIP[:1] + ["model.backbone_options.image_size=32", "data.num_workers=0",
-                                        "data.val_fraction=0.25", f"data.root={small_real}"] for a in ("--set", s)]
+                                        "data.val_fraction=0.25", "train.extract_amp=none",
+                                        f"data.root={small_real}"] for a in ("--set", s)]
     run_dir = tmp_path / "probe"
     assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--config",
                  str(REPO / "configs" / "experiments" / "linear_probe.yaml"), "--out", str(run_dir), "--no-cache", *args]) == 0

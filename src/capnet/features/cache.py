@@ -162,6 +162,15 @@ def to_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def prefix_features(backbone: Any, images: torch.Tensor, upto: int) -> torch.Tensor:
+    """``backbone.image_prefix(images, upto)`` rounded to the cache's storage dtype.
+
+    Run it under the extraction autocast: a freshly computed feature is then the very number a
+    cache hit returns, so ``predict`` on an image scores what ``eval`` scored from the cache.
+    """
+    return to_storage(backbone.image_prefix(images, upto))
+
+
 class _ImageFiles(torch.utils.data.Dataset):
     """Image files -> transformed tensors (one view or a (V, 3, H, W) stack), in order."""
 
@@ -193,9 +202,8 @@ def _run_tower(backbone: Any, paths: Sequence[Path], transform: Callable, upto: 
                 waited += got - tic
                 views = images.shape[1] if images.ndim == 5 else None
                 flat = images.flatten(0, 1) if views else images
-                out = backbone.image_prefix(flat.to(device, non_blocking=True), upto)
-                out = out.view(images.shape[0], views, *out.shape[1:]) if views else out
-                chunks.append(to_storage(out))
+                out = prefix_features(backbone, flat.to(device, non_blocking=True), upto)
+                chunks.append(out.view(images.shape[0], views, *out.shape[1:]) if views else out)
                 tic = time.perf_counter()
                 tower += tic - got
     finally:

@@ -16,6 +16,11 @@ from capnet.errors import CapnetError
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo
 BF16_ARM_FLAGS = ("bf16",)  # aarch64 "Features"
+# Scores of a trained model (validation, thresholds, test, ``capnet eval``, ``predict``, export)
+# are computed in float32 after the frozen prefix: every command ranks the same numbers. Only
+# the training step uses ``train.amp``; the frozen prefix runs at ``extraction_amp`` wherever
+# torch runs it (the feature cache and ``predict``), so a run's cached and fresh features agree.
+SCORE_AMP = "none"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -20,8 +20,10 @@ from capnet.config import Config, DataConfig, load_config
 from capnet.data.lt_stats import GROUP_NAMES
 from capnet.errors import CheckpointError, DataError
 from capnet.evaluation.scores import set_test_time_templates, split_scores
-from capnet.features.views import eval_views
+from capnet.features.cache import prefix_features
+from capnet.features.views import cache_depth, eval_views
 from capnet.runtime import distributed
+from capnet.runtime.precision import autocast, extraction_amp
 from capnet.runtime.resources import runtime_config
 from capnet.train import checkpoint
 from capnet.train.checkpoint import EXTRA_STATE_KEYS, load_extra_state
@@ -163,9 +165,14 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
     """One dict per image: labels above the per-class thresholds and every class score.
 
     Each image is decoded once and all its test-time views go through the model in one batch.
+    Scores follow the one precision policy (``runtime.precision``): the cacheable frozen prefix
+    at the run's extraction precision, rounded as the cache stores it, the rest in float32, so an
+    image scores here exactly as ``capnet eval`` scored it from the feature cache.
     """
     from capnet.data import load_image
 
+    depth = cache_depth(run.model, run.cfg)
+    prefix_amp = autocast(run.device, extraction_amp(run.cfg, run.device))
     views_of = eval_views(run.model, run.cfg)
     set_test_time_templates(run.model, run.cfg)
     added = {"classes": run.added_classes, "threshold": round(float(run.thresholds[-1]), 6),
@@ -175,7 +182,14 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
         views = torch.stack([views_of(load_image(p)) for p in chunk]).to(run.device)
         b, v = views.shape[:2]
         with torch.inference_mode():
-            logits = run.model(views.flatten(0, 1)).float().view(b, v, -1).mean(dim=1)
+            flat = views.flatten(0, 1)
+            if depth > 0:
+                with prefix_amp:
+                    flat = prefix_features(run.model.backbone, flat, depth)
+                logits = run.model.forward_features(flat.float(), depth)
+            else:
+                logits = run.model(flat)
+            logits = logits.float().view(b, v, -1).mean(dim=1)
         probs = torch.sigmoid(logits.double()).cpu().numpy()
         for path, p in zip(chunk, probs):
             row = {"image": str(path),

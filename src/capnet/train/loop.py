@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 from capnet.config import RUNTIME_KEYS, Config, to_dict
 from capnet.errors import CheckpointError, TrainingError
 from capnet.evaluation.predict import evaluate
+from capnet.evaluation.scores import test_time_templates
 from capnet.features.loaders import ModelForward, feature_start
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
-from capnet.runtime.precision import autocast
+from capnet.runtime.precision import SCORE_AMP, autocast
 from capnet.runtime.seed import reseed_loader, seed_everything
 from capnet.train import checkpoint
 from capnet.train.ema import EMA
@@ -183,14 +184,16 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
 
 def _validate(parts: _Parts, loader: Optional[DataLoader], cfg: Config, groups: Optional[Dict[str, np.ndarray]],
               class_names: Optional[Sequence[str]]) -> Dict[str, float]:
-    """Val mAP overall/head/medium/tail (EMA weights when enabled); empty without a loader."""
+    """Val mAP overall/head/medium/tail of the classifier that ships: EMA weights when enabled,
+    test-time templates on, float32 scores (``SCORE_AMP``); empty without a loader."""
     if loader is None:
         return {}
     names = list(class_names) if class_names is not None else None
     if names is None:
         names = [f"class_{i}" for i in range(len(loader.dataset[0][1]))]
-    with parts.ema.applied(parts.model) if parts.ema is not None else contextlib.nullcontext():
-        report = evaluate(parts.model, loader, groups or {}, names, device=parts.device, amp=cfg.train.amp, tte=True)
+    ema = parts.ema.applied(parts.model) if parts.ema is not None else contextlib.nullcontext()
+    with ema, test_time_templates(parts.model, cfg):
+        report = evaluate(parts.model, loader, groups or {}, names, device=parts.device, amp=SCORE_AMP, tte=True)
     return {f"val_{k}": float(report[k]) for k in ("mAP", "head", "medium", "tail") if k in report}
 
 
