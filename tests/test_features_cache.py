@@ -12,10 +12,16 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from capnet.features.cache import FeatureCache, cache_key, compute_features, feature_key_parts, image_fingerprints
-from capnet.features.store import RowFile
 from capnet.data import load_image
 from capnet.errors import DataError
+from capnet.features.cache import (
+    FeatureCache,
+    cache_key,
+    compute_features,
+    feature_key_parts,
+    image_fingerprints,
+)
+from capnet.features.store import RowFile
 from capnet.models.backbones.base import BackboneSpec
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data" / "voc_real_lt"

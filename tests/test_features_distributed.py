@@ -17,7 +17,13 @@ from torch import nn
 from torchvision import transforms as T
 
 from capnet.data import MultiLabelDataset, Split
-from capnet.features.cache import FeatureCache, cache_key, compute_features, feature_key_parts, image_fingerprints
+from capnet.features.cache import (
+    FeatureCache,
+    cache_key,
+    compute_features,
+    feature_key_parts,
+    image_fingerprints,
+)
 from capnet.models.backbones.base import BackboneSpec
 from capnet.runtime import distributed
 
@@ -56,8 +62,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     import capnet.data.check as check
-    from capnet.features.preflight import preflight_images
     from capnet.features.cache import feature_rows
+    from capnet.features.preflight import preflight_images
 
     decoded = []
     real = check.image_problem
