@@ -128,6 +128,7 @@ class TrainConfig:
     keep_freed_memory: bool = True  # glibc keeps freed memory in the heap: ~2x faster CPU forwards (resources.py)
     refit: bool = False  # after selecting the epoch on val, retrain on train + val for that many epochs
     device: str = "auto"  # auto | cpu | cuda
+    dist_timeout_s: float = 1800.0  # DDP process-group timeout: the longest one rank may wait for the others (e.g. rank 0 merging a feature cache)
     log_every: int = 20  # progress-bar refresh in steps
 
 

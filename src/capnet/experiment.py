@@ -230,7 +230,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
     clock = _Clock(timings)
     run_dir = Path(run_dir)
     seed_everything(cfg.train.seed)
-    device = distributed.init_distributed(cfg.train.device).device
+    device = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s).device
     run_cfg = runtime_config(cfg)
     ds = prepare_dataset(cfg.data)
     ds, skipped = preflight_images(ds, skip_bad_images, cache_dir)
