@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from capnet.cli._common import add_data_args, with_data_root
+from capnet.cli._common import add_data_args, add_run_args, run_overrides, with_data_root
 from capnet.errors import CapnetError
 
 
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from capnet.report import summary_table
 
     class_map = parse_class_map(args.class_map)
-    run_obj = load_run(Path(args.run), device=args.device)
-    overrides = with_data_root([], args.data_dir, args.reader, args.split_dir)
+    run_obj = load_run(Path(args.run), device=args.device, overrides=run_overrides(args))
+    overrides = with_data_root(list(args.overrides), args.data_dir, args.reader, args.split_dir)
     if args.data_dir and not args.split_dir:
         overrides.append("data.split_dir=null")  # the run's split folder belongs to the run's data
     data_cfg = load_config([Path(args.run) / "config.yaml"], overrides).data
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` to the top-level parser."""
     p = subparsers.add_parser("eval", help="evaluate a trained run", description=__doc__)
-    p.add_argument("--run", required=True, help="run directory written by train/demo")
+    add_run_args(p)
     add_data_args(p, positional_root=False, reader_default=None)
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--class-map", default=None, metavar="RUN=DATA,...",

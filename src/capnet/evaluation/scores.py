@@ -14,6 +14,7 @@ from capnet.config import Config
 from capnet.evaluation.predict import predict_scores
 from capnet.features.loaders import FeatureDataset, build_loader
 from capnet.features.views import cache_depth, eval_views, split_features
+from capnet.runtime.precision import train_amp
 
 
 def set_test_time_templates(model: nn.Module, cfg: Config) -> None:
@@ -34,7 +35,7 @@ def split_scores(model: nn.Module, split: Any, cfg: Config, device: torch.device
         feats = split_features(model, split.image_paths, transform, cfg, device, cache_dir, timings)
         loader = build_loader(FeatureDataset(feats, split.labels, start=depth, multi_view=True),
                               cfg.data.eval_batch_size, False, cfg.train.seed, 0, device)
-        return predict_scores(model, loader, device, cfg.train.amp, tte=True)
+        return predict_scores(model, loader, device, train_amp(cfg, device), tte=True)
     loader = build_loader(ImageDataset(split, transform), cfg.data.eval_batch_size, False,
                           cfg.train.seed, cfg.data.num_workers, device)
-    return predict_scores(model, loader, device, cfg.train.amp, tte=True)
+    return predict_scores(model, loader, device, train_amp(cfg, device), tte=True)
