@@ -9,6 +9,7 @@ head/medium/tail are the groups of the run's training data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir and not args.split_dir:
         overrides.append("data.split_dir=null")  # the run's split folder belongs to the run's data
     data_cfg = load_config([Path(args.run) / "config.yaml"], overrides).data
+    if args.reader and args.reader != run_obj.cfg.data.reader:  # the run's reader options are not this reader's
+        data_cfg = dataclasses.replace(data_cfg, reader_options={})
     ds = load_eval_dataset(data_cfg, args.split)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     metrics = evaluate_run(run_obj, ds, args.split, cache, class_map=class_map)

@@ -38,11 +38,13 @@ def load_eval_dataset(data: DataConfig, split: str):
     ``val`` is the layout's own val split if it has one, else carved from train exactly as in
     training (same fraction and seed).
     """
-    from capnet.data import load_dataset
+    from capnet.data import load_dataset, set_max_image_pixels
 
+    set_max_image_pixels(data.max_image_pixels)
+    options = dict(data.reader_options)
     if split != "val":
-        return load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=(split,))
-    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir)
+        return load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=(split,), **options)
+    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir, **options)
     return ds if "val" in ds.splits else ds.with_val_split(data.val_fraction, data.val_seed)
 
 
