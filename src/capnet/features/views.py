@@ -84,7 +84,7 @@ def train_features(model: nn.Module, split: Any, cfg: Config, device: torch.devi
     """(N, 1 + K, ...): the eval view, then ``train.augment_views`` cached augmentations."""
     views = [split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)]
     if cfg.train.augment_views > 0:
-        aug = AugmentedViews(model.backbone.transform(train=True), cfg.train.augment_views, cfg.data.val_seed)
+        aug = AugmentedViews(model.backbone.transform(train=True), cfg.train.augment_views, cfg.train.augment_seed)
         views.append(split_features(model, split.image_paths, aug, cfg, device, cache_dir, timings))
     return torch.cat(views, dim=1)
 
