@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from capnet.cli import main
