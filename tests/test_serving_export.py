@@ -164,3 +164,32 @@ def test_linear_probe_run_exports_equal_predict(small_real: Path, tmp_path: Path
                  str(REPO / "configs" / "experiments" / "linear_probe.yaml"), "--out", str(run_dir), "--no-cache", *args]) == 0
     _, exported = _check_equal_to_predict(run_dir, small_real, tmp_path)
     assert exported.meta["model"] == "linear_probe" and exported.meta["tte"] == "none"
+
+
+def test_flip_on_odd_crop_margins_equals_predict(clip_run: Path, tmp_path: Path) -> None:
+    """Short side to 32 leaves an odd centre-crop margin (225 x 305 -> 32 x 43: 11 pixels), where a
+    mirror taken before the crop shifts a pixel. TTE mirrors after the crop, as the graph does."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for k, (w, h) in enumerate([(225, 305), (305, 225), (225, 320), (227, 333)]):
+        path = tmp_path / "odd" / f"{k}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        images.append(path)
+    run = load_run(clip_run, device="cpu")
+    assert run.cfg.tte.views == "flip" and resize_mode_of(run) == "crop" and run.model.backbone.spec.image_size == 32
+    rows = list(predict_images(run, images))
+    want = _score_matrix(rows, run.classes)
+    for fmt, name in FORMATS.items():
+        exported = load_exported(_export(clip_run, fmt, tmp_path / name))
+        got = list(exported.predict(images, batch_size=2))
+        np.testing.assert_allclose(_score_matrix(got, exported.classes), want, atol=1e-4, err_msg=fmt)
+        assert [r["labels"] for r in got] == [r["labels"] for r in rows]
+
+
+def resize_mode_of(run) -> str:
+    from capnet.serving.export import resize_mode
+
+    return resize_mode(run)

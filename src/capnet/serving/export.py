@@ -111,7 +111,7 @@ def export_metadata(run: LoadedRun, tte: str, run_dir: Optional[Path]) -> Dict[s
         "backbone_sha256": spec.weights_sha256,
         "model": run.cfg.model.kind,
         "source_run": None if run_dir is None else str(Path(run_dir).resolve()),
-        "config_hash": config_hash(run.cfg),
+        "config_hash": run.config_sha256 or config_hash(run.cfg),
     }
     if run.added_classes:
         meta["added_classes"] = list(run.added_classes)
