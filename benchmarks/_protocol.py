@@ -37,7 +37,6 @@ CANDIDATES: List[Tuple[str, str, Optional[str]]] = [
     ("no_prompts", "- soft prompts (fixed template classifier)", "no_prompts.yaml"),
     ("no_residual", "- class residual (the prompt classifier alone)", "no_residual.yaml"),
     ("no_gcn", "- text graph and GCN", "no_gcn.yaml"),
-    ("cooc_graph", "co-occurrence graph instead of the text graph", "cooccurrence_graph.yaml"),
     ("db_loss", "DB loss (re-balanced weighting) instead of BCE", "db_loss.yaml"),
 ]
 # Baselines from the CLIP-adaptation literature, fitted on the same cached features, same views.
@@ -96,10 +95,16 @@ class BridgeScorer:
         return self._emb[i]
 
 
+def bridge_settings(cfg: Any) -> List[Dict[str, Any]]:
+    """The bridge settings to choose among: BRIDGES on a text-bridge tower, else only its own."""
+    return BRIDGES if cfg.model.backbone_options.get("text_bridge") else [{}]
+
+
 def choose_bridge(scorer: BridgeScorer, ds: Any, cfg: Any, cache: Path) -> Dict[str, Any]:
     """Zero-shot mAP on inner validation (test-time views) of every bridge setting; the best wins
     (ties: the earlier, i.e. the default). Image features come from the default model: the bridge
-    is text-side only, so they are the same for every setting."""
+    is text-side only, so they are the same for every setting. Towers without a bridge (CLIP):
+    nothing to choose, the inner-val zero-shot mAP is still recorded."""
     import torch
     import torch.nn.functional as F
 
@@ -112,14 +117,15 @@ def choose_bridge(scorer: BridgeScorer, ds: Any, cfg: Any, cache: Path) -> Dict[
     val = ds.splits["val"]
     feats = split_features(model, val.image_paths, eval_views(model, cfg), cfg, torch.device("cpu"), cache)
     f = F.normalize(feats.float(), dim=-1)  # (M, V, D)
+    settings = bridge_settings(cfg)
     scores = []
-    for i in range(len(BRIDGES)):
-        emb = F.normalize(scorer.embeddings(i, ds.classes).float(), dim=-1)
-        logits = (f @ emb.T).mean(dim=1).numpy()
+    for i in range(len(settings)):
+        emb = model.text_features if len(settings) == 1 else scorer.embeddings(i, ds.classes)
+        logits = (f @ F.normalize(emb.float(), dim=-1).T).mean(dim=1).numpy()
         scores.append(float(np.nanmean(average_precision(logits, val.labels)) * 100.0))
     best = int(max(range(len(scores)), key=lambda i: (round(scores[i], 6), -i)))
-    return {"chosen": BRIDGES[best], "default": best == 0, "val_mAP": scores,
-            "overrides": [] if best == 0 else _bridge_overrides(BRIDGES[best]), "seen_ids": list(val.image_ids)}
+    return {"chosen": settings[best], "default": best == 0, "val_mAP": scores,
+            "overrides": [] if best == 0 else _bridge_overrides(settings[best]), "seen_ids": list(val.image_ids)}
 
 
 def run_row(cfg: Any, out: Path, cache: Path) -> Dict[str, Any]:

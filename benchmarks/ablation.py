@@ -117,10 +117,13 @@ def analyse(records: Dict[str, Any], runs_dir: Path, protocol: str, fold_seeds: 
                       "pooled": S.difference_interval(ap_draws[a], ap_draws[b], ap_point[a], ap_point[b], classes)}
         return res
 
+    def mean_std(v: np.ndarray):
+        v = v[~np.isnan(v)]
+        return (float(v.mean()) if v.size else float("nan")), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
+
     for r in rows:
-        vals = {k: np.array([m[k] for m in per_split[r].values()], dtype=float) for k in KEYS}
-        row = {"label": LABELS[r], "mean": {k: float(np.nanmean(v)) for k, v in vals.items()},
-               "std": {k: float(np.nanstd(v, ddof=1)) if v.size > 1 else 0.0 for k, v in vals.items()},
+        vals = {k: mean_std(np.array([m[k] for m in per_split[r].values()], dtype=float)) for k in KEYS}
+        row = {"label": LABELS[r], "mean": {k: v[0] for k, v in vals.items()}, "std": {k: v[1] for k, v in vals.items()},
                "per_split": per_split[r],
                "pooled": {k: float(np.mean(S._group_mean(ap_point[r], None if k == "mAP" else np.asarray(groups[k]))))
                           for k in KEYS}}
@@ -150,6 +153,8 @@ def _iv(d: Optional[Dict[str, float]]) -> str:
 
 
 def _bridge(b: Dict[str, Any]) -> str:
+    if not b:
+        return "no bridge (tower's own text side)"
     return f"tau {b['bridge_tau']}, {'glosses' if b['bridge_glosses'] else 'names only'}"
 
 
@@ -309,7 +314,7 @@ def plot(results: Dict[str, Any], path: Path) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default=str(REPO / "configs" / "demo.yaml"))
-    p.add_argument("--protocols", nargs="+", default=["cv", "fixed"], choices=["fixed", "cv"])
+    p.add_argument("--protocols", nargs="+", default=["fixed", "cv"], choices=["fixed", "cv"])
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--fold-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rows", nargs="+", default=CANDIDATE_KEYS + BASELINE_KEYS,
