@@ -163,7 +163,7 @@ def run_split(name: str, split_overrides: Sequence[str], base: Path, extra: Sequ
     log(f"[{name}] bridge {bridge['chosen']} (inner-val zero-shot mAP "
         + ", ".join(f"{v:.2f}" for v in bridge["val_mAP"]) + ")")
     results: Dict[str, Any] = {}
-    for key_, label, exp in CANDIDATES + BASELINES:
+    for key_, label, exp in BASELINES + CANDIDATES:  # the fast baselines first
         if key_ not in rows:
             continue
         cfg = row_config(base, exp, common + bridge["overrides"])
