@@ -43,16 +43,34 @@ def bootstrap_draws(n: int, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, (n_boot, n)).astype(np.int32)
 
 
-def class_ap_draws(scores: Sequence[np.ndarray], targets: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """(B, R, C) per-class AP (%) of each repetition's (N, C) scores under every draw (nan: no positive)."""
-    from capnet.metrics import average_precision
+def class_ap_draws(scores: Sequence[np.ndarray], targets: np.ndarray, draws: np.ndarray, chunk: int = 250) -> np.ndarray:
+    """(B, R, C) per-class AP (%) of each repetition's (N, C) scores under every draw (nan: no positive).
 
-    y = np.asarray(targets)
+    Exactly ``capnet.metrics.average_precision`` of the resampled rows, computed without
+    re-sorting: a draw is a count per image, the ranking of the full set is fixed, and an image
+    drawn k times is a tie block of k copies. AP = sum_i w_i y_i P(end of i's tie block) / sum_i w_i y_i
+    with P = cumulative weighted positives / cumulative weights in score order.
+    """
+    y = np.asarray(targets) > 0
+    n = y.shape[0]
+    counts = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)  # (B, N)
     out = np.empty((draws.shape[0], len(scores), y.shape[1]))
     for r, s in enumerate(scores):
-        s = np.asarray(s)
-        for b, idx in enumerate(draws):
-            out[b, r] = average_precision(s[idx], y[idx]) * 100.0
+        s = np.asarray(s, dtype=np.float64)
+        for c in range(y.shape[1]):
+            order = np.argsort(-s[:, c], kind="mergesort")
+            sc, yc = s[order, c], y[order, c].astype(np.float64)
+            # index of the last row of each row's tie block (equal scores rank together)
+            last = np.r_[np.nonzero(np.diff(sc))[0], n - 1]
+            end = last[np.searchsorted(last, np.arange(n))]
+            for b0 in range(0, counts.shape[0], chunk):
+                w = counts[b0:b0 + chunk][:, order]
+                wy = w * yc
+                cum_w, cum_tp = np.cumsum(w, axis=1), np.cumsum(wy, axis=1)
+                prec = np.divide(cum_tp[:, end], cum_w[:, end], out=np.zeros_like(cum_w), where=cum_w[:, end] > 0)
+                pos = wy.sum(axis=1)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[b0:b0 + chunk, r, c] = np.where(pos > 0, (wy * prec).sum(axis=1) / pos * 100.0, np.nan)
     return out
 
 

@@ -102,3 +102,16 @@ def test_paired_bootstrap_averages_repetitions_on_the_same_draws() -> None:
     assert both["mean"] == pytest.approx((one["mean"] + two["mean"]) / 2)
     with pytest.raises(ValueError):
         S.paired_bootstrap([a1], [b1, b2], y)
+
+
+def test_class_ap_draws_equals_average_precision_of_the_resampled_rows_ties_included() -> None:
+    from capnet.metrics import average_precision
+
+    S = _stats()
+    rng = np.random.default_rng(4)
+    y = _labels(rng, n=60, c=3)
+    s = np.round(rng.normal(size=y.shape), 1)  # many ties between distinct images
+    draws = S.bootstrap_draws(60, 40, seed=5)
+    fast = S.class_ap_draws([s], y, draws)
+    for b, idx in enumerate(draws):
+        np.testing.assert_allclose(fast[b, 0], average_precision(s[idx], y[idx]) * 100.0, rtol=1e-9, atol=1e-9)
