@@ -2,7 +2,7 @@
 
     python benchmarks/ablation.py --runs-dir /tmp/ablation_runs       # both protocols, every row
     python benchmarks/ablation.py --runs-dir /tmp/ablation_runs \
-        --cv-rows zeroshot linear_probe zs_linear_probe clap full no_prompts no_gcn   # what docs/results.md ran
+        --cv-rows zeroshot linear_probe zs_linear_probe clap full no_prompts   # what docs/results.md ran
     python benchmarks/ablation.py --render     # rewrite docs/results.md from results/ablation.json (after editing the notes)
 
 Primary protocol ``cv``: ``--fold-seeds`` (default 0 1) repetitions of a ``--folds``-fold (5)
@@ -253,7 +253,7 @@ def markdown(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
         res = results[proto]
         lines += [f"## {titles[proto].format(r=len(meta['fold_seeds']), j=len(res['splits']))}", ""]
         cands = [k for k in CANDIDATE_KEYS if k in res["rows"]]
-        lines += [f"CAPNET candidates in this protocol (the recipe is chosen among them in each split): "
+        lines += ["CAPNET candidates in this protocol (the recipe is chosen among them in each split): "
                   + ", ".join(f"`{k}`" for k in cands) + ".", ""]
         if proto == "cv":
             lines += [f"Test mAP (%) mean ± std over the {len(res['splits'])} outer folds; 'pooled': mAP of the "

@@ -76,7 +76,9 @@ def test_clap_stays_nearer_the_zero_shot_classifier_than_zs_lp() -> None:
     free = fit_zs_probe((x, y), None, zs, scale=20.0, lrs=(1e-2,), max_steps=100)
     clap = fit_zs_probe((x, y), None, zs, scale=20.0, clap=True, lrs=(1e-2,), max_steps=100)
     unit = zs / np.linalg.norm(zs, axis=1, keepdims=True)
-    dist = lambda w: float(np.linalg.norm(w - unit))  # noqa: E731
+    def dist(w: np.ndarray) -> float:
+        return float(np.linalg.norm(w - unit))
+
     assert clap.multipliers is not None and (clap.multipliers > 0).all()
     assert dist(clap.weight) < dist(free.weight)
     assert free.steps == 100 and np.isnan(free.val_map)  # without validation nothing is chosen
