@@ -258,7 +258,7 @@ def run_step(model, size=32):
 
 
 def test_model_kinds_registered():
-    assert MODEL_KINDS.names() == ["capnet", "linear_probe", "zeroshot"]
+    assert MODEL_KINDS.names() == ["capnet", "clap", "linear_probe", "zeroshot", "zs_linear_probe"]
 
 
 @pytest.mark.parametrize("source", ["text", "cooccurrence", "none"])

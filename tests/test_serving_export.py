@@ -157,7 +157,7 @@ def test_exported_files_are_readable_by_others(clip_run: Path, tmp_path: Path) -
 def test_linear_probe_run_exports_equal_predict(small_real: Path, tmp_path: Path) -> None:
     """A run without a text branch (the scikit-learn probe's linear head) exports too."""
     args = [a for s in TINY_CLIP[:1] + ["model.backbone_options.image_size=32", "data.num_workers=0",
-                                        "data.val_fraction=0.25", "train.extract_amp=none",
+                                        "data.val_fraction=0.25", "train.extract_amp=none", "tte.views=single",
                                         f"data.root={small_real}"] for a in ("--set", s)]
     run_dir = tmp_path / "probe"
     assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--config",

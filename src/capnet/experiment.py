@@ -24,6 +24,7 @@ from capnet.cache import capnet_cache_dir
 from capnet.config import Config, DataConfig, config_hash, replace, save_config
 from capnet.data import Split
 from capnet.errors import CapnetError, DataError
+from capnet.evaluation.records import write_run_record
 from capnet.evaluation.scores import set_test_time_templates, split_scores
 from capnet.features.loaders import make_loaders
 from capnet.features.preflight import (
@@ -32,7 +33,7 @@ from capnet.features.preflight import (
     skipped_summary,
     write_skipped,
 )
-from capnet.features.views import cache_depth, single_view, split_features
+from capnet.features.views import cache_depth, eval_views, single_view, split_features
 from capnet.fileio import write_json_atomic
 from capnet.report import write_report
 from capnet.runtime import distributed
@@ -136,22 +137,23 @@ def _center(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_
 
 def _fit_probe(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
                timings: Dict[str, float]) -> Dict[str, Any]:
-    """Fit a linear probe with scikit-learn on cached final features; returns its selection record."""
-    from capnet.evaluation.probe import select_and_fit
+    """Fit a head on cached final features (``evaluation.probe.FEATURE_FIT_KINDS``: the scikit-learn
+    probe, ZS-LP, CLAP), choosing on val under the test-time views; returns its selection record."""
+    from capnet.evaluation.probe import fit_feature_head
 
     depth = cache_depth(model, cfg)
     if depth != model.backbone.num_image_stages:
-        raise CapnetError("model.kind=linear_probe reads cached final features: set train.feature_cache=true "
+        raise CapnetError(f"model.kind={cfg.model.kind} reads cached final features: set train.feature_cache=true "
                           "and model.peft.method=none")
 
-    def features(name: str) -> Tuple[np.ndarray, np.ndarray]:
+    def features(name: str, views: Any) -> Tuple[np.ndarray, np.ndarray]:
         split = ds.splits[name]
-        feats = split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)
-        return feats[:, 0].numpy(), split.labels
+        feats = split_features(model, split.image_paths, views, cfg, device, cache_dir, timings)
+        return feats.numpy(), split.labels
 
-    fitted = select_and_fit(features("train"), features("val") if "val" in ds.splits else None, refit=cfg.train.refit)
-    model.load_fit(fitted.coef, fitted.intercept, fitted.mean, fitted.scale)
-    return {"C": fitted.C, "val_mAP_by_C": fitted.val_map, "refit": cfg.train.refit}
+    x, y = features("train", single_view(model))
+    val = features("val", eval_views(model, cfg)) if "val" in ds.splits else None
+    return fit_feature_head(model, cfg.model.kind, (x[:, 0], y), val, refit=cfg.train.refit, seed=cfg.train.seed)
 
 
 def _train(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device, cache_dir: Optional[Path],
@@ -179,10 +181,11 @@ def fit_and_select(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device
     ``probe`` or ``selected_epoch``. Test is not touched (``benchmarks/sweep_val.py`` relies on it).
     """
     timings = {} if timings is None else timings
-    if cfg.model.kind == "linear_probe":
+    from capnet.evaluation.probe import FEATURE_FIT_KINDS
+
+    if cfg.model.kind in FEATURE_FIT_KINDS:
         probe = _fit_probe(model, ds, cfg, device, cache_dir, timings)
-        best = max(probe["val_mAP_by_C"].values()) if probe["val_mAP_by_C"] else None
-        return [], {"probe": probe, "val_mAP": best}
+        return [], {"probe": probe, "val_mAP": probe.get("val_mAP")}
     if not any(p.requires_grad for p in model.parameters()):
         return [], {}
     result = _train(model, ds, cfg, run_dir, device, cache_dir, resume, timings)
@@ -218,6 +221,7 @@ def evaluate_and_write(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, de
     f1 = f1_report(1.0 / (1.0 + np.exp(-logits.astype(np.float64))), targets, thresholds)
     metrics["f1"] = {k: f1[k] for k in ("CP", "CR", "CF1", "OP", "OR", "OF1") if k in f1}
     if distributed.is_main():
+        write_run_record(run_dir, ds, logits, targets)  # split ids + per-image test logits (evaluation/records.py)
         write_json_atomic(run_dir / "metrics.json", metrics)
         write_report(run_dir, metrics, ds.classes, ds.class_freq("train"),
                      {k: list(map(int, v)) for k, v in groups.items()}, history, header)

@@ -5,16 +5,22 @@ statistics; the inverse regularisation strength ``C`` is chosen on validation mA
 (``Cs``), then, with ``refit``, the probe is refitted on train + val at that ``C``. The fitted
 coefficients are written into the model's ``LinearProbe`` head (``load_fit``), so the probe is
 evaluated, saved and exported like every other model kind.
+
+Validation features may carry a view axis ((M, V, D): the test-time views), so the choice is made
+on the same view-averaged logits that test is scored with; for a linear head, the mean of the
+logits over views is the logit of the mean feature. ``fit_feature_head`` is the one entry the
+engine calls for every kind fitted on cached final features (this probe, ZS-LP and CLAP).
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 DEFAULT_CS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # inverse L2 strengths tried on validation
+FEATURE_FIT_KINDS = ("linear_probe", "zs_linear_probe", "clap")  # model kinds fitted on cached final features
 
 
 @dataclass
@@ -29,7 +35,10 @@ class ProbeFit:
     val_map: Dict[float, float] = field(default_factory=dict)  # validation mAP of every C tried
 
     def decision(self, features: np.ndarray) -> np.ndarray:
-        """(N, D) features -> (N, C) logits."""
+        """(N, D) features -> (N, C) logits; (N, V, D) view stacks -> logits averaged over V."""
+        features = np.asarray(features)
+        if features.ndim == 3:
+            features = features.mean(axis=1)  # linear: mean of the view logits = logit of the mean feature
         return ((features - self.mean) / self.scale) @ self.coef.T + self.intercept
 
 
@@ -78,7 +87,29 @@ def select_and_fit(train: Tuple[np.ndarray, np.ndarray], val: Optional[Tuple[np.
     best = max(scores, key=lambda c: (scores[c], -c))  # ties: the stronger regularisation
     chosen = fits[list(scores).index(best)]
     if refit:
-        both = np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]])
+        first = val[0][:, 0] if np.asarray(val[0]).ndim == 3 else val[0]  # view 0: the eval view train uses
+        both = np.concatenate([train[0], first]), np.concatenate([train[1], val[1]])
         chosen = fit_logistic(*both, C=best)
     chosen.val_map = scores
     return chosen
+
+
+def fit_feature_head(model: Any, kind: str, train: Tuple[np.ndarray, np.ndarray],
+                     val: Optional[Tuple[np.ndarray, np.ndarray]], refit: bool = False, seed: int = 0) -> Dict[str, Any]:
+    """Fit ``model``'s head for ``kind`` on (N, D) train features, choosing on (M, V, D) val
+    features; load the fit into the model and return the selection record (``val_mAP`` included)."""
+    if kind == "linear_probe":
+        fitted = select_and_fit(train, val, refit=refit)
+        model.load_fit(fitted.coef, fitted.intercept, fitted.mean, fitted.scale)
+        best = max(fitted.val_map.values()) if fitted.val_map else None
+        return {"C": fitted.C, "val_mAP_by_C": fitted.val_map, "refit": refit, "val_mAP": best}
+    if kind in ("zs_linear_probe", "clap"):
+        from capnet.evaluation.zs_probe import fit_zs_probe
+
+        if refit:
+            raise ValueError(f"model.kind={kind} chooses its step on validation and is not refitted: set train.refit=false")
+        fitted = fit_zs_probe(train, val, model.zeroshot_weight.cpu().numpy(), float(model.fixed_logit_scale),
+                              clap=kind == "clap", seed=seed)
+        model.load_fit(fitted.weight, fitted.bias)
+        return {**fitted.record(), "refit": False}
+    raise ValueError(f"model.kind={kind} is not fitted on features (kinds: {', '.join(FEATURE_FIT_KINDS)})")

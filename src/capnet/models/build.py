@@ -1,6 +1,7 @@
 """``build_model``: the one place that reads the model config and composes a model kind.
 
-Model kinds live in MODEL_KINDS (``capnet``, ``linear_probe``, ``zeroshot``); each builder
+Model kinds live in MODEL_KINDS (``capnet``, ``linear_probe``, ``zeroshot``, and the zero-shot-initialised
+probes ``zs_linear_probe`` / ``clap``); each builder
 takes (cfg, backbone, class_names, train_labels). CoOp and the "DB-focal fine-tune" baseline
 are configs of ``capnet`` (docs/components.md), not classes.
 """
@@ -16,7 +17,7 @@ from capnet.errors import CapnetError, CheckpointError
 from capnet.models.backbones.base import Backbone
 from capnet.models.capnet import CAPNET
 from capnet.models.gcn import GCN
-from capnet.models.heads import ClassifierBase, LinearProbe, ZeroShot, backbone_logit_scale
+from capnet.models.heads import ClassifierBase, LinearProbe, ZeroShot, ZeroShotLinearProbe, backbone_logit_scale
 from capnet.models.label_graph import GraphInputs
 from capnet.models.prompts import PromptLearner
 from capnet.registry import BACKBONES, GRAPHS, Registry
@@ -114,6 +115,17 @@ def build_zeroshot(cfg: Config, backbone: Backbone, class_names: List[str], trai
     backbone.requires_grad_(False)
     emb = lazy_template_embeddings(backbone, class_names, cfg.model.templates)()
     return ZeroShot(backbone, emb, backbone_logit_scale(backbone, cfg.model.logit_scale))
+
+
+@MODEL_KINDS.register("zs_linear_probe")
+@MODEL_KINDS.register("clap")
+def build_zs_linear_probe(cfg: Config, backbone: Backbone, class_names: List[str],
+                          train_labels: Optional[np.ndarray]) -> ZeroShotLinearProbe:
+    """A linear head started at the zero-shot classifier (ZS-LP; CLAP adds the pull back towards it).
+    Fitted on cached final features by ``capnet.evaluation.zs_probe``; the two kinds differ only there."""
+    backbone.requires_grad_(False)
+    emb = lazy_template_embeddings(backbone, class_names, cfg.model.templates)()
+    return ZeroShotLinearProbe(backbone, emb, backbone_logit_scale(backbone, cfg.model.logit_scale))
 
 
 def build_model(

@@ -185,3 +185,50 @@ class ZeroShot(ClassifierBase):
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """No trainable parameters."""
         return self._checked_groups({})
+
+
+class ZeroShotLinearProbe(ClassifierBase):
+    """Baseline: a linear head on L2-normalised image features, initialised at the zero-shot classifier.
+
+    ``logits = s * <f / |f|, w_c> + b_c`` with ``w_c`` starting at the unit zero-shot class
+    embedding and ``s`` the zero-shot model's own (fixed) logit scale, so before any fitting the
+    head ranks exactly like zero-shot (the ZS-LP of Silva-Rodriguez et al., CVPR 2024, and the
+    zero-shot head of WiSE-FT). ``w`` is left unnormalised: its norm is a per-class temperature.
+    The per-class bias is the multi-label addition (a sigmoid needs one; a softmax does not).
+    It is fitted on cached final features (``capnet.evaluation.zs_probe``), plainly or with
+    CLAP's class-adaptive pull towards ``w_zs`` (model kinds ``zs_linear_probe`` and ``clap``).
+    """
+
+    def __init__(self, backbone: Backbone, class_embeddings: torch.Tensor, logit_scale: float) -> None:
+        super().__init__(backbone)
+        if backbone.image_dim != class_embeddings.shape[-1]:
+            raise CapnetError(f"a zero-shot-initialised probe needs aligned towers; {backbone.spec.name} has "
+                              f"image_dim {backbone.image_dim}, class embeddings {class_embeddings.shape[-1]}-d")
+        zs = F.normalize(class_embeddings.detach().float(), dim=-1)
+        self.register_buffer("zeroshot_weight", zs.clone())
+        self.register_buffer("fixed_logit_scale", torch.tensor(float(logit_scale)))
+        self.weight = nn.Parameter(zs.clone())
+        self.bias = nn.Parameter(torch.zeros(zs.shape[0]))
+
+    def class_embeddings(self) -> torch.Tensor:
+        """The zero-shot class embeddings the head started from (for graphs and open vocabulary)."""
+        return self.zeroshot_weight
+
+    def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``s * <normalise(f), w> + b`` in float32."""
+        with torch.autocast(image_features.device.type, enabled=False):
+            image = F.normalize(image_features.float(), dim=-1)
+            return self.fixed_logit_scale * image @ self.weight.float().T + self.bias.float()
+
+    def load_fit(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Set the fitted ``w`` (C, D) and ``b`` (C,)."""
+        if tuple(weight.shape) != tuple(self.weight.shape) or tuple(bias.shape) != tuple(self.bias.shape):
+            raise CapnetError(f"zero-shot probe fit has shapes {weight.shape}/{bias.shape}, the head "
+                              f"{tuple(self.weight.shape)}/{tuple(self.bias.shape)}")
+        with torch.no_grad():
+            self.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            self.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """Everything trainable is the head."""
+        return self._checked_groups({"head": [self.weight, self.bias]})
