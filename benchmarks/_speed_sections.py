@@ -321,9 +321,18 @@ def run_offline(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
     return rows
 
 
+def run_scale(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
+    """Section 6 (issue 24): step time and peak memory vs class count, exact vs budgeted, one subprocess per row."""
+    from benchmarks._speed_scale import run_scale as scale
+
+    return scale(s, notes)
+
+
 SECTIONS: Dict[str, Callable[[Settings, List[str]], Any]] = {
     "train": run_train,
     "inference": run_inference,
     "throughput": run_throughput,
     "offline": run_offline,
+    "scale": run_scale,
 }
+DEFAULT_SECTIONS = ("train", "inference", "throughput", "offline")  # scale: ask for it (--sections scale)
