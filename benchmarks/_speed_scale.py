@@ -73,7 +73,7 @@ def _bare_row(spec: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 def _capnet_row(spec: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     """CAPNET (auto or forced-exact text branch) and its bare twin, interleaved."""
     from benchmarks._speed_models import batch, build_pair, capnet_step, train_step
-    from capnet.engine.evaluate import autocast
+    from capnet.runtime.precision import autocast
 
     extra = [f"model.text_budget={spec['classes']}"] if spec["mode"] == "exact" else []
     tic = time.perf_counter()
