@@ -70,6 +70,20 @@ def _bare_row(spec: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {"times": {k: summarize(v) for k, v in times.items()}, "image_size": backbone.spec.image_size}
 
 
+def _graph_facts(capnet: Any) -> Dict[str, Any]:
+    """Edges of the label graph and, budgeted, how many classes the GCN reads for one random subset."""
+    from capnet.models.gcn import receptive_field
+
+    if capnet.gcn is None:
+        return {}
+    adj = capnet.adjacency
+    out: Dict[str, Any] = {"nonzeros": int(adj._nnz() if adj.is_sparse else (adj != 0).sum())}
+    if capnet.text_budget is not None:
+        rows = torch.randperm(capnet.num_classes, generator=torch.Generator().manual_seed(0))[: capnet.text_budget]
+        out["gcn_inputs_for_budget"] = len(receptive_field(adj, rows, len(capnet.gcn.layers))[0])
+    return out
+
+
 def _capnet_row(spec: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     """CAPNET (auto or forced-exact text branch) and its bare twin, interleaved."""
     from benchmarks._speed_models import batch, build_pair, capnet_step, train_step
@@ -88,12 +102,13 @@ def _capnet_row(spec: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
         with autocast(device, spec["amp"]):
             capnet.refresh_text_bank()
         refresh_s = time.perf_counter() - tic
+    graph = _graph_facts(capnet)
     cases = {"capnet_step": capnet_step(capnet, pair.optimizers["capnet"], pair.loss, images, targets, spec["amp"]),
              "bare_step": train_step(pair.bare, pair.optimizers["bare"], pair.loss, images, targets, spec["amp"])}
     times = measure(cases, spec["repeats"], spec["warmup"], device)
     return {"times": {k: summarize(v) for k, v in times.items()}, "ratio": paired_ratio(times["capnet_step"], times["bare_step"]),
             "text_budget": capnet.text_budget, "sparse_graph": bool(capnet.adjacency is not None and capnet.adjacency.is_sparse),
-            "build_s": build_s, "bank_refresh_s": refresh_s, "image_size": capnet.backbone.spec.image_size}
+            "build_s": build_s, "bank_refresh_s": refresh_s, "graph": graph, "image_size": capnet.backbone.spec.image_size}
 
 
 def run_row(spec: Dict[str, Any]) -> Dict[str, Any]:

@@ -81,6 +81,7 @@ def test_scale_section_rows_and_merge(tmp_path: Path) -> None:
     rows = {r["mode"]: r for r in results["scale"]}
     assert set(rows) == {"bare", "auto"}
     assert rows["auto"]["text_budget"] == 32 and rows["auto"]["bank_refresh_s"] > 0
+    assert 32 <= rows["auto"]["graph"]["gcn_inputs_for_budget"] <= 150 and rows["auto"]["graph"]["nonzeros"] > 150
     assert all(r["peak_mib"] > 0 and r["image_size"] > 0 for r in rows.values())
     assert rows["auto"]["peak_above_bare_mib"] == pytest.approx(rows["auto"]["peak_mib"] - rows["bare"]["peak_mib"])
     assert math.isfinite(rows["auto"]["ratio"]["median_of_paired"])

@@ -186,3 +186,18 @@ def test_config_forces_the_budget_and_the_sparse_graph():
     model.eval()
     with torch.no_grad():
         assert model.class_embeddings().shape[0] == C
+
+
+def test_sparse_label_graph_round_trips_through_the_saved_model_state():
+    """safetensors holds dense tensors only: a sparse adjacency is saved as indices/values/shape."""
+    from safetensors.torch import load, save
+
+    from capnet.train.checkpoint import EXTRA_STATE_KEYS, extra_state, load_extra_state
+
+    m = _make()
+    m.adjacency = m.adjacency.to_sparse().coalesce()
+    saved = load(save(extra_state(m)))
+    assert set(saved) <= set(EXTRA_STATE_KEYS) and "graph.adjacency" not in saved
+    twin = _make()
+    load_extra_state(twin, saved)
+    assert twin.adjacency.is_sparse and torch.equal(twin.adjacency.to_dense(), m.adjacency.to_dense())
