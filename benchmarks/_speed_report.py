@@ -73,7 +73,17 @@ def _throughput(rows: List[Dict[str, Any]]) -> str:
     return "## 3. Throughput of CAPNET (random-init weights)\n\n" + md_table(header, body)
 
 
+def _offline_legacy(rows: List[Dict[str, Any]]) -> str:
+    """Section 4 as results from before the tower grid recorded it (one VGG19 row per image size)."""
+    header = ["image size", "images", "model only s/img", "end to end s/img (decode + transform + model)"]
+    body = [[r["image_size"], r["images"], f"{r['model_only_s_per_image']:.4f}", f"{r['end_to_end_s_per_image']:.4f}"]
+            for r in rows]
+    return "## 4. Offline backbone (vgg19_minilm.offline) feature extraction (earlier format)\n\n" + md_table(header, body)
+
+
 def _offline(rows: List[Dict[str, Any]]) -> str:
+    if rows and "tower" not in rows[0]:
+        return _offline_legacy(rows)
     header = ["tower", "precision", "allocator", "decode workers", "torch threads", "images",
               "model only ms/img", "demo path ms/img (files, decode, transform, loader, tower)"]
     body = [[r["tower"], "bf16 autocast" if r["precision"] == "bf16" else "fp32", r.get("allocator", "glibc default"),

@@ -48,7 +48,14 @@ def _peak_mib(device: torch.device) -> float:
 
 def _bare_row(spec: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     """The bare encoder alone: step time and peak memory (no text tower is ever built)."""
-    from benchmarks._speed_models import BareEncoder, _optimizer, batch, class_set, model_config, train_step
+    from benchmarks._speed_models import (
+        BareEncoder,
+        _optimizer,
+        batch,
+        class_set,
+        model_config,
+        train_step,
+    )
     from capnet.losses import build_loss
     from capnet.models.peft import apply_peft
     from capnet.registry import BACKBONES

@@ -2,6 +2,7 @@
 budgeted text branch (bank + subset) against the exact one."""
 import pytest
 import torch
+from toy_backbone import ToyBackbone
 
 from capnet.config import config_from_dict
 from capnet.errors import CapnetError
@@ -12,7 +13,6 @@ from capnet.models.label_graph import GraphInputs, sparse_text_graph
 from capnet.models.prompts import PromptLearner
 from capnet.models.text_bank import resolve_text_budget, select_classes
 from capnet.registry import GRAPHS
-from toy_backbone import ToyBackbone
 
 NAMES = ["dog", "cat", "car", "person", "potted plant", "bus", "horse", "sheep", "sofa"]
 C = len(NAMES)
@@ -201,3 +201,16 @@ def test_sparse_label_graph_round_trips_through_the_saved_model_state():
     twin = _make()
     load_extra_state(twin, saved)
     assert twin.adjacency.is_sparse and torch.equal(twin.adjacency.to_dense(), m.adjacency.to_dense())
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_budgeted_step_backward_under_bf16_autocast(sparse):
+    """The subset GCN and the sparse product run under bf16 autocast (the training loop's setting)."""
+    m = _make(budget=3).train()
+    if sparse:
+        m.adjacency = m.adjacency.to_sparse().coalesce()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = m.class_embeddings(torch.tensor([0, 4, 8]))
+        logits = m(torch.randn(2, 3, 32, 32), emb)
+    logits.float().sum().backward()
+    assert m.gcn.layers[0].weight.grad.abs().sum() > 0 and m.prompt_learner.ctx.grad[[0, 4, 8]].abs().sum() > 0

@@ -175,9 +175,10 @@ def test_fp16_without_cuda_fails_before_training(tmp_path):
 
 
 def _budgeted_capnet(budget):
+    import toy_backbone  # noqa: F401  (registers toy.random)
+
     from capnet.config import config_from_dict
     from capnet.models.build import build_model
-    import toy_backbone  # noqa: F401  (registers toy.random)
 
     raw = {"backbone": "toy.random", "prompts": {"n_ctx": 4, "class_specific": True}, "gcn": {"hidden": 16},
            "graph": {"topk": 2}, "text_budget": budget}

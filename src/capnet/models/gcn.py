@@ -56,9 +56,14 @@ def receptive_field(adj: torch.Tensor, rows: torch.Tensor, hops: int) -> Tuple[t
 
 
 def propagate(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``adj @ x``: dense as before (dtype of ``x``), sparse in float32 then back to ``x``'s dtype."""
+    """``adj @ x``: dense as before (dtype of ``x``), sparse in float32 then back to ``x``'s dtype.
+
+    The sparse product runs outside autocast: under bf16 autocast its backward fails on CPU
+    (torch 2.14: "expected scalar type Float but found BFloat16").
+    """
     if adj.is_sparse:
-        return torch.sparse.mm(adj.float(), x.float()).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sparse.mm(adj.float(), x.float()).to(x.dtype)
     return adj.to(x.dtype) @ x
 
 
