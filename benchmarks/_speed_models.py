@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +57,16 @@ def class_set(num_classes: int) -> ClassSet:
     return ClassSet(names, freq, train_num=4 * sum(freq))
 
 
-def model_config(arch: str, peft: Optional[str], image_size: Optional[int]) -> Config:
-    """The shipped recipe for ``arch`` with random weights, optionally another PEFT / input size."""
+def model_config(arch: str, peft: Optional[str], image_size: Optional[int], extra: Sequence[str] = ()) -> Config:
+    """The shipped recipe for ``arch`` with random weights, optionally another PEFT / input size
+    and further ``key=value`` overrides (``extra``)."""
     if arch not in ARCHS:
         raise SystemExit(f"speed: no recipe for backbone '{arch}'; choose from {', '.join(ARCHS)}")
     recipe, default_peft = ARCHS[arch]
     overrides = [f"model.backbone={arch}", "model.weights=random", f"model.peft.method={peft or default_peft}"]
     if image_size is not None:
         overrides.append(f"model.backbone_options={{image_size: {int(image_size)}}}")
-    return load_config([REPO / recipe], overrides)
+    return load_config([REPO / recipe], overrides + list(extra))
 
 
 class BareEncoder(nn.Module):
@@ -111,9 +112,10 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return build_optimizer(groups, dataclasses.replace(cfg.optim, lr_scale=scales))
 
 
-def build_pair(arch: str, num_classes: int, device: torch.device, peft: Optional[str], image_size: Optional[int]) -> Pair:
-    """Build CAPNET (shipped recipe, random weights) for ``num_classes`` and its bare twin."""
-    cfg = model_config(arch, peft, image_size)
+def build_pair(arch: str, num_classes: int, device: torch.device, peft: Optional[str], image_size: Optional[int],
+               extra: Sequence[str] = ()) -> Pair:
+    """Build CAPNET (shipped recipe, random weights, ``extra`` overrides) for ``num_classes`` and its bare twin."""
+    cfg = model_config(arch, peft, image_size, extra)
     classes = class_set(num_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights: features are meaningless" is the point here
@@ -141,6 +143,25 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.M
             logits = model(images)
         loss_fn(logits.float(), targets).backward()
         optimizer.step()
+
+    return step
+
+
+def capnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, images: torch.Tensor,
+                targets: torch.Tensor, amp: str, seed: int = 0) -> Callable[[], None]:
+    """``train_step`` the way the training loop drives CAPNET: ``model.text_step`` (exact, or the
+    budgeted subset ranked by the previous step's logits), then the logits on those embeddings."""
+    device, state = images.device, {"scores": None}
+    gen = torch.Generator().manual_seed(seed)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            emb = model.text_step(targets, state["scores"], gen)
+            logits = model(images, emb)
+        loss_fn(logits.float(), targets).backward()
+        optimizer.step()
+        state["scores"] = logits.detach()
 
     return step
 

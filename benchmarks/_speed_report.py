@@ -73,7 +73,17 @@ def _throughput(rows: List[Dict[str, Any]]) -> str:
     return "## 3. Throughput of CAPNET (random-init weights)\n\n" + md_table(header, body)
 
 
+def _offline_legacy(rows: List[Dict[str, Any]]) -> str:
+    """Section 4 as results from before the tower grid recorded it (one VGG19 row per image size)."""
+    header = ["image size", "images", "model only s/img", "end to end s/img (decode + transform + model)"]
+    body = [[r["image_size"], r["images"], f"{r['model_only_s_per_image']:.4f}", f"{r['end_to_end_s_per_image']:.4f}"]
+            for r in rows]
+    return "## 4. Offline backbone (vgg19_minilm.offline) feature extraction (earlier format)\n\n" + md_table(header, body)
+
+
 def _offline(rows: List[Dict[str, Any]]) -> str:
+    if rows and "tower" not in rows[0]:
+        return _offline_legacy(rows)
     header = ["tower", "precision", "allocator", "decode workers", "torch threads", "images",
               "model only ms/img", "demo path ms/img (files, decode, transform, loader, tower)"]
     body = [[r["tower"], "bf16 autocast" if r["precision"] == "bf16" else "fp32", r.get("allocator", "glibc default"),
@@ -86,10 +96,43 @@ def _offline(rows: List[Dict[str, Any]]) -> str:
             "benchmarks/allocator.py); the last rows vary decode workers and torch threads for the demo's tower.\n\n" + md_table(header, body))
 
 
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _scale(rows: List[Dict[str, Any]]) -> str:
+    header = ["backbone", "C", "px", "batch", "amp", "text branch", "CAPNET step", "bare step", "ratio (paired)",
+              "target", "met", "peak MiB", "peak above bare MiB", "memory met (<= 1024)", "bank refresh", "build"]
+    body = []
+    for r in sorted(rows, key=lambda r: (r["arch"], r["image_size"] or 0, r["classes"], r["mode"] != "bare", r["mode"])):
+        t = {k: v["median_s"] for k, v in r["times"].items()}
+        if r["mode"] == "bare":
+            mode = "bare encoder"
+        elif r.get("text_budget") is None:
+            mode = f"exact ({r['mode']})"
+        else:
+            mode = f"budget {r['text_budget']} ({r['mode']}{', sparse graph' if r.get('sparse_graph') else ''})"
+        met = {True: "yes", False: "NO", None: "-"}
+        body.append([r["arch"], r["classes"], r["image_size"], r["batch"], r["amp"], mode, fmt_ms(t.get("capnet_step")),
+                     fmt_ms(t.get("bare_step")), fmt_ratio(r.get("ratio", {}).get("median_of_paired")),
+                     r.get("ratio_target", "-"), met[r.get("meets_ratio")], _mib(r["peak_mib"]),
+                     _mib(r.get("peak_above_bare_mib")), met[r.get("meets_memory")],
+                     fmt_ms(r.get("bank_refresh_s")), fmt_ms(r.get("build_s"))])
+    return ("## 6. Class-count scaling: exact vs budgeted text branch (issue 24)\n\n"
+            "One fresh subprocess per row (peak = ru_maxrss on CPU, max_memory_allocated on GPU); a CAPNET row times "
+            "CAPNET and the bare encoder on the same backbone, interleaved, and its ratio is the median of per-round "
+            "ratios. The bare row (largest C) is the memory reference. Bank refresh = one no-grad pass of every class "
+            "through the text tower (first budgeted step only, not in the step times).\n\n" + md_table(header, body))
+
+
 def render_markdown(results: Dict[str, Any]) -> str:
     """The human-readable report: machine, settings, one table per section, notes."""
     parts = ["# capnet speed benchmark", _machine(results), _settings(results)]
-    renderers = {"train": _train, "inference": _inference, "throughput": _throughput, "offline": _offline}
+    if results.get("previous_runs"):
+        parts.append("This file merges runs (`--merge`): the machine and settings lines above are the latest run's; "
+                     "sections it did not run are kept from earlier runs, whose machine/settings are in the JSON's "
+                     "`previous_runs`.")
+    renderers = {"train": _train, "inference": _inference, "throughput": _throughput, "offline": _offline, "scale": _scale}
     for name, render in renderers.items():
         if results.get(name):
             parts.append(render(results[name]))

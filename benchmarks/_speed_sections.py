@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from benchmarks._speed_models import REPO, batch, branch_steps, build_pair, train_step, trainable_count
+from benchmarks._speed_models import REPO, batch, branch_steps, build_pair, capnet_step, train_step, trainable_count
 from benchmarks._timing import measure, paired_ratio, summarize, unstable
 from capnet.runtime.precision import autocast
 from capnet.models.tte import tte_logits
@@ -93,7 +93,9 @@ def _train_row(s: Settings, arch: str, num_classes: int, notes: List[str]) -> Di
     pair.capnet.train()
     pair.bare.train()
     cases = {
-        "capnet_step": train_step(pair.capnet, pair.optimizers["capnet"], pair.loss, images, targets, s.amp),
+        # As the training loop runs it: class embeddings under autocast, then the logits. ``pair.capnet(images)``
+        # alone would compute them inside the float32 logits block, i.e. the text tower in float32 (issue 24).
+        "capnet_step": capnet_step(pair.capnet, pair.optimizers["capnet"], pair.loss, images, targets, s.amp),
         "bare_step": train_step(pair.bare, pair.optimizers["bare"], pair.loss, images, targets, s.amp),
         **branch_steps(pair.capnet, images, s.amp),
     }
@@ -321,9 +323,18 @@ def run_offline(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
     return rows
 
 
+def run_scale(s: Settings, notes: List[str]) -> List[Dict[str, Any]]:
+    """Section 6 (issue 24): step time and peak memory vs class count, exact vs budgeted, one subprocess per row."""
+    from benchmarks._speed_scale import run_scale as scale
+
+    return scale(s, notes)
+
+
 SECTIONS: Dict[str, Callable[[Settings, List[str]], Any]] = {
     "train": run_train,
     "inference": run_inference,
     "throughput": run_throughput,
     "offline": run_offline,
+    "scale": run_scale,
 }
+DEFAULT_SECTIONS = ("train", "inference", "throughput", "offline")  # scale: ask for it (--sections scale)

@@ -21,6 +21,10 @@ Methodology (a reviewer should be able to check every step):
   channels_last, torch.compile, each on/off); CPU runs fp32 only unless --variants says so.
 * Offline backbone: seconds per image of VGG19 features, model only and end to end
   (JPEG decode + transform + model, capnet.features.cache.compute_features).
+* Class-count scaling (``--sections scale``, issue 24; benchmarks/_speed_scale.py): step time
+  and peak memory of CAPNET (exact vs budgeted text branch) and the bare encoder, one fresh
+  subprocess per row; ``--merge`` keeps the other sections (and other backbones' scale rows)
+  of an existing results file, so one file can hold rows run at different image sizes.
 * The machine (CPU, threads, load average before/after, GPU, torch, git commit) is recorded:
   numbers taken while other processes compete for the CPU are not comparable.
 """
@@ -65,7 +69,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls per candidate first (default 2; quick 1)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="autocast for sections 1, 2, 5 (default: bf16 on GPU, none on CPU)")
     p.add_argument("--variants", nargs="+", help=f"throughput variants (GPU default: {' '.join(GPU_VARIANTS)}; CPU: fp32)")
-    p.add_argument("--sections", nargs="+", default=list(sections.SECTIONS), choices=list(sections.SECTIONS))
+    p.add_argument("--sections", nargs="+", default=list(sections.DEFAULT_SECTIONS), choices=list(sections.SECTIONS))
+    p.add_argument("--merge", action="store_true", help="update an existing results file: keep the sections not run "
+                   "(and scale rows of other backbones / sizes / class counts)")
     p.add_argument("--text-limit", type=int, help="measure CAPNET only up to this many classes, extrapolate "
                    "the text branch linearly above it (default: all; quick on CPU: 80)")
     p.add_argument("--demo-times", type=Path, help="JSON of `capnet demo` timings to merge into the results")
@@ -113,6 +119,26 @@ def merge_demo_times(path: Optional[Path]) -> Dict[str, Any]:
     return {"source": str(path), "times": json.loads(path.read_text())}
 
 
+def _scale_key(row: Dict[str, Any]) -> tuple:
+    return row["arch"], row["classes"], row["mode"], row["image_size"], row["batch"], row["amp"]
+
+
+def merge_results(old: Dict[str, Any], new: Dict[str, Any], ran: Sequence[str]) -> Dict[str, Any]:
+    """``new`` over ``old``: sections not run now are kept (with their machine/settings under
+    ``previous_runs``); scale rows are merged by (backbone, classes, mode, size, batch, amp)."""
+    out = {**old, **{k: v for k, v in new.items() if k not in sections.SECTIONS}}
+    out["previous_runs"] = old.get("previous_runs", []) + [{k: old.get(k) for k in ("machine", "settings", "wall_time_s")}]
+    out["notes"] = [n for n in old.get("notes", [])] + [f"(run of sections {list(ran)}) {n}" for n in new.get("notes", [])]
+    for name in ran:
+        if name == "scale":
+            rows = {_scale_key(r): r for r in old.get("scale") or []}
+            rows.update({_scale_key(r): r for r in new.get("scale") or []})
+            out["scale"] = list(rows.values())
+        else:
+            out[name] = new.get(name)
+    return out
+
+
 def output_stem(args: argparse.Namespace, device: torch.device) -> str:
     """speed_cpu / speed_gpu, with _quick or _smoke so a trial never overwrites final numbers."""
     stem = "speed_gpu" if device.type == "cuda" else "speed_cpu"
@@ -136,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with CpuShare() as share:
                 results[name] = sections.SECTIONS[name](settings, results["notes"])
             results["machine"].setdefault("cpu_share_by_section", {})[name] = share.share
-            if device.type == "cpu" and share.share is not None and share.share < 0.8:
+            if device.type == "cpu" and share.share is not None and share.share < 0.8 and name != "scale":
                 results["notes"].append(
                     f"section {name}: this process used only {share.share:.0%} of its {torch.get_num_threads()} threads' "
                     "CPU time: other processes competed for the cores (or the work did not use every thread)")
@@ -145,6 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = output_stem(args, device)
+    if args.merge and (args.out / f"{stem}.json").is_file():
+        results = merge_results(json.loads((args.out / f"{stem}.json").read_text()), results, args.sections)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     markdown = render_markdown(results)
     (args.out / f"{stem}.md").write_text(markdown)

@@ -64,3 +64,27 @@ def test_demo_times_are_merged(tmp_path: Path) -> None:
     demo.write_text(json.dumps({"demo_total_s": 12.5}))
     assert speed.merge_demo_times(demo) == {"source": str(demo), "times": {"demo_total_s": 12.5}}
     assert "does not exist" in speed.merge_demo_times(tmp_path / "missing.json")["note"]
+
+
+KEPT = {"arch": "clip_tiny_rn.random", "variant": "fp32", "error": "a row of an earlier run"}
+
+
+def test_scale_section_rows_and_merge(tmp_path: Path) -> None:
+    """Issue 24 scale section: a bare row and an auto (budgeted at 150 classes) row, each from its own
+    subprocess with a peak memory; a second --merge run keeps the first run's rows and other sections."""
+    (tmp_path / "speed_cpu_smoke.json").write_text(json.dumps({"throughput": [KEPT], "notes": [], "machine": {}}))
+    args = ["--smoke", "--device", "cpu", "--out", str(tmp_path), "--sections", "scale", "--merge",
+            "--archs", "clip_tiny_rn.random", "--classes", "150"]
+    assert speed.main(args) == 0
+    results = json.loads((tmp_path / "speed_cpu_smoke.json").read_text())
+    assert results["throughput"] == [KEPT] and len(results["previous_runs"]) == 1
+    rows = {r["mode"]: r for r in results["scale"]}
+    assert set(rows) == {"bare", "auto"}
+    assert rows["auto"]["text_budget"] == 32 and rows["auto"]["bank_refresh_s"] > 0
+    assert 32 <= rows["auto"]["graph"]["gcn_inputs_for_budget"] <= 150 and rows["auto"]["graph"]["nonzeros"] > 150
+    assert all(r["peak_mib"] > 0 and r["image_size"] > 0 for r in rows.values())
+    assert rows["auto"]["peak_above_bare_mib"] == pytest.approx(rows["auto"]["peak_mib"] - rows["bare"]["peak_mib"])
+    assert math.isfinite(rows["auto"]["ratio"]["median_of_paired"])
+    merged = speed.merge_results(results, {"scale": [{**rows["bare"], "classes": 7}], "notes": []}, ["scale"])
+    assert len(merged["scale"]) == 3  # new key added, old rows kept
+    assert "Class-count scaling" in (tmp_path / "speed_cpu_smoke.md").read_text()

@@ -172,3 +172,43 @@ def test_fp16_without_cuda_fails_before_training(tmp_path):
     with pytest.raises(CapnetError, match="fp16 needs a CUDA device"):
         _fit(tmp_path, train={"epochs": 1, "amp": "fp16"})
     assert not (tmp_path / "last.safetensors").exists()
+
+
+def _budgeted_capnet(budget):
+    import toy_backbone  # noqa: F401  (registers toy.random)
+
+    from capnet.config import config_from_dict
+    from capnet.models.build import build_model
+
+    raw = {"backbone": "toy.random", "prompts": {"n_ctx": 4, "class_specific": True}, "gcn": {"hidden": 16},
+           "graph": {"topk": 2}, "text_budget": budget}
+    torch.manual_seed(0)
+    return build_model(config_from_dict({"model": raw}), CLASS_NAMES)
+
+
+@pytest.mark.parametrize("budget", [2, None])
+def test_budgeted_text_branch_in_the_loop(tmp_path, budget):
+    """model.text_budget=2 of 4 classes: the loop drives text_step (each step runs 2 prompts
+    through the text tower, after one full bank pass per epoch); resume reproduces the run exactly."""
+    opts = dict(train={"epochs": 3, "grad_accum": 2}, optim={"lr": 0.2, "warmup_epochs": 1})
+    runs = {}
+    for name, resume in (("a", False), ("b", False), ("b", True)):
+        cfg, _, train, val = _setup(**opts)
+        model = _budgeted_capnet(budget)
+        assert model.text_budget == budget
+        calls = model.backbone.text_calls
+        callbacks = [_crash_after(2)] if name == "b" and not resume else None
+        try:
+            result = fit(model, nn.BCEWithLogitsLoss(), train, val, cfg, tmp_path / name, resume=resume,
+                         callbacks=callbacks, groups=GROUPS, class_names=CLASS_NAMES, device=CPU)
+        except Crash:
+            continue
+        runs[name] = (model, result)
+        if name == "a" and budget is not None:
+            assert model.text_bank.ready
+            steps = 3 * 3  # 3 epochs x ceil(5 batches / 2) optimiser steps
+            assert model.backbone.text_calls - calls >= steps + 3  # one subset pass per step + one bank fill per epoch
+    (a, res_a), (b, res_b) = runs["a"], runs["b"]
+    for k, v in a.trainable_state_dict().items():
+        assert torch.equal(b.trainable_state_dict()[k], v), k
+    assert [r["train_loss"] for r in res_a.history] == [r["train_loss"] for r in res_b.history]

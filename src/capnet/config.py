@@ -63,6 +63,8 @@ class GraphConfig:
     threshold: Optional[float] = None  # keep similarities >= threshold (null: no threshold)
     p: float = 0.2  # ML-GCN re-weighting: off-diagonal mass p, self weight 1 - p
     tau: float = 0.4  # co-occurrence graph binarisation threshold (ML-GCN)
+    sparse: Optional[bool] = None  # keep the graph as a sparse matrix; null: above 2000 classes (docs/scale.md)
+    chunk: int = 2048  # similarity rows per block when a sparse text graph is built (memory: chunk x C floats)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,12 @@ class ModelConfig:
     learn_logit_scale: bool = True  # train the scale
     class_residual: bool = False  # per-class residual on the text classifier (LIFT-style), zero-init
     center_features: bool = False  # subtract the training-set mean image feature before the cosine
+    text_budget: Optional[int] = None  # classes through the text tower per training step; null: auto (docs/scale.md); >= C: exact
+    text_exact_up_to: int = 100  # auto: every class every step up to this many classes (VOC 20, COCO 80, NUS-WIDE 81)
+    text_auto_budget: int = 32  # auto: classes per step above text_exact_up_to
+    text_hard_fraction: float = 0.5  # budgeted: share of the non-positive slots given to the top-scored negatives (rest random)
+    text_refresh_every: int = 0  # budgeted: re-embed every class (no grad, in chunks) every N steps; 0: only at the first step
+    text_chunk: int = 1024  # classes per text-tower pass when all classes are embedded without grad (eval, bank refresh)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     gcn: GCNConfig = field(default_factory=GCNConfig)
@@ -326,6 +334,12 @@ def is_key_under(key: str, keys: Sequence[str]) -> bool:
     return any(key == k or key.startswith(k + ".") for k in keys)
 
 
+_LATER_DEFAULTS = {
+    "model": {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("text_")},
+    "graph": {"sparse": None, "chunk": 2048},
+}
+
+
 def config_hash(cfg: Config) -> str:
     """sha256 of the resolved config without RUNTIME_KEYS: equal hashes mean the same experiment."""
     raw = to_dict(cfg)
@@ -336,6 +350,11 @@ def config_hash(cfg: Config) -> str:
         section, key = dotted.split(".")
         if raw[section].get(key, default) == default:
             raw[section].pop(key, None)
+    for section, defaults in _LATER_DEFAULTS.items():  # likewise for keys added with the class-count scaling
+        node = raw["model"] if section == "model" else raw["model"]["graph"]
+        for key, default in defaults.items():
+            if node.get(key) == default:
+                node.pop(key)
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -375,6 +394,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.select=val needs data.val_fraction > 0 (model selection never uses test)")
     if len(set(cfg.data.exclude_classes)) != len(cfg.data.exclude_classes):
         raise ConfigError(f"data.exclude_classes lists a class twice: {cfg.data.exclude_classes}")
+    m = cfg.model
+    if (m.text_budget is not None and m.text_budget < 1) or m.text_auto_budget < 1 or m.text_chunk < 1 or m.graph.chunk < 1:
+        raise ConfigError("model.text_budget, model.text_auto_budget, model.text_chunk and model.graph.chunk must be >= 1")
+    if not 0.0 <= m.text_hard_fraction <= 1.0 or m.text_refresh_every < 0:
+        raise ConfigError("model.text_hard_fraction must be in [0, 1] and model.text_refresh_every >= 0")
     subset = cfg.data.subset
     if subset is not None and not (0.0 < subset < 1.0 or (subset >= 1 and float(subset).is_integer())):
         raise ConfigError(f"data.subset={subset} must be a whole number of images >= 1 or a fraction in (0, 1)")

@@ -20,6 +20,7 @@ from capnet.models.gcn import GCN
 from capnet.models.heads import ClassifierBase, LinearProbe, ZeroShot, ZeroShotLinearProbe, backbone_logit_scale
 from capnet.models.label_graph import GraphInputs
 from capnet.models.prompts import PromptLearner
+from capnet.models.text_bank import resolve_text_budget
 from capnet.registry import BACKBONES, GRAPHS, Registry
 
 MODEL_KINDS = Registry("model kind")
@@ -75,7 +76,8 @@ def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_
     if m.gcn.enabled:
         inputs = GraphInputs(len(class_names), text_emb, train_labels)
         g = m.graph
-        adjacency = GRAPHS.build(g.source, inputs, topk=g.topk, threshold=g.threshold, p=g.p, tau=g.tau)
+        adjacency = GRAPHS.build(g.source, inputs, topk=g.topk, threshold=g.threshold, p=g.p, tau=g.tau,
+                                 sparse=g.sparse, chunk=g.chunk)
         gcn = GCN(backbone.text_dim, m.gcn.hidden, m.gcn.layers, m.gcn.dropout)
     peft = None
     if m.peft.method != "none":
@@ -98,6 +100,10 @@ def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_
         ensemble_templates=bool(cfg.tte.templates and prompts is not None),
         class_residual=m.class_residual,
         center_features=m.center_features,
+        text_budget=resolve_text_budget(len(class_names), m.text_budget, m.text_exact_up_to, m.text_auto_budget),
+        text_hard_fraction=m.text_hard_fraction,
+        text_refresh_every=m.text_refresh_every,
+        text_chunk=m.text_chunk,
     )
 
 

@@ -1,6 +1,8 @@
 """CAPNET: the correlation adaptation prompt network (arXiv 2511.20641, Sec. 3).
 
-Text branch (once per call, for all C classes; cached in eval mode under no_grad):
+Text branch (once per call, for all C classes; cached in eval mode under no_grad; without grad
+the text tower runs in chunks of ``text_chunk`` classes; with ``text_budget`` a training step runs
+only a subset of classes and reads the rest from a bank, ``text_bank.py``, ``text_step``):
     E_prompt = PromptLearner()                      (or fixed template-ensemble embeddings)
     E        = E_prompt + residual * GCN(A, E_prompt)  (Sec. 3.3; zero-init => E = E_prompt)
     W        = normalize(text_proj(E))               (text_proj only for unaligned towers)
@@ -36,6 +38,7 @@ from capnet.models.backbones.base import Backbone
 from capnet.models.gcn import GCN
 from capnet.models.heads import ClassifierBase, cosine_logits
 from capnet.models.prompts import EvalCache, PromptLearner
+from capnet.models.text_bank import TextBank, select_classes
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learned temperature
 LOG_MAX_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)  # the cap on the parameter (open_clip clamps the log)
@@ -71,6 +74,10 @@ class CAPNET(ClassifierBase):
         ensemble_templates: bool = False,
         class_residual: bool = False,
         center_features: bool = False,
+        text_budget: Optional[int] = None,
+        text_hard_fraction: float = 0.5,
+        text_refresh_every: int = 0,
+        text_chunk: int = 1024,
     ) -> None:
         super().__init__(backbone, peft)
         if prompt_learner is None and template_embeddings is None:
@@ -104,6 +111,12 @@ class CAPNET(ClassifierBase):
         self.register_buffer("feature_mean", torch.zeros(backbone.image_dim) if center_features else None)
         self._ensemble_templates = ensemble_templates
         self._cache = EvalCache()
+        # Budgeted text branch (text_bank.py): None = every class every step (exact).
+        if text_budget is not None and text_budget < 1 or text_chunk < 1:
+            raise CapnetError(f"CAPNET: text_budget ({text_budget}) and text_chunk ({text_chunk}) must be >= 1")
+        self.text_budget = text_budget
+        self.text_hard_fraction, self.text_refresh_every, self.text_chunk = text_hard_fraction, text_refresh_every, text_chunk
+        self.text_bank = TextBank()
 
     # ---------------------------------------------------------------- text branch
     @property
@@ -146,15 +159,20 @@ class CAPNET(ClassifierBase):
         with torch.no_grad():
             self.feature_mean.copy_(mean.to(self.feature_mean))
 
-    def _text_head(self, emb: torch.Tensor, adjacency: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _text_head(self, emb: torch.Tensor, adjacency: Optional[torch.Tensor] = None,
+                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """GCN refinement (residual) then projection then L2 normalisation.
 
-        ``adjacency`` replaces the trained label graph (open-vocabulary rows, ``open_vocab.py``).
+        ``adjacency`` replaces the trained label graph (open-vocabulary rows, ``open_vocab.py``);
+        ``rows``: the output of those classes only, from the GCN on their receptive field.
         """
         emb = emb.float()
+        base = emb if rows is None else emb[rows]
         if self.gcn is not None:
             adj = self.adjacency if adjacency is None else adjacency
-            emb = emb + self.gcn_residual * self.gcn(adj.to(emb.device), emb)
+            emb = base + self.gcn_residual * self.gcn(adj.to(emb.device), emb, rows=rows)
+        else:
+            emb = base
         if self.text_proj is not None:
             emb = self.text_proj(emb)
         return F.normalize(emb, dim=-1)
@@ -165,24 +183,76 @@ class CAPNET(ClassifierBase):
         bufs = [b for b in (self.template_embeddings, self.adjacency, self.class_residual) if b is not None]
         return [p for m in mods for p in m.parameters()] + bufs
 
-    def class_embeddings(self) -> torch.Tensor:
-        """(C, D) class embeddings, unit-norm (a mean of two unit-norm rows when ensembling)."""
+    def _all_prompts(self) -> torch.Tensor:
+        """(C, text_dim) prompt-tower outputs; without grad in chunks of ``text_chunk`` classes (bounded memory)."""
+        if torch.is_grad_enabled() or self.num_classes <= self.text_chunk:
+            return self.prompt_learner().float()
+        idx = torch.arange(self.num_classes, device=self.prompt_learner.tokens.device)
+        return torch.cat([self.prompt_learner(chunk).float() for chunk in idx.split(self.text_chunk)])
+
+    def _embed(self, prompt: Optional[torch.Tensor], rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class embeddings from (C, text_dim) prompt rows (None: the fixed templates), for ``rows`` or all."""
+        if prompt is None:
+            out = self._text_head(self.template_embeddings, rows=rows)
+        else:
+            out = self._text_head(prompt, rows=rows)
+            if self.ensemble_templates:
+                # Template rows rescaled to the prompt rows' norms: the head sees one scale.
+                templ = F.normalize(self.template_embeddings, dim=-1) * prompt.norm(dim=-1, keepdim=True)
+                out = (out + self._text_head(templ, rows=rows)) / 2
+        if self.class_residual is not None:
+            residual = self.class_residual if rows is None else self.class_residual[rows]
+            out = F.normalize(F.normalize(out, dim=-1) + residual.float(), dim=-1)
+        return out
+
+    def class_embeddings(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(C, D) class embeddings, unit-norm (a mean of two unit-norm rows when ensembling).
+
+        ``rows`` (1-D class indices): the budgeted branch (``text_bank.py``): only those classes
+        run, with grad; every other row is the bank's, detached; the bank takes the new rows.
+        """
+        if rows is not None:
+            return self._budgeted(rows)
         key = self._text_tensors()
         cached = self._cache.get(self.training, key)
         if cached is not None:
             return cached
-        if self.prompt_learner is None:
-            out = self._text_head(self.template_embeddings)
-        else:
-            prompt = self.prompt_learner().float()
-            out = self._text_head(prompt)
-            if self.ensemble_templates:
-                # Template rows rescaled to the prompt rows' norms: the head sees one scale.
-                templ = F.normalize(self.template_embeddings, dim=-1) * prompt.norm(dim=-1, keepdim=True)
-                out = (out + self._text_head(templ)) / 2
-        if self.class_residual is not None:
-            out = F.normalize(F.normalize(out, dim=-1) + self.class_residual.float(), dim=-1)
+        out = self._embed(None if self.prompt_learner is None else self._all_prompts())
         return self._cache.put(self.training, key, out)
+
+    def refresh_text_bank(self) -> None:
+        """Recompute every bank row without grad (text tower in chunks of ``text_chunk`` classes)."""
+        with torch.no_grad():
+            prompt = None if self.prompt_learner is None else self._all_prompts()
+            self.text_bank.fill(prompt, self._embed(prompt))
+
+    def _budgeted(self, rows: torch.Tensor) -> torch.Tensor:
+        """Bank rows (detached) with ``rows`` recomputed (with grad); the bank is updated."""
+        bank = self.text_bank
+        if not bank.ready or (self.text_refresh_every and bank.steps >= self.text_refresh_every):
+            self.refresh_text_bank()
+        rows = torch.unique(rows.long()).to(bank.out.device)
+        fresh_prompt = None if self.prompt_learner is None else self.prompt_learner(rows).float()
+        prompt = None if fresh_prompt is None else bank.prompt.index_copy(0, rows, fresh_prompt)
+        fresh = self._embed(prompt, rows).float()
+        bank.update(rows, fresh_prompt, fresh)
+        return bank.out.index_copy(0, rows, fresh)
+
+    def text_step(self, targets: torch.Tensor, scores: Optional[torch.Tensor] = None,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The class embeddings of one optimiser step (the training loop's hook).
+
+        Exact branch, eval mode or no grad: ``class_embeddings()``. Budgeted: ``text_budget``
+        classes chosen from ``targets`` (N, C) (positives), ``scores`` (M, C) (their max over
+        rows ranks the negatives; e.g. the last step's logits) and ``generator`` (random fill).
+        Under DDP pass the same (all-reduced) inputs and generator on every rank.
+        """
+        if self.text_budget is None or not self.training or not torch.is_grad_enabled():
+            return self.class_embeddings()
+        positives = targets.detach().reshape(-1, self.num_classes).gt(0).any(0)
+        hardness = None if scores is None else scores.detach().float().reshape(-1, self.num_classes).amax(0)
+        rows = select_classes(positives, hardness, self.text_budget, self.text_hard_fraction, generator)
+        return self.class_embeddings(rows)
 
     def train(self, mode: bool = True) -> "CAPNET":
         """Switch modes and drop the cached class embeddings."""

@@ -3,14 +3,68 @@
 ``H' = LeakyReLU_0.2(A H W)`` per layer, no activation after the last one. The output width
 equals the input width and the last weight is zero-initialised, so CAPNET's residual
 ``E = E_prompt + residual * GCN(A, E_prompt)`` starts exactly at the prompt embeddings.
+
+``A`` is a dense (C, C) tensor or a sparse COO one (``label_graph.sparse_text_graph``, for
+10,000+ classes). ``rows`` computes the output of some classes only: the layers then run on
+their receptive field (the classes within ``layers`` hops), aggregating before the linear map
+(``A (H W) = (A H) W``: the layers have no bias), so the cost follows the subset, not C.
 """
 from __future__ import annotations
+
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from capnet.errors import CapnetError
+
+
+def as_sparse(adj: torch.Tensor) -> torch.Tensor:
+    """A coalesced float32 sparse COO copy of a dense or sparse (C, C) adjacency."""
+    out = adj if adj.is_sparse else adj.to_sparse()
+    return out.coalesce().float()
+
+
+def sparse_rows(adj: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``adj[rows]`` of a coalesced sparse (C, C) matrix as (row positions in ``rows``, columns, values)
+    stacked as ((2, nnz) indices, (nnz,) values); row-major order is kept."""
+    idx, val = adj.indices(), adj.values()
+    counts = torch.bincount(idx[0], minlength=adj.shape[0])
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    start, n = crow[rows], counts[rows]
+    local = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), n)
+    offset = torch.arange(int(n.sum()), device=rows.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
+    pos = torch.repeat_interleave(start, n) + offset
+    return torch.stack([local, idx[1, pos]]), val[pos]
+
+
+def receptive_field(adj: torch.Tensor, rows: torch.Tensor, hops: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The classes a ``hops``-layer GCN output at ``rows`` depends on, and one sub-adjacency per layer.
+
+    Returns (input classes S_0, [A[S_1, S_0], ..., A[S_hops, S_hops-1]]) with S_hops = ``rows``,
+    each S_{l-1} the columns used by the rows S_l (sorted), each sub-matrix sparse COO.
+    """
+    adj = as_sparse(adj)
+    needed, subs = rows, []
+    for _ in range(hops):
+        ind, val = sparse_rows(adj, needed)
+        cols, inverse = torch.unique(ind[1], return_inverse=True)
+        subs.append(torch.sparse_coo_tensor(torch.stack([ind[0], inverse]), val, (len(needed), len(cols)), check_invariants=False))
+        needed = cols
+    return needed, subs[::-1]
+
+
+def propagate(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``adj @ x``: dense as before (dtype of ``x``), sparse in float32 then back to ``x``'s dtype.
+
+    The sparse product runs outside autocast: under bf16 autocast its backward fails on CPU
+    (torch 2.14: "expected scalar type Float but found BFloat16").
+    """
+    if adj.is_sparse:
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sparse.mm(adj.float(), x.float()).to(x.dtype)
+    return adj.to(x.dtype) @ x
 
 
 class GCN(nn.Module):
@@ -25,11 +79,21 @@ class GCN(nn.Module):
         self.dropout = dropout
         nn.init.zeros_(self.layers[-1].weight)
 
-    def forward(self, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(C, C) normalised adjacency, (C, dim) node features -> (C, dim)."""
-        for i, layer in enumerate(self.layers):
-            x = adj.to(x.dtype) @ layer(x)
-            if i < len(self.layers) - 1:
-                x = F.leaky_relu(x, 0.2)
-                x = F.dropout(x, self.dropout, self.training)
+    def _activate(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i < len(self.layers) - 1:
+            x = F.leaky_relu(x, 0.2)
+            x = F.dropout(x, self.dropout, self.training)
         return x
+
+    def forward(self, adj: torch.Tensor, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(C, C) normalised adjacency (dense or sparse), (C, dim) node features -> (C, dim),
+        or (len(rows), dim) for the classes ``rows`` only (same values as ``forward(adj, x)[rows]``)."""
+        if rows is None:
+            for i, layer in enumerate(self.layers):
+                x = self._activate(i, propagate(adj, layer(x)))
+            return x
+        inputs, subs = receptive_field(adj.to(x.device), rows.to(x.device), len(self.layers))
+        h = x[inputs]
+        for i, (layer, sub) in enumerate(zip(self.layers, subs)):
+            h = self._activate(i, layer(propagate(sub, h)))
+        return h

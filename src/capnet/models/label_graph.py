@@ -15,11 +15,16 @@ weight of 1 (not 1 - p); we follow the paper's text (rows sum to p, self weight 
 Sources registered in GRAPHS: ``text`` (class-name embedding similarity, CAPNET's default: no
 training labels needed), ``cooccurrence`` (ML-GCN conditional probabilities from TRAIN
 labels) and ``none`` (identity: the GCN then acts on each class alone).
+
+At 10,000+ classes a dense (C, C) matrix is 400 MB per copy, so the ``text`` source switches
+(``sparse=None``: above ``SPARSE_ABOVE`` classes) to ``sparse_text_graph``: cosine similarity
+and top-k in row chunks, the same re-weighting and normalisation on a sparse COO matrix. It
+equals the dense pipeline (to float rounding) for the same top-k / threshold settings.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +32,8 @@ import torch.nn.functional as F
 
 from capnet.errors import CapnetError
 from capnet.registry import GRAPHS
+
+SPARSE_ABOVE = 2000  # text graphs over more classes than this are built and kept sparse (graph.sparse=null)
 
 
 def text_similarity(emb: torch.Tensor) -> torch.Tensor:
@@ -110,27 +117,95 @@ class GraphInputs:
     train_labels: Optional[np.ndarray] = None  # (N, C) multi-hot TRAIN labels (never val/test)
 
 
+def _chunk_edges(unit: torch.Tensor, lo: int, hi: int, topk: Optional[int], threshold: Optional[float]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kept off-diagonal edges of rows lo..hi: ((2, n) global indices, (n,) clamped weights), as ``sparsify``."""
+    c = unit.shape[0]
+    sim = unit[lo:hi] @ unit.T
+    rows = torch.arange(lo, hi)
+    diag = torch.zeros_like(sim, dtype=torch.bool)
+    diag[rows - lo, rows] = True
+    keep = ~diag
+    if topk is not None:
+        idx = sim.masked_fill(diag, float("-inf")).topk(min(topk, c - 1), dim=1).indices
+        keep = keep & torch.zeros_like(keep).scatter_(1, idx, True)
+    if threshold is not None:
+        keep = keep & (sim >= threshold)
+    keep = keep & (sim > 0)  # clamped to zero by sparsify: no edge
+    r, col = keep.nonzero(as_tuple=True)
+    return torch.stack([r + lo, col]), sim[r, col]
+
+
+def sparse_text_graph(emb: torch.Tensor, topk: Optional[int], threshold: Optional[float], p: float,
+                      chunk: int = 2048) -> torch.Tensor:
+    """(C, D) class-name embeddings -> (C, C) sparse COO adjacency, never a dense (C, C) matrix.
+
+    Same steps as the dense ``text`` graph: similarity and top-k/threshold per row chunk
+    (``chunk`` rows x C at a time), ML-GCN re-weighting, symmetrisation, ``D^-1/2 A D^-1/2``.
+    """
+    if topk is not None and topk < 0:
+        raise CapnetError(f"graph.topk={topk} must be >= 0")
+    if not 0.0 <= p <= 1.0:
+        raise CapnetError(f"graph.p={p} must be in [0, 1]")
+    unit = F.normalize(emb.detach().float().cpu(), dim=-1)
+    c = unit.shape[0]
+    parts = [_chunk_edges(unit, lo, min(lo + chunk, c), topk, threshold) for lo in range(0, c, max(1, chunk))]
+    idx, val = torch.cat([q[0] for q in parts], 1), torch.cat([q[1] for q in parts])
+    sums = torch.zeros(c).index_add_(0, idx[0], val)  # reweight: off-diagonal row mass p, self 1 - p
+    val = p * val / sums[idx[0]]
+    has_edges = sums > 0
+    self_w = torch.where(has_edges, torch.full((c,), 1.0 - p), torch.ones(c))
+    diag = torch.arange(c)
+    idx = torch.cat([idx, torch.stack([diag, diag])], 1)
+    val = torch.cat([val, self_w])
+    sym = torch.sparse_coo_tensor(torch.cat([idx, idx.flip(0)], 1), torch.cat([val, val]) / 2, (c, c), check_invariants=False).coalesce()
+    idx, val = sym.indices(), sym.values()
+    deg = torch.zeros(c).index_add_(0, idx[0], val)
+    inv_sqrt = torch.where(deg > 0, deg.clamp(min=1e-12).rsqrt(), torch.zeros_like(deg))
+    return torch.sparse_coo_tensor(idx, inv_sqrt[idx[0]] * val * inv_sqrt[idx[1]], (c, c), check_invariants=False).coalesce()
+
+
 @GRAPHS.register("text")
-def text_graph(inputs: GraphInputs, topk: Optional[int], threshold: Optional[float], p: float, tau: float) -> torch.Tensor:
-    """Cosine similarity of class-name embeddings -> sparsify -> reweight -> normalise."""
+def text_graph(inputs: GraphInputs, topk: Optional[int], threshold: Optional[float], p: float, tau: float,
+               sparse: Optional[bool] = None, chunk: int = 2048) -> torch.Tensor:
+    """Cosine similarity of class-name embeddings -> sparsify -> reweight -> normalise.
+
+    ``sparse``: build and return a sparse COO matrix in row chunks (None: when C > SPARSE_ABOVE).
+    """
     with torch.no_grad():
-        sim = zero_diagonal(text_similarity(inputs.text_embeddings().detach().cpu()))
+        emb = inputs.text_embeddings().detach().cpu()
+        if _use_sparse(sparse, inputs.num_classes):
+            return sparse_text_graph(emb, topk, threshold, p, chunk)
+        sim = zero_diagonal(text_similarity(emb))
     return normalize_adjacency(reweight(sparsify(sim, topk, threshold), p))
 
 
+def _use_sparse(sparse: Optional[bool], num_classes: int) -> bool:
+    """graph.sparse: true/false, or null = sparse above SPARSE_ABOVE classes."""
+    return bool(sparse) if sparse is not None else num_classes > SPARSE_ABOVE
+
+
 @GRAPHS.register("cooccurrence")
-def cooccurrence_graph(inputs: GraphInputs, topk: Optional[int], threshold: Optional[float], p: float, tau: float) -> torch.Tensor:
-    """ML-GCN: P(j|i) from train labels, binarised at tau -> reweight -> normalise."""
+def cooccurrence_graph(inputs: GraphInputs, topk: Optional[int], threshold: Optional[float], p: float, tau: float,
+                       sparse: Optional[bool] = None, chunk: int = 2048) -> torch.Tensor:
+    """ML-GCN: P(j|i) from train labels, binarised at tau -> reweight -> normalise (the counts are
+    (C, C) by nature; ``sparse`` only changes what is kept)."""
     if inputs.train_labels is None:
         raise CapnetError("graph.source=cooccurrence needs the training labels; none were given")
     prob = zero_diagonal(conditional_probability(cooccurrence_matrix(inputs.train_labels)).float())
     if prob.shape[0] != inputs.num_classes:
         raise CapnetError(f"train labels have {prob.shape[0]} classes, the model has {inputs.num_classes}")
     binary = (prob >= tau).float()
-    return normalize_adjacency(reweight(binary, p))
+    adj = normalize_adjacency(reweight(binary, p))
+    return adj.to_sparse().coalesce() if _use_sparse(sparse, inputs.num_classes) else adj
 
 
 @GRAPHS.register("none")
-def identity_graph(inputs: GraphInputs, topk: Optional[int], threshold: Optional[float], p: float, tau: float) -> torch.Tensor:
-    """No correlations: the identity adjacency."""
+def identity_graph(inputs: GraphInputs, topk: Optional[int], threshold: Optional[float], p: float, tau: float,
+                   sparse: Optional[bool] = None, chunk: int = 2048) -> torch.Tensor:
+    """No correlations: the identity adjacency (sparse when ``sparse``, or above SPARSE_ABOVE classes)."""
+    if _use_sparse(sparse, inputs.num_classes):
+        diag = torch.arange(inputs.num_classes)
+        return torch.sparse_coo_tensor(torch.stack([diag, diag]), torch.ones(inputs.num_classes),
+                                       (inputs.num_classes,) * 2, check_invariants=False).coalesce()
     return torch.eye(inputs.num_classes)

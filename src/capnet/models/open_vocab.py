@@ -151,7 +151,7 @@ def _capnet_rows(model: CAPNET, old_names: List[str], new_names: List[str], temp
         n = c_old + len(new_names)
         if graph is None:  # new classes as isolated nodes: the trained graph, plus self-loops
             adjacency = torch.eye(n)
-            adjacency[:c_old, :c_old] = model.adjacency.cpu()
+            adjacency[:c_old, :c_old] = model.adjacency.cpu().to_dense()
         else:
             adjacency = graph(template_embeddings(backbone, old_names + new_names, list(templates)).float().cpu())
     out = model._text_head(prompt_rows, adjacency)

@@ -4,7 +4,9 @@ Every class gets the placeholder prompt ``"X X ... X <class text>."`` (``n_ctx``
 tokenized once; the token embeddings of the start token, the class words, the full stop, EOT
 and padding are frozen buffers, and the ``n_ctx`` rows of the X's are replaced by learnable
 context vectors (shared by all classes, or one set per class: CoOp's "CSC"). The frozen text
-tower runs once per call for all C classes, never per image.
+tower runs once per call for all C classes (or for a subset of class indices: the budgeted text
+branch, ``text_bank.py``), never per image. The frozen token embeddings are looked up from the
+token ids at each call rather than stored: a stored (C, 77, W) copy is 1.2 GB at C = 10,000.
 """
 from __future__ import annotations
 
@@ -47,8 +49,10 @@ class EvalCache:
 
     @staticmethod
     def key_of(tensors: List[torch.Tensor]) -> Tuple:
-        """Identity of a set of tensors: storage, version, device and dtype of each."""
-        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        """Identity of a set of tensors: storage, version, device and dtype of each (a sparse
+        tensor by its values, which carry no ``data_ptr`` of their own)."""
+        dense = [t._values() if t.is_sparse else t for t in tensors]
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in dense)
 
     def get(self, training: bool, tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
         """The cached value if it is valid for this mode and these tensors, else None."""
@@ -86,11 +90,8 @@ class PromptLearner(nn.Module):
         prompts = [f"{placeholder} {class_text(name)}." for name in class_names]
         tokens = backbone.tokenize(prompts).to(backbone.device)
         with torch.no_grad():
-            embedding = backbone.embed_tokens(tokens).detach()
-        start = backbone.context_offset
+            embedding = backbone.embed_tokens(tokens[:1]).detach()  # width and dtype only
         self.register_buffer("tokens", tokens, persistent=False)
-        self.register_buffer("token_prefix", embedding[:, :start].clone(), persistent=False)
-        self.register_buffer("token_suffix", embedding[:, start + n_ctx :].clone(), persistent=False)
         ctx = self._init_context(backbone, n_ctx, init, embedding.shape[-1], embedding.dtype)
         if class_specific:
             ctx = ctx.unsqueeze(0).repeat(self.num_classes, 1, 1)
@@ -136,14 +137,29 @@ class PromptLearner(nn.Module):
         self._cache.clear()
         return super().train(mode)
 
-    def prompt_embeddings(self) -> torch.Tensor:
-        """(C, L, W) token embeddings with the context vectors spliced in."""
-        ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(self.num_classes, -1, -1)
-        ctx = ctx.to(self.token_prefix.dtype)
-        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+    def prompt_embeddings(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(C, L, W) token embeddings with the context vectors spliced in (``rows``: only those classes).
 
-    def forward(self) -> torch.Tensor:
-        """(C, text_dim) class embeddings from one pass of the frozen text tower."""
+        Class-specific contexts are indexed by class; a shared context is just expanded to fewer rows.
+        """
+        tokens = self.tokens if rows is None else self.tokens[rows]
+        with torch.no_grad():
+            frozen = self.backbone.embed_tokens(tokens)
+        start, n = self.backbone.context_offset, len(tokens)
+        if self.class_specific:
+            ctx = self.ctx if rows is None else self.ctx[rows]
+        else:
+            ctx = self.ctx.unsqueeze(0).expand(n, -1, -1)
+        ctx = ctx.to(frozen.dtype)
+        return torch.cat([frozen[:, :start], ctx, frozen[:, start + self.n_ctx :]], dim=1)
+
+    def forward(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(C, text_dim) class embeddings from one pass of the frozen text tower.
+
+        ``rows`` (1-D class indices) runs only those classes: (len(rows), text_dim), never cached.
+        """
+        if rows is not None:
+            return self.backbone.encode_token_embeddings(self.prompt_embeddings(rows), self.tokens[rows])
         cached = self._cache.get(self.training, [self.ctx])
         if cached is not None:
             return cached

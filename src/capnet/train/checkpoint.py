@@ -186,7 +186,8 @@ def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
 
 # Non-trainable tensors saved beside the trained ones: (model attribute, key in model.safetensors).
 EXTRA_STATE = (("adjacency", "graph.adjacency"), ("feature_mean", "model.feature_mean"))
-EXTRA_STATE_KEYS = tuple(key for _, key in EXTRA_STATE)
+SPARSE_PARTS = (".indices", ".values", ".shape")  # a sparse tensor (the label graph above 2,000 classes) is saved as these
+EXTRA_STATE_KEYS = tuple(key for _, key in EXTRA_STATE) + tuple(key + part for _, key in EXTRA_STATE for part in SPARSE_PARTS)
 
 
 def extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -194,7 +195,11 @@ def extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     out = {}
     for name, key in EXTRA_STATE:
         tensor = getattr(model, name, None)
-        if tensor is not None:
+        if tensor is not None and tensor.is_sparse:  # safetensors holds dense tensors only
+            tensor = tensor.detach().cpu().coalesce()
+            out.update({key + ".indices": tensor.indices().contiguous(), key + ".values": tensor.values().contiguous(),
+                        key + ".shape": torch.tensor(tensor.shape)})
+        elif tensor is not None:
             out[key] = tensor.detach().cpu().contiguous()
     return out
 
@@ -213,5 +218,9 @@ def load_extra_state(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None
     """Restore the non-trainable tensors ``extra_state`` saved (label graph, feature mean)."""
     if "graph.adjacency" in tensors and getattr(model, "adjacency", None) is not None:
         model.adjacency = tensors["graph.adjacency"].float()
+    elif "graph.adjacency.indices" in tensors and getattr(model, "adjacency", None) is not None:
+        shape = tuple(int(n) for n in tensors["graph.adjacency.shape"])
+        model.adjacency = torch.sparse_coo_tensor(tensors["graph.adjacency.indices"], tensors["graph.adjacency.values"].float(),
+                                                  shape).coalesce()
     if "model.feature_mean" in tensors and getattr(model, "feature_mean", None) is not None:
         model.set_feature_mean(tensors["model.feature_mean"])

@@ -43,7 +43,7 @@ from capnet.features.loaders import ModelForward, feature_start
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
 from capnet.runtime.precision import SCORE_AMP, autocast, train_amp
-from capnet.runtime.seed import reseed_loader, seed_everything
+from capnet.runtime.seed import epoch_seed, reseed_loader, seed_everything
 from capnet.train import checkpoint
 from capnet.train.ema import EMA
 from capnet.train.optim import build_optimizer, build_scheduler, group_lrs
@@ -131,11 +131,21 @@ class _TextPass:
     Micro-batches read a detached leaf copy; their backward passes accumulate its gradient, and
     ``backward`` sends the summed gradient through the text branch once (averaged over
     processes, since DDP ignores the text parameters). Models without a text branch skip it.
+    A budgeted text branch (``model.text_budget``, models/text_bank.py) runs only the classes
+    that ``model.text_step`` picks from the step's first targets and the previous step's scores,
+    both reduced over processes (and one seeded generator) so every rank picks the same classes.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, targets: Optional[torch.Tensor] = None, scores: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> None:
         fn = getattr(model, "class_embeddings", None)
-        self.output = fn() if fn is not None else None
+        if getattr(model, "text_budget", None) is not None and targets is not None:
+            positives = distributed.all_reduce_sum(targets.detach().float().sum(0, keepdim=True))
+            if scores is not None:
+                scores = distributed.all_reduce_sum(scores.detach().float().amax(0, keepdim=True)) / distributed.world_size()
+            self.output = model.text_step(positives, scores, generator)
+        else:
+            self.output = fn() if fn is not None else None
         self.leaf = None
         if self.output is not None:
             self.leaf = self.output.detach().requires_grad_(self.output.requires_grad)
@@ -159,6 +169,12 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
     start, accum, n = feature_start(loader), cfg.train.grad_accum, len(loader)
     total, seen = 0.0, 0
     text: Optional[_TextPass] = None
+    scores: Optional[torch.Tensor] = None  # last logits: rank a budgeted text branch's negatives
+    budgeted = getattr(parts.model, "text_budget", None) is not None
+    text_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, epoch, stream=3)) if budgeted else None
+    if budgeted:  # a full bank each epoch: a resumed run starts from the same bank as an uninterrupted one
+        with torch.no_grad(), autocast(parts.device, parts.amp):
+            parts.model.refresh_text_bank()
     parts.optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, miniters=cfg.train.log_every,
                disable=not distributed.is_main())
@@ -168,7 +184,7 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
         boundary = step - group_start == group_size
         with autocast(parts.device, parts.amp):
             if step - 1 == group_start:
-                text = _TextPass(parts.model)
+                text = _TextPass(parts.model, target.to(parts.device), scores, text_gen)
         with distributed.no_sync(parts.sync, skip=not boundary):
             with autocast(parts.device, parts.amp):
                 logits = parts.forward(inputs.to(parts.device, non_blocking=True), start, text.leaf)
@@ -177,6 +193,7 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
             if not math.isfinite(mean_loss):
                 raise _non_finite(epoch, step, mean_loss, last_path)
             parts.scaler.scale(loss / group_size).backward()
+            scores = logits.detach() if budgeted else None
         if boundary:
             text.backward()
             parts.scaler.step(parts.optimizer)

@@ -1,0 +1,216 @@
+"""Class-count scaling (issue 24): the sparse label graph, the GCN on a class subset, and the
+budgeted text branch (bank + subset) against the exact one."""
+import pytest
+import torch
+from toy_backbone import ToyBackbone
+
+from capnet.config import config_from_dict
+from capnet.errors import CapnetError
+from capnet.models.build import build_model
+from capnet.models.capnet import CAPNET
+from capnet.models.gcn import GCN, receptive_field
+from capnet.models.label_graph import GraphInputs, sparse_text_graph
+from capnet.models.prompts import PromptLearner
+from capnet.models.text_bank import resolve_text_budget, select_classes
+from capnet.registry import GRAPHS
+
+NAMES = ["dog", "cat", "car", "person", "potted plant", "bus", "horse", "sheep", "sofa"]
+C = len(NAMES)
+
+
+def _emb(c, d=16, seed=0):
+    return torch.randn(c, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _dense_text_graph(emb, topk, threshold, p=0.2, sparse=False, chunk=2048):
+    inputs = GraphInputs(len(emb), lambda: emb)
+    return GRAPHS.build("text", inputs, topk=topk, threshold=threshold, p=p, tau=0.4, sparse=sparse, chunk=chunk)
+
+
+@pytest.mark.parametrize("topk,threshold", [(5, None), (2, 0.1), (None, 0.2), (40, None), (0, None)])
+@pytest.mark.parametrize("chunk", [7, 2048])
+def test_sparse_text_graph_equals_dense(topk, threshold, chunk):
+    emb = _emb(37)
+    dense = _dense_text_graph(emb, topk, threshold)
+    sparse = sparse_text_graph(emb, topk, threshold, 0.2, chunk=chunk)
+    assert sparse.is_sparse and sparse.shape == (37, 37)
+    assert torch.allclose(sparse.to_dense(), dense, atol=1e-6)
+
+
+def test_graph_sources_switch_to_sparse_when_asked():
+    emb = _emb(12)
+    inputs = GraphInputs(12, lambda: emb, train_labels=(torch.rand(30, 12) > 0.7).int().numpy())
+    for source in ("text", "cooccurrence", "none"):
+        dense = GRAPHS.build(source, inputs, topk=3, threshold=None, p=0.2, tau=0.3)
+        sparse = GRAPHS.build(source, inputs, topk=3, threshold=None, p=0.2, tau=0.3, sparse=True)
+        assert not dense.is_sparse and sparse.is_sparse
+        assert torch.allclose(sparse.to_dense(), dense, atol=1e-6)
+
+
+def _gcn(seed=0, layers=3):
+    torch.manual_seed(seed)
+    gcn = GCN(dim=16, hidden=24, layers=layers)
+    with torch.no_grad():
+        gcn.layers[-1].weight.normal_(0, 0.2)  # non-zero output
+    return gcn
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_gcn_sparse_and_subset_equal_dense(layers):
+    emb = _emb(40)
+    adj = _dense_text_graph(emb, 3, None)
+    gcn, x = _gcn(layers=layers), _emb(40, seed=1)
+    full = gcn(adj, x)
+    assert torch.allclose(gcn(adj.to_sparse(), x), full, atol=1e-5)
+    rows = torch.tensor([0, 5, 17, 39])
+    for a in (adj, adj.to_sparse()):
+        assert torch.allclose(gcn(a, x, rows=rows), full[rows], atol=1e-5)
+    inputs, subs = receptive_field(adj, rows, layers)
+    assert subs[-1].shape[0] == len(rows) and subs[0].shape[1] == len(inputs)
+    assert len(inputs) < 40 or layers > 1  # one hop of a top-3 graph cannot reach every class
+
+
+def _make(class_specific=True, ensemble=True, budget=None, chunk=1024, seed=0, gcn_weight=0.2):
+    """A CAPNET whose GCN output is non-zero (so the graph matters) on the toy backbone."""
+    torch.manual_seed(seed)
+    bb = ToyBackbone(image_dim=32, text_dim=32, seed=1)
+    with torch.no_grad():
+        templ = bb.encode_text([f"a photo of a {n}." for n in NAMES])
+    gcn = GCN(bb.text_dim, 16, 2)
+    with torch.no_grad():
+        gcn.layers[-1].weight.normal_(0, gcn_weight)
+    return CAPNET(bb, C, prompt_learner=PromptLearner(bb, NAMES, n_ctx=4, class_specific=class_specific, init="a photo of a"),
+                  template_embeddings=templ, adjacency=_dense_text_graph(templ, 2, None), gcn=gcn,
+                  ensemble_templates=ensemble, text_budget=budget, text_chunk=chunk)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("class_specific", [True, False])
+def test_budgeted_with_every_class_equals_exact(class_specific):
+    exact, budgeted = _make(class_specific), _make(class_specific, budget=4)
+    w = torch.randn(C, 32, generator=torch.Generator().manual_seed(3))
+    a = exact.class_embeddings()
+    (a * w).sum().backward()
+    b = budgeted.class_embeddings(torch.arange(C))
+    (b * w).sum().backward()
+    assert torch.allclose(a, b, atol=1e-5)
+    ga, gb = _grads(exact), _grads(budgeted)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=1e-5), name
+
+
+def test_small_budget_trains_only_the_subset_and_updates_the_bank():
+    m = _make(class_specific=True, budget=3).train()
+    with torch.no_grad():
+        m.refresh_text_bank()
+        before = m.text_bank.out.clone()
+        m.prompt_learner.ctx.add_(torch.randn_like(m.prompt_learner.ctx))  # bank rows are now stale
+    rows = torch.tensor([1, 4, 7])
+    calls = m.backbone.text_calls
+    emb = m.class_embeddings(rows)
+    assert m.backbone.text_calls == calls + 1  # one text pass over the 3 rows, no refresh
+    emb.sum().backward()
+    grad = m.prompt_learner.ctx.grad
+    others = torch.tensor([i for i in range(C) if i not in rows.tolist()])
+    assert grad[rows].abs().sum(dim=(1, 2)).gt(0).all() and grad[others].abs().sum() == 0
+    assert torch.equal(emb[others].detach(), before[others])  # old bank rows, detached
+    assert not torch.allclose(m.text_bank.out[rows], before[rows])  # subset rows refreshed
+    assert torch.equal(m.text_bank.out[rows], emb[rows].detach())
+    # the subset's rows are the GCN output of fresh rows + bank neighbours: the full GCN on that mix
+    with torch.no_grad():
+        mixed = m.text_bank.prompt.clone()
+        assert torch.allclose(m._embed(mixed)[rows], emb[rows], atol=1e-5)
+
+
+def test_eval_in_chunks_equals_unchunked():
+    whole, chunked = _make(chunk=1024).eval(), _make(chunk=2).eval()
+    with torch.no_grad():
+        calls = chunked.backbone.text_calls
+        b = chunked.class_embeddings()
+        assert chunked.backbone.text_calls == calls + (C + 1) // 2
+        assert torch.allclose(whole.class_embeddings(), b, atol=1e-6)
+
+
+def test_text_step_selects_positives_and_is_exact_when_unbudgeted():
+    m = _make(budget=3).train()
+    targets = torch.zeros(2, C)
+    targets[0, 2] = targets[1, 6] = 1
+    scores = torch.zeros(2, C)
+    scores[1, 5] = 9.0
+    m.refresh_text_bank()
+    before = m.text_bank.out.clone()
+    gen = torch.Generator().manual_seed(0)
+    m.text_step(targets, scores, gen).sum().backward()
+    changed = (m.prompt_learner.ctx.grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
+    assert changed == [2, 5, 6]  # positives 2, 6, hardest negative 5 (budget 3, half of 1 slot rounds to 1)
+    assert torch.equal(m.text_bank.out[0], before[0])
+    exact = _make().train()
+    assert torch.equal(exact.text_step(targets, scores), exact.class_embeddings())
+
+
+def test_select_classes():
+    pos = torch.zeros(10, dtype=torch.bool)
+    pos[[1, 3]] = True
+    hard = torch.arange(10.0)
+    out = select_classes(pos, hard, 6, 0.5, torch.Generator().manual_seed(0))
+    assert len(out) == 6 and {1, 3, 9, 8}.issubset(out.tolist()) and torch.equal(out, out.sort().values)
+    too_many = select_classes(torch.ones(10, dtype=torch.bool), None, 4, 0.5, torch.Generator().manual_seed(0))
+    assert len(too_many) == 4 and len(set(too_many.tolist())) == 4
+    assert len(select_classes(pos, None, 50, 0.5)) == 10
+
+
+def test_resolve_text_budget():
+    assert resolve_text_budget(80, None, 100, 32) is None  # auto, small C: exact
+    assert resolve_text_budget(1000, None, 100, 32) == 32  # auto, large C: budgeted
+    assert resolve_text_budget(16, 4, 100, 32) == 4  # forced
+    assert resolve_text_budget(16, 16, 100, 32) is None  # a budget of every class is exact
+    with pytest.raises(CapnetError, match="text_budget"):
+        resolve_text_budget(16, 0, 100, 32)
+
+
+def test_config_forces_the_budget_and_the_sparse_graph():
+    raw = {"backbone": "toy.random", "prompts": {"n_ctx": 4, "class_specific": True}, "gcn": {"hidden": 16},
+           "graph": {"topk": 2, "sparse": True}, "text_budget": 4}
+    model = build_model(config_from_dict({"model": raw}), NAMES)
+    assert model.text_budget == 4 and model.adjacency.is_sparse
+    model.train()
+    emb = model.text_step(torch.eye(C)[:2], None, torch.Generator().manual_seed(0))
+    logits = model(torch.randn(2, 3, 32, 32), emb)
+    logits.sum().backward()
+    rows = (model.prompt_learner.ctx.grad.abs().sum(dim=(1, 2)) > 0).sum()
+    assert emb.shape == (C, model.class_embeddings().shape[1]) and int(rows) == 4
+    model.eval()
+    with torch.no_grad():
+        assert model.class_embeddings().shape[0] == C
+
+
+def test_sparse_label_graph_round_trips_through_the_saved_model_state():
+    """safetensors holds dense tensors only: a sparse adjacency is saved as indices/values/shape."""
+    from safetensors.torch import load, save
+
+    from capnet.train.checkpoint import EXTRA_STATE_KEYS, extra_state, load_extra_state
+
+    m = _make()
+    m.adjacency = m.adjacency.to_sparse().coalesce()
+    saved = load(save(extra_state(m)))
+    assert set(saved) <= set(EXTRA_STATE_KEYS) and "graph.adjacency" not in saved
+    twin = _make()
+    load_extra_state(twin, saved)
+    assert twin.adjacency.is_sparse and torch.equal(twin.adjacency.to_dense(), m.adjacency.to_dense())
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_budgeted_step_backward_under_bf16_autocast(sparse):
+    """The subset GCN and the sparse product run under bf16 autocast (the training loop's setting)."""
+    m = _make(budget=3).train()
+    if sparse:
+        m.adjacency = m.adjacency.to_sparse().coalesce()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = m.class_embeddings(torch.tensor([0, 4, 8]))
+        logits = m(torch.randn(2, 3, 32, 32), emb)
+    logits.float().sum().backward()
+    assert m.gcn.layers[0].weight.grad.abs().sum() > 0 and m.prompt_learner.ctx.grad[[0, 4, 8]].abs().sum() > 0
