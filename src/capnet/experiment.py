@@ -149,7 +149,7 @@ def _fit_probe(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cac
     def features(name: str, views: Any) -> Tuple[np.ndarray, np.ndarray]:
         split = ds.splits[name]
         feats = split_features(model, split.image_paths, views, cfg, device, cache_dir, timings)
-        return feats.numpy(), split.labels
+        return feats[:].numpy(), split.labels  # FeatureRows: read every row (final features are small)
 
     x, y = features("train", single_view(model))
     val = features("val", eval_views(model, cfg)) if "val" in ds.splits else None
