@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "configs" / "experiments"
 KEYS = ("mAP", "head", "medium", "tail")
 
-# CAPNET candidates: configs/demo.yaml + one experiment file. The recipe is chosen among them on
+# CAPNET candidates: configs/capnet.yaml (every component) + one experiment file. The recipe is chosen among them on
 # inner validation; each one's outer-test score is also its ablation row.
 CANDIDATES: List[Tuple[str, str, Optional[str]]] = [
     ("full", "CAPNET, all components (prompts, residual, text graph + GCN, BCE)", None),

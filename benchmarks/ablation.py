@@ -269,8 +269,8 @@ def markdown(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
         if proto == "fixed":
             c = next(iter(res["choices"].values()))
             lines += [f"**Inner-validation winner on the fixed split: `{c['recipe']}`** "
-                      f"(bridge {_bridge(c['bridge'])}). This is the candidate the default `capnet demo` recipe "
-                      "should be set to (configs/demo.yaml + its experiment file).", ""]
+                      f"(bridge {_bridge(c['bridge'])}). The default `capnet demo` recipe is this candidate: "
+                      "configs/demo.yaml = configs/capnet.yaml + its experiment file.", ""]
     lines += goal_check(results) + ["![group mAP by row](img/ablation_groups.png)", ""] + open_vocab() + demo_times()
     notes = REPO / "docs" / "results_notes.md"
     if notes.is_file():
@@ -318,7 +318,7 @@ def plot(results: Dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default=str(REPO / "configs" / "demo.yaml"))
+    p.add_argument("--base", default=str(REPO / "configs" / "capnet.yaml"))
     p.add_argument("--protocols", nargs="+", default=["fixed", "cv"], choices=["fixed", "cv"])
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--fold-seeds", type=int, nargs="+", default=[0, 1])

@@ -42,7 +42,7 @@ def moved(small_real: Path, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("machines")
     weights = _write_weights(base / "A" / WEIGHTS_NAME)
     run = base / "A" / "run"
-    rc = main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(run), "--no-cache", "-q",
+    rc = main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(run), "--no-cache", "-q",
                *_sets(TINY + [f"model.weights={weights}", f"data.root={small_real}"])])
     assert rc == 0
     images = [str(p) for p in sorted((small_real / "images").iterdir())[:3]]

@@ -41,7 +41,7 @@ def zs_run(trees: Path) -> Path:
     (data / "class_split.json").write_text(json.dumps(
         {"head": ["person"], "medium": ["car"], "tail": ["motorcycle", "dining_table"]}))
     out = trees / "run"
-    assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out), "--no-cache",
+    assert main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(out), "--no-cache",
                  *_sets(ZEROSHOT + [f"data.root={data}"])]) == 0
     return out
 

@@ -26,7 +26,7 @@ def _sets(items):
 @pytest.fixture(scope="module")
 def tiny_run(small_real: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    rc = main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out), "--no-cache",
+    rc = main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(out), "--no-cache",
                *_sets(TINY_CAPNET + [f"data.root={small_real}"])])
     assert rc == 0
     return out
@@ -75,7 +75,7 @@ def test_predict_on_a_corrupt_image_names_the_file(tiny_run: Path, tmp_path: Pat
 def test_user_errors_are_one_line_messages(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", "--run", str(tmp_path / "nope"), "--data-dir", str(tmp_path)]) == 1
     assert "not a capnet run directory" in capsys.readouterr().err
-    assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(tmp_path / "r"),
+    assert main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(tmp_path / "r"),
                  "--set", "model.gcm.layers=2"]) == 1
     assert "did you mean 'gcn'" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
@@ -87,7 +87,7 @@ def test_user_errors_are_one_line_messages(tmp_path: Path, capsys: pytest.Captur
 def test_zeroshot_clip_runs_end_to_end(small_real: Path, tmp_path: Path) -> None:
     """The first baseline of the paper's tables: no training, template ensemble, same metric."""
     out = tmp_path / "zs"
-    rc = main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out), "--no-cache",
+    rc = main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(out), "--no-cache",
                *_sets(["model.kind=zeroshot", "model.backbone=clip_tiny_rn.random", "model.peft.method=none", "tte.views=single",
                        "tte.templates=false", f"data.root={small_real}", "data.num_workers=0"])])
     assert rc == 0
@@ -123,7 +123,7 @@ def test_torchrun_two_processes_on_cpu(small_real: Path, tmp_path: Path) -> None
 
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "capnet", "train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out),
+           "-m", "capnet", "train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(out),
            "--no-cache", *_sets(TINY_CAPNET + [f"data.root={small_real}", "tte.views=single"])]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

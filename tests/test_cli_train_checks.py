@@ -31,7 +31,7 @@ TRAINED = ["model.kind=capnet", "model.backbone=clip_tiny_rn.random", "model.pef
 
 
 def _train(data: Path, out: Path, sets, *extra: str) -> int:
-    args = ["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out), "--no-cache"]
+    args = ["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(out), "--no-cache"]
     return main(args + [a for s in sets + [f"data.root={data}"] for a in ("--set", s)] + list(extra))
 
 
@@ -136,7 +136,7 @@ def test_images_that_decoded_before_are_not_decoded_again(data: Path, tmp_path: 
     decoded = []
     real = check.image_problem
     monkeypatch.setattr(check, "image_problem", lambda p: decoded.append(p) or real(p))
-    args = ["train", "--config", str(REPO / "configs" / "demo.yaml"), "--cache-dir", str(tmp_path / "cache")]
+    args = ["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--cache-dir", str(tmp_path / "cache")]
     sets = [a for s in ZEROSHOT + [f"data.root={data}"] for a in ("--set", s)]
     assert main(args + ["--out", str(tmp_path / "a")] + sets) == 0
     assert len(decoded) == 14  # every image, once

@@ -43,7 +43,7 @@ class _FakeWandB(types.ModuleType):
 
 def _train(out: Path, data: Path, *extra: str) -> int:
     sets = [a for s in TINY + [f"data.root={data}"] for a in ("--set", s)]
-    return main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out), "--no-cache",
+    return main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(out), "--no-cache",
                  *sets, *extra])
 
 

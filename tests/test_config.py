@@ -69,7 +69,7 @@ def test_changing_the_selector_drops_the_old_options() -> None:
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config([REPO / "configs" / "demo.yaml"], ["train.epochs=2"])
+    cfg = load_config([REPO / "configs" / "capnet.yaml"], ["train.epochs=2"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config([tmp_path / "config.yaml"]) == cfg
 
@@ -82,7 +82,7 @@ def test_every_shipped_config_resolves(path: Path) -> None:
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_experiment_composes_with_every_recipe(path: Path) -> None:
-    for base in ("demo.yaml", "voc_lt_vit_b16.yaml", "coco_lt_rn50.yaml"):
+    for base in ("demo.yaml", "capnet.yaml", "voc_lt_vit_b16.yaml", "coco_lt_rn50.yaml"):
         load_config([REPO / "configs" / base, path])
 
 

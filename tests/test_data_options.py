@@ -53,7 +53,7 @@ def test_nus_wide_config_drops_missing_images_and_lists_them(tmp_path: Path, wri
     gone = ["beach/0001_1.jpg", "sky/0005_5.jpg", "animal/1000_0.jpg"]
     root = write_nus_tree(tmp_path / "nus", write_jpeg, missing=gone)
     out = tmp_path / "run"
-    argv = ["train", "--config", str(REPO / "configs" / "demo.yaml"), "--config", str(REPO / "configs" / "data" / "nus_wide.yaml"),
+    argv = ["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--config", str(REPO / "configs" / "data" / "nus_wide.yaml"),
             "--out", str(out), "--no-cache", *_sets(TINY + [f"data.root={root}"])]
     assert main(argv) == 0
     err = capsys.readouterr().err
@@ -92,7 +92,7 @@ def test_subset_cuts_every_split_deterministically(small_real: Path) -> None:
 def test_images_over_the_pixel_limit_are_bad_images(folder_tree: Path, tmp_path: Path, write_jpeg, capsys) -> None:
     warn_range = write_jpeg(folder_tree / "images" / "0003.jpg", size=12)  # 144 px: Pillow only warns (<= 2x)
     bomb = write_jpeg(folder_tree / "images" / "0005.jpg", size=16)  # 256 px: Pillow raises (> 2x)
-    argv = ["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(tmp_path / "run"), "--no-cache",
+    argv = ["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(tmp_path / "run"), "--no-cache",
             *_sets(TINY + [f"data.root={folder_tree}", "data.max_image_pixels=100"])]
     assert main(argv) == 1
     err = capsys.readouterr().err

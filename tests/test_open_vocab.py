@@ -133,8 +133,8 @@ def test_exclude_classes_removes_the_class_and_its_labels(small_real: Path):
     from capnet.config import load_config
     from capnet.experiment import prepare_dataset
 
-    base = load_config([REPO / "configs" / "demo.yaml"], [f"data.root={small_real}", "data.val_fraction=0.25"])
-    held = load_config([REPO / "configs" / "demo.yaml"], [f"data.root={small_real}", "data.val_fraction=0.25",
+    base = load_config([REPO / "configs" / "capnet.yaml"], [f"data.root={small_real}", "data.val_fraction=0.25"])
+    held = load_config([REPO / "configs" / "capnet.yaml"], [f"data.root={small_real}", "data.val_fraction=0.25",
                                                           "data.exclude_classes=[horse]"])
     full, ds = prepare_dataset(base.data), prepare_dataset(held.data)
     assert ds.classes == ["cat", "dog", "person"]
@@ -144,7 +144,7 @@ def test_exclude_classes_removes_the_class_and_its_labels(small_real: Path):
         np.testing.assert_array_equal(ds.splits[split].labels, full.splits[split].labels[:, keep])
     assert (ds.splits["train"].labels.sum(1) == 0).any()  # horse-only images stay, as negatives
     assert all("horse" not in names for names in (ds.class_groups or {}).values())
-    bad = load_config([REPO / "configs" / "demo.yaml"], [f"data.root={small_real}", "data.exclude_classes=[zebra]"])
+    bad = load_config([REPO / "configs" / "capnet.yaml"], [f"data.root={small_real}", "data.exclude_classes=[zebra]"])
     with pytest.raises(DataError, match=r"unknown classes \['zebra'\]"):
         prepare_dataset(bad.data)
 
@@ -158,7 +158,7 @@ def test_predict_cli_adds_classes_to_a_run_trained_without_them(small_real: Path
                                                                 capsys: pytest.CaptureFixture):
     out = tmp_path / "run"
     sets = [a for s in TINY + [f"data.root={small_real}", "data.exclude_classes=[horse]"] for a in ("--set", s)]
-    assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out), "--no-cache", *sets]) == 0
+    assert main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(out), "--no-cache", *sets]) == 0
     assert set(json.loads((out / "metrics.json").read_text())["per_class"]) == {"cat", "dog", "person"}
     capsys.readouterr()
     images = sorted((small_real / "images").iterdir())[:2]

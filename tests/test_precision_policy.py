@@ -24,7 +24,7 @@ def test_predict_scores_what_eval_scored_from_the_cache(small_real: Path, tmp_pa
             "data.val_fraction=0.25", f"train.extract_amp={extract_amp}", f"data.root={small_real}"]
     args = [a for s in sets for a in ("--set", s)]
     run_dir = tmp_path / "run"
-    assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(run_dir),
+    assert main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(run_dir),
                  "--cache-dir", str(cache), *args]) == 0
     run = load_run(run_dir, device="cpu")
     test = prepare_dataset(run.cfg.data).splits["test"]

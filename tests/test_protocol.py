@@ -39,7 +39,7 @@ def test_kfold_resplits_partition_all_images_and_keep_the_groups():
 
 
 def test_resplit_is_a_config_option():
-    cfg = load_config([REPO / "configs" / "demo.yaml"], ["data.resplit_folds=5", "data.resplit_fold=3"])
+    cfg = load_config([REPO / "configs" / "capnet.yaml"], ["data.resplit_folds=5", "data.resplit_fold=3"])
     ds = prepare_dataset(cfg.data)
     assert set(ds.splits) == {"train", "val", "test"} and abs(len(ds.splits["test"]) - 3426 / 5) < 5
 
@@ -70,7 +70,7 @@ def probe_runs(small_real, tmp_path_factory):
             "data.val_fraction=0.25"]
     out = {}
     for refit in (False, True):
-        cfg = load_config([REPO / "configs" / "demo.yaml"], base + [f"train.refit={str(refit).lower()}"])
+        cfg = load_config([REPO / "configs" / "capnet.yaml"], base + [f"train.refit={str(refit).lower()}"])
         out[refit] = train_run(cfg, tmp_path_factory.mktemp("probe") / "run")
     return out
 
@@ -85,7 +85,7 @@ def test_refit_retrains_on_train_and_val_for_the_selected_epochs(small_real, tmp
     sets = [f"data.root={small_real}", "model.backbone=clip_tiny_vit.random", "model.peft.method=none",
             "model.prompts.n_ctx=4", "model.gcn.hidden=16", "train.epochs=3", "data.batch_size=16",
             "data.num_workers=0", "data.val_fraction=0.25", "tte.views=single", "train.refit=true"]
-    cfg = load_config([REPO / "configs" / "demo.yaml"], sets)
+    cfg = load_config([REPO / "configs" / "capnet.yaml"], sets)
     metrics = train_run(cfg, tmp_path / "run")
     epochs = metrics["selected_epoch"]
     refit_log = (tmp_path / "run" / "refit" / "log.csv").read_text().splitlines()

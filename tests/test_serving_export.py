@@ -32,7 +32,7 @@ OFFLINE = ["model.backbone_options.image_size=64", "train.epochs=2", "data.num_w
 
 def _train(out: Path, data: Path, sets) -> Path:
     args = [a for s in sets + [f"data.root={data}"] for a in ("--set", s)]
-    assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out), "--no-cache", *args]) == 0
+    assert main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(out), "--no-cache", *args]) == 0
     return out
 
 
@@ -160,7 +160,7 @@ def test_linear_probe_run_exports_equal_predict(small_real: Path, tmp_path: Path
                                         "data.val_fraction=0.25", "train.extract_amp=none", "tte.views=single",
                                         f"data.root={small_real}"] for a in ("--set", s)]
     run_dir = tmp_path / "probe"
-    assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--config",
+    assert main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--config",
                  str(REPO / "configs" / "experiments" / "linear_probe.yaml"), "--out", str(run_dir), "--no-cache", *args]) == 0
     _, exported = _check_equal_to_predict(run_dir, small_real, tmp_path)
     assert exported.meta["model"] == "linear_probe" and exported.meta["tte"] == "none"
