@@ -396,14 +396,29 @@ def test_feature_centring_subtracts_the_given_mean():
         make().set_feature_mean(mean)
 
 
-def test_logit_scale_is_capped_but_keeps_its_gradient():
+def test_logit_scale_parameter_never_exceeds_the_cap_under_sgd():
+    """open_clip's clamp: after every step the parameter itself is <= log(100), not only its value."""
     m = make()
     with torch.no_grad():
-        m.log_logit_scale.fill_(math.log(400.0))
-    scale = m.logit_scale()
-    assert scale.item() == pytest.approx(100.0)
-    scale.backward()
-    assert m.log_logit_scale.grad.item() == pytest.approx(400.0)  # d exp(s)/ds, not 0 as a clamp would give
+        m.log_logit_scale.fill_(math.log(90.0))
+    opt = torch.optim.SGD([m.log_logit_scale], lr=0.5, momentum=0.9)
+    for _ in range(20):
+        opt.zero_grad()
+        (-m.logit_scale()).backward()  # a loss that only wants a larger scale
+        opt.step()
+        m.clamp_parameters_()
+        assert m.log_logit_scale.item() <= math.log(100.0) + 1e-7
+    assert m.logit_scale().item() == pytest.approx(100.0)
+    assert m.log_logit_scale.grad.item() == pytest.approx(-100.0)  # at the cap the gradient still flows
+
+
+def test_weights_saved_above_the_cap_load_capped():
+    """Runs saved before the in-place clamp may hold log(400): their forward capped the value at 100."""
+    m = make()
+    state = {k: v.clone() for k, v in m.trainable_state_dict().items()}
+    state["log_logit_scale"] = torch.tensor(math.log(400.0))
+    m.load_trainable_state_dict(state)
+    assert m.logit_scale().item() == pytest.approx(100.0)
 
 
 def test_logits_are_float32_under_bf16_autocast():

@@ -118,7 +118,8 @@ def test_a_bad_image_met_during_eval_is_one_line(zs_run: Path, tmp_path: Path, c
     assert _eval(zs_run, tmp_path, "--data-dir", str(data)) == 1  # the run loads with data.num_workers=1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "DataLoader worker" not in err
-    lines = [line for line in err.split("\n") if line.strip() and "\r" not in line]  # "\r": progress bars
+    lines = [line for line in err.split("\n") if line.strip() and "\r" not in line  # "\r": progress bars
+             and not line.startswith("capnet: feature cache:")]  # the CLI's INFO progress line
     assert len(lines) == 1 and lines[0].startswith(f"capnet: error: {bad}: "), err
     assert ("truncated" in err.lower()) if damage == "truncate" else ("empty file (0 bytes)" in err)
 

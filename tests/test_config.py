@@ -36,7 +36,7 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
 
 @pytest.mark.parametrize("override, match", [
     ("train.epochs=many", "expected an integer"),
-    ("train.amp=fp8", "not one of none, bf16, fp16"),
+    ("train.amp=fp8", "not one of none, auto, bf16, fp16"),
     ("model.prompts.enabled=3", "expected true/false"),
     ("data.val_fraction=1.5", "must be in"),
     ("model.templates=['no placeholder']", "placeholder"),

@@ -144,12 +144,14 @@ def test_nus_wide(nus_root):
     assert ds.splits["test"].image_paths[0] == nus_root / "Flickr" / "zoo" / "0004_14.jpg"
 
 
-def test_nus_wide_missing_images_and_bad_labels(nus_root):
+def test_nus_wide_missing_images_and_bad_labels(nus_root, caplog):
     (nus_root / "Flickr" / "beach" / "0002_12.jpg").unlink()
     with pytest.raises(DataError, match="1 of 3 images are missing.*0002_12.jpg"):
         load_dataset("nus_wide", nus_root)
-    with pytest.warns(UserWarning, match="dropped 1 of 3"):
+    with caplog.at_level("WARNING", logger="capnet.data.nus_wide"):
         ds = load_dataset("nus_wide", nus_root, drop_missing=True)
+    assert "dropped 1 of 3" in caplog.text
+    assert [p.name for p, _ in ds.dropped] == ["0002_12.jpg"]
     assert ds.splits["train"].image_ids == ["actor/0001_11.jpg", "beach/0003_13.jpg"]
     np.testing.assert_array_equal(ds.splits["train"].labels, [[1, 1, 0], [0, 1, 0]])
     label_file = nus_root / "Groundtruth" / "TrainTestLabels" / "Labels_beach_Train.txt"

@@ -1,19 +1,27 @@
-"""The image-feature cache: keys, hits, float16 storage, corruption handling."""
+"""The image-feature cache: keys, hits, float16 storage, in-place fills and resume, corruption handling."""
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torchvision import transforms as T
 
-from capnet.features.cache import FeatureCache, cache_key, compute_features, feature_key_parts
 from capnet.data import load_image
 from capnet.errors import DataError
+from capnet.features.cache import (
+    FeatureCache,
+    cache_key,
+    compute_features,
+    feature_key_parts,
+    image_fingerprints,
+)
+from capnet.features.store import RowFile
 from capnet.models.backbones.base import BackboneSpec
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data" / "voc_real_lt"
@@ -63,8 +71,10 @@ def test_miss_then_hit_returns_identical_tensor(tmp_path, images):
     first = compute_features(model, images, transform(), upto=2, batch_size=3, cache=cache, progress=False)
     assert first.shape == (4, 4, 3, 3) and first.dtype == torch.float32
     assert model.calls == 2  # two batches
-    files = list((tmp_path / "cache").glob("*.safetensors"))
-    assert len(files) == 1 and not list((tmp_path / "cache").glob(".tmp-*"))
+    key = cache_key(feature_key_parts(model, transform(), 2))
+    files = list((tmp_path / "cache" / key).glob("*.npy"))
+    assert len(files) == 1 and not list((tmp_path / "cache").rglob("*.tmp"))
+    assert np.load(files[0], mmap_mode="r").dtype == np.float16  # a plain .npy anyone can open
     second = compute_features(model, images, transform(), upto=2, cache=cache, progress=False)
     assert model.calls == 2  # served from disk
     assert torch.equal(first, second)
@@ -96,7 +106,8 @@ def test_rows_are_shared_by_any_subset_or_order_of_images(tmp_path, images):
     assert torch.equal(mixed[1], some[1]) and torch.equal(mixed[2], some[0])
     full = compute_features(model, images, transform(), upto=1, cache=cache, progress=False)
     assert model.calls == 2 and torch.equal(full[3], mixed[0])
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # one entry holds them all
+    # one array per image list; shared rows were copied from the other lists, not recomputed
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3
 
 
 def test_stacked_views_are_one_decode_and_rows_of_views(tmp_path, images):
@@ -118,38 +129,109 @@ def test_changed_image_is_recomputed(tmp_path, images):
     assert model.calls == 2 and torch.equal(after[0], after[1]) and not torch.equal(before[0], after[0])
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_data_byte", "wrong_key"])
+def _entry(cache, model, images, upto=2):
+    key = cache_key(feature_key_parts(model, transform(), upto))
+    ids = [json.dumps(fp) for fp in image_fingerprints(images)]
+    return RowFile(cache.stem(key, ids), key, ids)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "wrong_key", "bad_state"])
 def test_corrupt_entry_is_reported_deleted_and_recomputed(tmp_path, images, damage):
     cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
     good = compute_features(model, images, transform(), upto=2, cache=cache, progress=False)
-    key = cache_key(feature_key_parts(model, transform(), 2))
-    path = cache.path(key)
-    raw = bytearray(path.read_bytes())
+    entry = _entry(cache, model, images)
     if damage == "truncate":
-        path.write_bytes(bytes(raw[: len(raw) // 2]))
-    elif damage == "flip_data_byte":
-        raw[-3] ^= 0xFF  # tensor data sits at the end; the header stays valid
-        path.write_bytes(bytes(raw))
+        raw = entry.array_path.read_bytes()
+        entry.array_path.write_bytes(raw[: len(raw) - 7])
+        named = entry.array_path.name
+    elif damage == "wrong_key":  # another entry's state file under this name
+        other = compute_features(model, images[:3], transform(), upto=2, cache=cache, progress=False)
+        assert len(other) == 3
+        stale = next(p for p in entry.state_path.parent.glob("*.state.safetensors") if p != entry.state_path)
+        shutil.copy(stale, entry.state_path)
+        named = entry.state_path.name
     else:
-        other = cache.save("0" * 64, good, [("x", 1, 1)] * len(good), {})
-        os.replace(other, path)
-    with pytest.warns(UserWarning, match=path.name):
-        assert cache.load(key) is None
-    assert not path.exists()
-    again = compute_features(model, images, transform(), upto=2, cache=cache, progress=False)
-    assert torch.equal(again, good) and model.calls == 2 and path.exists()
+        raw = bytearray(entry.state_path.read_bytes())
+        raw[-2] ^= 0xFF  # the crc table sits at the end; the header stays valid
+        entry.state_path.write_bytes(bytes(raw))
+        named = entry.state_path.name
+    calls = model.calls
+    with pytest.warns(UserWarning, match=named):
+        again = compute_features(model, images, transform(), upto=2, cache=cache, progress=False)
+    assert torch.equal(again, good) and model.calls > calls and entry.state_path.exists()
+    assert not entry.stem.with_name(entry.stem.name + ".part-0.npy").exists()
 
 
-def test_float16_storage_and_overflow_fallback(tmp_path):
-    cache = FeatureCache(tmp_path)
-    small = torch.tensor([[1.0, 2.5e-4, -3.14159]])
-    cache.save("k1", small, [("a.jpg", 1, 2)], {"note": "x", "n": 3})
-    loaded, fps = cache.load("k1")
-    assert loaded.dtype == torch.float32 and torch.equal(loaded, small.half().float()) and fps == [("a.jpg", 1, 2)]
-    big = torch.tensor([[1.0, 1e6]])
-    cache.save("k2", big, [("b.jpg", 1, 2)], {})
-    assert torch.equal(cache.load("k2")[0], big)  # kept as float32 instead of overflowing to inf
-    assert cache.load("missing") is None
+def test_flipped_byte_recomputes_only_that_row(tmp_path, images):
+    cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
+    good = compute_features(model, images, transform(), upto=2, batch_size=1, cache=cache, progress=False)
+    entry = _entry(cache, model, images)
+    raw = bytearray(entry.array_path.read_bytes())
+    raw[-3] ^= 0xFF  # inside the last row
+    entry.array_path.write_bytes(bytes(raw))
+    calls = model.calls
+    with pytest.warns(UserWarning, match=rf"{entry.array_path.name}: 1 row\(s\) fail their checksum"):
+        again = compute_features(model, images, transform(), upto=2, batch_size=1, cache=cache, progress=False)
+    assert torch.equal(again, good) and model.calls == calls + 1  # one image through the tower again
+
+
+class Interrupt(Exception):
+    pass
+
+
+class FailingBackbone(StubBackbone):
+    """Raises after ``fail_after`` batches, like a run stopped mid-extraction."""
+
+    def __init__(self, fail_after: int) -> None:
+        super().__init__()
+        self.fail_after = fail_after
+
+    def image_prefix(self, images, upto):
+        if self.calls == self.fail_after:
+            raise Interrupt
+        return super().image_prefix(images, upto)
+
+
+def test_interrupted_fill_resumes_with_only_the_missing_rows(tmp_path, images):
+    cache = FeatureCache(tmp_path / "cache", flush_every_s=3600.0)  # only the final mark counts
+    stopped = FailingBackbone(fail_after=2)
+    with pytest.raises(Interrupt):
+        compute_features(stopped, images, transform(), upto=1, batch_size=1, cache=cache, progress=False)
+    entry = RowFile.open(_entry(cache, stopped, images, upto=1).stem, _entry(cache, stopped, images, 1).key,
+                         _entry(cache, stopped, images, 1).ids)
+    assert entry.filled.tolist() == [True, True, False, False]  # the rows written before the stop
+    timings = {}
+    resumed_model = StubBackbone()
+    resumed = compute_features(resumed_model, images, transform(), upto=1, batch_size=1, cache=cache,
+                               progress=False, timings=timings)
+    assert timings["images"] == 2 and resumed_model.calls == 2
+    assert torch.equal(resumed, compute_features(StubBackbone(), images, transform(), upto=1, progress=False))
+
+
+class ScaledBackbone(StubBackbone):
+    """Multiplies one image's features past float16's range."""
+
+    big = float("nan")  # the pixel sum of the image to scale (none until set)
+
+    def image_prefix(self, images, upto):
+        out = super().image_prefix(images, upto)
+        return out * torch.where(images.flatten(1).sum(1) == self.big, 1e6, 1.0).view(-1, *[1] * (out.ndim - 1))
+
+
+def test_float16_storage_and_overflow_widens_the_array(tmp_path, images):
+    model = ScaledBackbone()
+    plain = compute_features(model, images, transform(), upto=1, batch_size=1, progress=False)
+    model.big = float(transform()(load_image(images[2])).sum())
+    cache = FeatureCache(tmp_path / "cache")
+    cached = compute_features(model, images, transform(), upto=1, batch_size=1, cache=cache, progress=False)
+    uncached = compute_features(model, images, transform(), upto=1, batch_size=1, progress=False)
+    assert torch.isfinite(cached).all() and cached.abs().max() > 65504  # kept, not overflowed to inf
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[[0, 1, 3]], plain[[0, 1, 3]])  # the other rows: float16-rounded as before
+    assert torch.equal(plain, plain.half().float())
+    entry = _entry(cache, model, images, upto=1)
+    assert np.load(entry.array_path, mmap_mode="r").dtype == np.float32
+    assert torch.equal(compute_features(model, images, transform(), upto=1, cache=cache, progress=False), cached)
 
 
 def test_bad_image_is_a_data_error(tmp_path, images):

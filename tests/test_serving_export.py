@@ -24,10 +24,10 @@ TINY_CLIP = [
     "model.backbone=clip_tiny_vit.random", "model.peft.method=lora", "model.gcn.hidden=32",
     "model.prompts.n_ctx=4", "train.epochs=1", "data.batch_size=16", "data.num_workers=0",
     "model.backbone_options.image_size=32", "data.val_fraction=0.25", "tte.views=flip",
-    "tte.templates=true", "train.refit=false",
-]
+    "tte.templates=true", "train.refit=false", "train.extract_amp=none",
+]  # export is float32 end to end: parity with predict needs a float32 prefix (runtime.precision)
 OFFLINE = ["model.backbone_options.image_size=64", "train.epochs=2", "data.num_workers=0",
-           "data.val_fraction=0.25", "train.refit=false"]  # the demo's backbone, small images
+           "data.val_fraction=0.25", "train.refit=false", "train.extract_amp=none"]  # the demo's backbone, small images
 
 
 def _train(out: Path, data: Path, sets) -> Path:
@@ -157,9 +157,39 @@ def test_exported_files_are_readable_by_others(clip_run: Path, tmp_path: Path) -
 def test_linear_probe_run_exports_equal_predict(small_real: Path, tmp_path: Path) -> None:
     """A run without a text branch (the scikit-learn probe's linear head) exports too."""
     args = [a for s in TINY_CLIP[:1] + ["model.backbone_options.image_size=32", "data.num_workers=0",
-                                        "data.val_fraction=0.25", "tte.views=single", f"data.root={small_real}"] for a in ("--set", s)]
+                                        "data.val_fraction=0.25", "train.extract_amp=none", "tte.views=single",
+                                        f"data.root={small_real}"] for a in ("--set", s)]
     run_dir = tmp_path / "probe"
     assert main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--config",
                  str(REPO / "configs" / "experiments" / "linear_probe.yaml"), "--out", str(run_dir), "--no-cache", *args]) == 0
     _, exported = _check_equal_to_predict(run_dir, small_real, tmp_path)
     assert exported.meta["model"] == "linear_probe" and exported.meta["tte"] == "none"
+
+
+def test_flip_on_odd_crop_margins_equals_predict(clip_run: Path, tmp_path: Path) -> None:
+    """Short side to 32 leaves an odd centre-crop margin (225 x 305 -> 32 x 43: 11 pixels), where a
+    mirror taken before the crop shifts a pixel. TTE mirrors after the crop, as the graph does."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for k, (w, h) in enumerate([(225, 305), (305, 225), (225, 320), (227, 333)]):
+        path = tmp_path / "odd" / f"{k}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        images.append(path)
+    run = load_run(clip_run, device="cpu")
+    assert run.cfg.tte.views == "flip" and resize_mode_of(run) == "crop" and run.model.backbone.spec.image_size == 32
+    rows = list(predict_images(run, images))
+    want = _score_matrix(rows, run.classes)
+    for fmt, name in FORMATS.items():
+        exported = load_exported(_export(clip_run, fmt, tmp_path / name))
+        got = list(exported.predict(images, batch_size=2))
+        np.testing.assert_allclose(_score_matrix(got, exported.classes), want, atol=1e-4, err_msg=fmt)
+        assert [r["labels"] for r in got] == [r["labels"] for r in rows]
+
+
+def resize_mode_of(run) -> str:
+    from capnet.serving.export import resize_mode
+
+    return resize_mode(run)

@@ -43,6 +43,9 @@ class DataConfig:
     eval_batch_size: int = 64  # images per forward pass at evaluation
     num_workers: Optional[int] = None  # JPEG-decoding DataLoader processes; null: the machine's budget (src/capnet/runtime/resources.py)
     exclude_classes: List[str] = field(default_factory=list)  # classes removed from the class list and all labels (held out for open-vocabulary tests)
+    reader_options: Dict[str, Any] = field(default_factory=dict)  # keyword options of the reader, e.g. nus_wide {drop_missing: true}
+    subset: Optional[float] = None  # smoke runs: keep the first N (>= 1) or a fraction in (0, 1) of each split, drawn with val_seed
+    max_image_pixels: Optional[int] = None  # Pillow's decompression-bomb limit (null: Pillow's default, ~89 MP); larger images are bad images
 
 
 @dataclass(frozen=True)
@@ -113,10 +116,16 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = False  # scalars per epoch into <run>/tb/ (needs the `log` extra: pip install "capnet[log]")
+    wandb: Optional[Dict[str, Any]] = None  # wandb.init keyword arguments, e.g. {project: capnet}; null: off (wandb imported only then)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 20  # passes over train
     seed: int = 0  # seeds python, numpy and torch
-    amp: str = "none"  # none | bf16 | fp16 (autocast; GPU only for fp16)
+    amp: str = "none"  # none | auto (bf16 where the device has it natively) | bf16 | fp16 (autocast; GPU only for fp16)
     grad_accum: int = 1  # optimiser step every N batches
     ema: Optional[float] = None  # EMA decay of trainable tensors (null: off)
     select: str = "val"  # model selection: val (best val mAP) | last (fixed final epoch)
@@ -128,7 +137,11 @@ class TrainConfig:
     keep_freed_memory: bool = True  # glibc keeps freed memory in the heap: ~2x faster CPU forwards (resources.py)
     refit: bool = False  # after selecting the epoch on val, retrain on train + val for that many epochs
     device: str = "auto"  # auto | cpu | cuda
+    dist_timeout_s: float = 1800.0  # DDP process-group timeout: the longest one rank may wait for the others (e.g. rank 0 merging a feature cache)
     log_every: int = 20  # progress-bar refresh in steps
+    log: LogConfig = field(default_factory=LogConfig)  # where epoch scalars go besides log.csv and the console
+    compile: bool = False  # torch.compile the trained forward (the image suffix + head); compiles on the first step
+    grad_checkpointing: bool = False  # recompute the image tower's activations in backward (less memory, ~30% more time)
 
 
 @dataclass(frozen=True)
@@ -296,7 +309,21 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-RUNTIME_KEYS = ("train.device", "train.log_every", "data.num_workers", "train.threads", "train.keep_freed_memory")  # how a run executes, not what it computes
+RUNTIME_KEYS = ("train.device", "train.log_every", "data.num_workers", "train.threads", "train.keep_freed_memory",
+                "train.log", "train.compile", "train.grad_checkpointing")  # how a run executes, not what it computes
+# What ``eval`` / ``predict`` / ``export --set`` may change on a finished run: where things are and how
+# the run executes, never what was trained (data.* here only says where to read images to score).
+SERVING_KEYS = RUNTIME_KEYS + ("model.weights", "data.batch_size", "data.eval_batch_size", "train.amp",
+                               "train.extract_amp", "data.root", "data.reader", "data.split_dir",
+                               "data.reader_options", "data.max_image_pixels")
+# Keys added after runs were recorded: left out of the hash while at their default, so old runs keep theirs.
+_HASH_DEFAULTS = {"data.exclude_classes": [], "data.reader_options": {}, "data.subset": None,
+                  "data.max_image_pixels": None}
+
+
+def is_key_under(key: str, keys: Sequence[str]) -> bool:
+    """Whether dotted ``key`` is one of ``keys`` or inside one of them (``train.log.wandb`` under ``train.log``)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
 
 
 def config_hash(cfg: Config) -> str:
@@ -305,8 +332,10 @@ def config_hash(cfg: Config) -> str:
     for dotted in RUNTIME_KEYS:
         section, key = dotted.split(".")
         raw[section].pop(key, None)
-    if not raw["data"].get("exclude_classes"):  # added later: runs that exclude nothing keep their hash
-        raw["data"].pop("exclude_classes", None)
+    for dotted, default in _HASH_DEFAULTS.items():
+        section, key = dotted.split(".")
+        if raw[section].get(key, default) == default:
+            raw[section].pop(key, None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -321,7 +350,7 @@ def replace(cfg: Any, **changes: Any) -> Any:
 
 
 _CHOICES = {
-    "train.amp": ("none", "bf16", "fp16"),
+    "train.amp": ("none", "auto", "bf16", "fp16"),
     "train.extract_amp": ("auto", "none", "bf16", "fp16"),
     "train.select": ("val", "last"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -346,6 +375,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.select=val needs data.val_fraction > 0 (model selection never uses test)")
     if len(set(cfg.data.exclude_classes)) != len(cfg.data.exclude_classes):
         raise ConfigError(f"data.exclude_classes lists a class twice: {cfg.data.exclude_classes}")
+    subset = cfg.data.subset
+    if subset is not None and not (0.0 < subset < 1.0 or (subset >= 1 and float(subset).is_integer())):
+        raise ConfigError(f"data.subset={subset} must be a whole number of images >= 1 or a fraction in (0, 1)")
+    if cfg.data.max_image_pixels is not None and cfg.data.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels={cfg.data.max_image_pixels} must be >= 1 (null: Pillow's default)")
     if cfg.model.prompts.n_ctx < 1:
         raise ConfigError("model.prompts.n_ctx must be >= 1")
     if cfg.train.augment_views < 0:

@@ -37,7 +37,7 @@ from capnet.features.views import cache_depth, eval_views, single_view, split_fe
 from capnet.fileio import write_json_atomic
 from capnet.report import write_report
 from capnet.runtime import distributed
-from capnet.runtime.precision import extraction_amp
+from capnet.runtime.precision import extraction_amp, train_amp
 from capnet.runtime.resources import runtime_config
 from capnet.runtime.seed import seed_everything
 from capnet.train import checkpoint
@@ -53,14 +53,23 @@ def default_cache_dir() -> Path:
     return capnet_cache_dir() / "features"
 
 
-def prepare_dataset(data: DataConfig):
-    """Read the dataset for training (train and test, val if present) and carve val from train."""
-    from capnet.data import load_dataset
+DROPPED_FILE = "dropped_images.txt"  # rows the reader left out (data.reader_options, e.g. NUS-WIDE drop_missing)
 
-    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir)
+
+def prepare_dataset(data: DataConfig):
+    """Read the dataset for training (train and test, val if present), cut it to ``data.subset``
+    and carve val from train."""
+    from capnet.data import load_dataset, set_max_image_pixels
+
+    set_max_image_pixels(data.max_image_pixels)
+    options = dict(data.reader_options)
+    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir, **options)
     if any(s not in ds.splits for s in TRAINING_SPLITS):
-        load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=TRAINING_SPLITS)  # names the file
+        load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=TRAINING_SPLITS, **options)  # names the file
         raise DataError(f"{data.root}: training needs a train and a test split, found {', '.join(ds.splits)}")
+    if data.subset is not None:
+        ds = ds.subset(data.subset, data.val_seed)
+        log.info("data.subset=%s: %s", data.subset, ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items()))
     if data.resplit_folds:
         ds = ds.kfold(data.resplit_folds, data.resplit_fold, data.resplit_seed)
     # Classes are removed after the splits are drawn: the same images land in train/val/test as
@@ -140,7 +149,7 @@ def _fit_probe(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cac
     def features(name: str, views: Any) -> Tuple[np.ndarray, np.ndarray]:
         split = ds.splits[name]
         feats = split_features(model, split.image_paths, views, cfg, device, cache_dir, timings)
-        return feats.numpy(), split.labels
+        return feats[:].numpy(), split.labels  # FeatureRows: read every row (final features are small)
 
     x, y = features("train", single_view(model))
     val = features("val", eval_views(model, cfg)) if "val" in ds.splits else None
@@ -234,7 +243,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
     clock = _Clock(timings)
     run_dir = Path(run_dir)
     seed_everything(cfg.train.seed)
-    device = distributed.init_distributed(cfg.train.device).device
+    device = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s).device
     run_cfg = runtime_config(cfg)
     ds = prepare_dataset(cfg.data)
     ds, skipped = preflight_images(ds, skip_bad_images, cache_dir)
@@ -245,6 +254,10 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         save_config(cfg, run_dir / "config.yaml")
         if skipped:
             write_skipped(skipped, run_dir / SKIPPED_FILE)
+        if ds.dropped:
+            write_skipped(ds.dropped, run_dir / DROPPED_FILE)
+            log.warning("the %s reader dropped %d image(s) (%s); listed in %s", cfg.data.reader, len(ds.dropped),
+                        ds.dropped[0][1], run_dir / DROPPED_FILE)
     clock.lap("build the model")
     history, extra = fit_and_select(model, ds, run_cfg, run_dir, device, cache_dir, resume, timings)
     thresholds = _thresholds(model, ds, run_cfg, device, cache_dir, timings)
@@ -260,6 +273,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
     header = {"name": run_dir.name, "dataset": f"{ds.name} ({cfg.data.root})", "backbone": cfg.model.backbone,
               "model": cfg.model.kind, "loss": cfg.loss.name, "PEFT": cfg.model.peft.method,
               "test-time views": cfg.tte.views, "feature precision": extraction_amp(cfg, device),
+              "training precision": train_amp(cfg, device),
               "train/val/test images":
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}
     if cfg.data.resplit_folds:
@@ -268,12 +282,15 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         header["refit"] = f"on train + val for {extra.get('selected_epoch', '-')} epochs (thresholds from the selected model)"
     if skipped:
         header["skipped images"] = skipped_summary(skipped)
+    if ds.dropped:
+        header["dropped by the reader"] = f"{len(ds.dropped)} (listed in {DROPPED_FILE})"
     metrics = evaluate_and_write(model, ds, run_cfg, run_dir, device, cache_dir, history, header, thresholds, timings)
     clock.lap("evaluate on test")
     metrics.update(extra)
     metrics["seconds"] = sum(clock.seconds.values())
     metrics["time_breakdown"] = time_breakdown(clock.seconds, timings)
     metrics["skipped_images"] = len(skipped)
+    metrics["dropped_images"] = len(ds.dropped)
     metrics["config_sha256"] = config_hash(cfg)
     if distributed.is_main():
         write_json_atomic(run_dir / "metrics.json", metrics)

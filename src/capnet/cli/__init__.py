@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import logging
 import sys
 from typing import List, Optional
 
@@ -32,7 +33,43 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         module.register(sub)
+    for command in sub.choices.values():  # spelt after the command too: `capnet train ... -q`
+        add_verbosity_args(command, argparse.SUPPRESS)
+    add_verbosity_args(parser, 0)
     return parser
+
+
+def add_verbosity_args(parser: argparse.ArgumentParser, default) -> None:
+    """-v (debug messages) / -q (warnings and errors only); default: progress lines such as each epoch."""
+    parser.add_argument("-v", "--verbose", action="count", default=default, help="show debug messages too")
+    parser.add_argument("-q", "--quiet", action="count", default=default,
+                        help="only warnings and errors (no per-epoch lines)")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+_HANDLER = _StderrHandler()
+_HANDLER.setFormatter(logging.Formatter("capnet: %(message)s"))
+
+
+def configure_logging(verbose: int = 0, quiet: int = 0) -> None:
+    """The CLI's logging: capnet's INFO lines (epochs, resume, cache) on stderr; the library itself
+    only ever calls ``logging.getLogger(__name__)``."""
+    level = logging.DEBUG if verbose > quiet else logging.WARNING if quiet > verbose else logging.INFO
+    logger = logging.getLogger("capnet")
+    if _HANDLER not in logger.handlers:
+        logger.addHandler(_HANDLER)
+    logger.setLevel(level)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -42,6 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    configure_logging(args.verbose, args.quiet)
     from capnet.errors import CapnetError, one_line
 
     try:

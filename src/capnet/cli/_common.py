@@ -79,3 +79,20 @@ def with_data_root(overrides: List[str], root: Optional[str], reader: Optional[s
     if split_dir:
         extra.append(f"data.split_dir={split_dir}")
     return list(overrides) + extra
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """--run DIR, --weights PATH and --set KEY=VALUE for commands that use a finished run."""
+    parser.add_argument("--run", required=True, help="run directory written by train/demo")
+    parser.add_argument("--weights", default=None, metavar="PATH",
+                        help="backbone weights on this machine (model.weights; the run's sha256 is checked). "
+                             "Default: as recorded, else a file of that name in $CAPNET_WEIGHTS_DIR")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="change how the run executes, e.g. --set train.device=cpu --set data.eval_batch_size=8 "
+                             "(runtime keys only: what was trained cannot change)")
+
+
+def run_overrides(args: argparse.Namespace) -> List[str]:
+    """The --set items plus --weights as ``model.weights=PATH`` (resolved to an absolute path)."""
+    extra = [f"model.weights={Path(args.weights).expanduser().resolve()}"] if args.weights else []
+    return list(args.overrides) + extra

@@ -9,12 +9,13 @@ head/medium/tail are the groups of the run's training data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from capnet.cli._common import add_data_args, with_data_root
+from capnet.cli._common import add_data_args, add_run_args, run_overrides, with_data_root
 from capnet.errors import CapnetError
 
 
@@ -57,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
     from capnet.report import summary_table
 
     class_map = parse_class_map(args.class_map)
-    run_obj = load_run(Path(args.run), device=args.device)
-    overrides = with_data_root([], args.data_dir, args.reader, args.split_dir)
+    run_obj = load_run(Path(args.run), device=args.device, overrides=run_overrides(args))
+    overrides = with_data_root(list(args.overrides), args.data_dir, args.reader, args.split_dir)
     if args.data_dir and not args.split_dir:
         overrides.append("data.split_dir=null")  # the run's split folder belongs to the run's data
     data_cfg = load_config([Path(args.run) / "config.yaml"], overrides).data
+    if args.reader and args.reader != run_obj.cfg.data.reader:  # the run's reader options are not this reader's
+        data_cfg = dataclasses.replace(data_cfg, reader_options={})
     ds = load_eval_dataset(data_cfg, args.split)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     metrics = evaluate_run(run_obj, ds, args.split, cache, class_map=class_map)
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` to the top-level parser."""
     p = subparsers.add_parser("eval", help="evaluate a trained run", description=__doc__)
-    p.add_argument("--run", required=True, help="run directory written by train/demo")
+    add_run_args(p)
     add_data_args(p, positional_root=False, reader_default=None)
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--class-map", default=None, metavar="RUN=DATA,...",

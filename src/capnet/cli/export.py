@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from capnet.cli._common import add_run_args, run_overrides
 from capnet.cli.predict import parse_class_list
 
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from capnet.serving.run import load_run
 
     added = parse_class_list(args.add_classes) if args.add_classes is not None else None
-    loaded = load_run(Path(args.run), device="cpu", add_classes=added)
+    loaded = load_run(Path(args.run), device="cpu", add_classes=added, overrides=run_overrides(args))
     meta = export_run(loaded, args.format, Path(args.out), tte=args.tte, run_dir=Path(args.run))
     size = Path(args.out).stat().st_size / 2**20
     print(f"capnet: wrote {args.out} ({args.format}, {size:.1f} MiB): {len(meta['classes'])} classes, "
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("export", help="write a run as one ONNX or TorchScript graph", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory written by train/demo")
+    add_run_args(p)
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     p.add_argument("--out", required=True, help="file to write (e.g. model.onnx, model.pt)")
     p.add_argument("--tte", default=None, choices=EXPORT_TTE,

@@ -45,6 +45,7 @@ def parse_class_list(text: str) -> List[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Print a JSON line per image: labels above the per-class (validation-chosen) thresholds."""
+    from capnet.cli._common import run_overrides
     from capnet.serving.run import load_run, predict_images
 
     images, skipped = collect_images(args.images)
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if not images:
         raise DataError(f"no images to predict in {', '.join(args.images)}")
     added = parse_class_list(args.add_classes) if args.add_classes is not None else None
-    loaded = load_run(Path(args.run), device=args.device, add_classes=added)
+    loaded = load_run(Path(args.run), device=args.device, add_classes=added, overrides=run_overrides(args))
     for row in predict_images(loaded, images, batch_size=args.batch_size):
         print(json.dumps(row), flush=True)
     return 0
@@ -64,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``predict`` to the top-level parser."""
     p = subparsers.add_parser("predict", help="label images with a trained run", description=__doc__)
-    p.add_argument("--run", required=True, help="run directory written by train/demo")
+    from capnet.cli._common import add_run_args
+
+    add_run_args(p)
     p.add_argument("images", nargs="+", help="image files or directories of images")
     p.add_argument("--add-classes", default=None, metavar="NAMES",
                    help='comma-separated new class names scored open-vocabulary, e.g. "zebra,giraffe"')

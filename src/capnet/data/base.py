@@ -54,6 +54,7 @@ class MultiLabelDataset:
     classes: List[str]
     splits: Dict[str, Split]
     class_groups: Optional[Dict[str, List[str]]] = None  # from class_split.json when present
+    dropped: List[Tuple[Path, str]] = dataclasses.field(default_factory=list)  # (image, why) rows a reader left out
 
     def __post_init__(self) -> None:
         for key, split in self.splits.items():
@@ -147,6 +148,28 @@ class MultiLabelDataset:
         return dataclasses.replace(self, splits={"train": both.subset(np.sort(rest)), "test": both.subset(np.sort(held))},
                                    class_groups=frozen)
 
+    def subset(self, size: float, seed: int = 0) -> "MultiLabelDataset":
+        """Every split cut to ``size`` rows (a whole number >= 1) or that fraction (0 < size < 1),
+        drawn at random with ``seed`` and kept in their original order (for smoke runs).
+
+        Random rather than the first rows: native lists are often sorted by class or folder.
+        Head/medium/tail stay those of the full train split, as for the val carve-out.
+        """
+        if not (0.0 < size < 1.0 or (size >= 1 and float(size).is_integer())):
+            raise DataError(f"{self.name}: subset {size} must be a whole number >= 1 or a fraction in (0, 1)")
+        rng = np.random.default_rng(seed)
+        splits = {}
+        for name, split in self.splits.items():
+            keep = int(size) if size >= 1 else max(1, int(round(size * len(split))))
+            if keep >= len(split):
+                splits[name] = split
+                continue
+            splits[name] = split.subset(np.sort(rng.choice(len(split), size=keep, replace=False)))
+        groups = self.class_groups
+        if groups is None and "train" in self.splits:
+            groups = {g: [self.classes[i] for i in idx] for g, idx in self.groups().items()}
+        return dataclasses.replace(self, splits=splits, class_groups=groups)
+
     def with_val_split(self, fraction: float, seed: int) -> "MultiLabelDataset":
         """Carve a stratified multi-label "val" split out of train (unless one exists).
 
@@ -176,7 +199,22 @@ class MultiLabelDataset:
         return dataclasses.replace(self, splits=splits, class_groups=frozen)
 
 
-DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # what PIL raises on a bad file
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                 Image.DecompressionBombError)  # what PIL raises on a bad file
+PIL_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb limit (~89 MP)
+
+
+def set_max_image_pixels(limit: Optional[int]) -> None:
+    """Set the decompression-bomb limit (``data.max_image_pixels``; None: Pillow's default).
+
+    Pillow keeps it in one process-wide setting, read by every decode thread and by DataLoader
+    workers started afterwards; an image above it is a bad image, like a truncated file.
+    """
+    Image.MAX_IMAGE_PIXELS = PIL_MAX_IMAGE_PIXELS if limit is None else int(limit)
+
+
+class _OverLimit(Image.DecompressionBombError):
+    """Above the limit but below Pillow's own error threshold (2x), where Pillow only warns."""
 
 
 def _refuse_truncated() -> None:
@@ -188,7 +226,12 @@ def _refuse_truncated() -> None:
 
 
 def _decode(path: Path) -> Image.Image:
+    # Pillow raises above twice its limit and only warns between 1x and 2x: both are bad images here.
     with Image.open(path) as im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.width * im.height > limit:
+            raise _OverLimit(f"image of {im.width} x {im.height} pixels is over the decompression-bomb limit of "
+                             f"{limit} pixels")
         im.load()
         return im.convert("RGB")
 
@@ -201,6 +244,11 @@ def decode_failure(path: Path, err: BaseException) -> str:
         return "empty file (0 bytes)"
     if isinstance(err, UnidentifiedImageError):
         return "not an image file PIL can identify"
+    if isinstance(err, _OverLimit):
+        return f"{err} (raise data.max_image_pixels if the image is genuine)"
+    if isinstance(err, Image.DecompressionBombError):  # Pillow's own, above twice the limit
+        return (f"image over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels ({err}); "
+                "raise data.max_image_pixels if the image is genuine")
     return f"cannot decode image ({err})"  # e.g. "image file is truncated (218 bytes not processed)"
 
 

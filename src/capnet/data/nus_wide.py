@@ -11,14 +11,16 @@ Assumed layout (as distributed by NUS, with the images downloaded from Flickr):
 
 Image ids are the list entries with ``/`` separators (``actor/0001_2124494179.jpg``).
 Many Flickr images are no longer downloadable; a missing image is an error unless
-``drop_missing=True``, which drops those rows and warns with their number.
+``drop_missing=True`` (``data.reader_options: {drop_missing: true}``, the default of
+configs/data/nus_wide.yaml), which drops those rows, logs their number and lists them in the
+dataset's ``dropped`` (a training run writes them to ``dropped_images.txt``).
 Images with no positive concept are kept (empty label row).
 """
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,6 +30,9 @@ from capnet.errors import DataError
 from capnet.registry import DATASETS
 
 SPLIT_FILES = {"train": "Train", "test": "Test"}
+MISSING = "image file not found (dropped: data.reader_options.drop_missing)"
+
+log = logging.getLogger(__name__)
 
 
 def read_image_list(path: Path) -> List[str]:
@@ -50,8 +55,10 @@ def read_concept_labels(path: Path, n: int) -> np.ndarray:
     return np.array(values, dtype=np.float32)
 
 
-def read_nus_split(root: Path, classes: List[str], tag: str, drop_missing: bool) -> Split:
-    """One split: image list, the 81 label columns, image files under Flickr/."""
+def read_nus_split(root: Path, classes: List[str], tag: str, drop_missing: bool,
+                   dropped: Optional[List[Tuple[Path, str]]] = None) -> Split:
+    """One split: image list, the 81 label columns, image files under Flickr/ (missing ones
+    appended to ``dropped`` when ``drop_missing``)."""
     ids = read_image_list(root / "ImageList" / f"{tag}Imagelist.txt")
     label_dir = root / "Groundtruth" / "TrainTestLabels"
     labels = np.stack([read_concept_labels(label_dir / f"Labels_{c}_{tag}.txt", len(ids)) for c in classes], axis=1)
@@ -63,9 +70,11 @@ def read_nus_split(root: Path, classes: List[str], tag: str, drop_missing: bool)
         if not drop_missing:
             raise DataError(
                 f"NUS-WIDE {tag}: {missing} of {len(ids)} images are missing, e.g. {example} "
-                "(pass drop_missing=True to drop them)"
+                "(set data.reader_options.drop_missing=true to train without them)"
             )
-        warnings.warn(f"NUS-WIDE {tag}: dropped {missing} of {len(ids)} images missing under {root / 'Flickr'}", stacklevel=3)
+        log.warning("NUS-WIDE %s: dropped %d of %d images missing under %s", tag, missing, len(ids), root / "Flickr")
+        if dropped is not None:
+            dropped.extend((paths[k], MISSING) for k in np.flatnonzero(~exists))
     keep = np.flatnonzero(exists)
     return Split([ids[k] for k in keep], [paths[k] for k in keep], labels[keep])
 
@@ -81,10 +90,11 @@ def build_nus_wide(root: Path, split_dir: Optional[Path] = None, drop_missing: b
         raise DataError(f"NUS-WIDE folder not found: {root}")
     classes = read_classes(root / "Concepts81.txt")
     sources = {k: root / "ImageList" / f"{tag}Imagelist.txt" for k, tag in SPLIT_FILES.items()}
-    parts = {k: read_nus_split(root, classes, SPLIT_FILES[k], drop_missing)
+    dropped: List[Tuple[Path, str]] = []
+    parts = {k: read_nus_split(root, classes, SPLIT_FILES[k], drop_missing, dropped)
              for k in select_splits(splits, sources, str(root))}
     for key, split in parts.items():
         if len(set(split.image_ids)) != len(split):
             raise DataError(f"NUS-WIDE {key}: the image list has duplicate entries")
     check_disjoint({k: s.image_ids for k, s in parts.items()}, str(root))
-    return MultiLabelDataset(root.name, root, classes, parts)
+    return MultiLabelDataset(root.name, root, classes, parts, dropped=dropped)

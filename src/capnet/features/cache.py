@@ -1,23 +1,26 @@
-"""Cache of frozen image-tower outputs, kept per image, so repeated runs skip the tower.
+"""Cache of frozen image-tower outputs: one array per (feature key, image list), filled in place.
 
-An entry is one safetensors file ``<root>/<key>.safetensors`` holding a tensor ``features``
-(M, ...) and, in its metadata, the fingerprint (absolute path, size, mtime_ns) of each row's
-image. The key is the sha256 of a canonical JSON of everything the features depend on except
-the image list: backbone name and weights digest, the transform's repr (a multi-view transform
-names its views), the stage depth and the compute dtype (float32, or bf16 autocast). Rows are
-found by fingerprint, so any split, re-split or validation carve-out of the same images reuses
-them, and a changed image file (new size or mtime) is a miss that is recomputed and replaces
-its old row. A multi-view transform (one returning a (V, 3, H, W) stack per image) is decoded
-once per image and the tower runs on all V views: its rows are (V, ...).
+Layout: ``<root>/<key>/<list>.npy`` (+ ``.index.json``, ``.state.safetensors``; see
+:mod:`capnet.features.store`). ``key`` is the sha256 of a canonical JSON of everything the
+features depend on except the images: backbone name and weights digest, the transform's
+description (a multi-view transform names its views; object addresses are stripped, so every
+process and every run computes the same key), the stage depth and the compute dtype (float32, or
+bf16 autocast). ``list`` hashes the image fingerprints (absolute path, size, mtime_ns) in order,
+so row i of a split's array is image i of the split. A new image list (a re-split, a validation
+carve-out, a changed image file) first copies the rows it shares with the other lists of its key
+(matched by fingerprint, checked by crc32); only the rest go through the tower. A multi-view
+transform (a (V, 3, H, W) stack per image) is decoded once per image: its rows are (V, ...).
 
 Storage is float16 (half the disk and page cache; features come back as float32). The values
 are rounded to float16 whether or not a cache is used, so a run gives the same numbers with a
-cold cache, a warm cache or no cache. A block whose values overflow float16 is kept as float32.
+cold cache, a warm cache, a resumed fill or no cache. An array whose values overflow float16 is
+widened to float32.
 
-Integrity: files are written to a temporary name and renamed (``os.replace``), so a crash
-never leaves half a file under a real key. Each file records its key and the sha256 of its
-tensor bytes. A file that cannot be parsed, or whose key, checksum or dtype does not match, is
-reported with a warning naming it, deleted, and treated as a miss -- never silently used.
+Filling is resumable: rows are written in place and marked filled every ``flush_every_s`` seconds,
+so an interrupted extraction (even SIGKILL) continues where its last mark left off. Under DDP each
+rank extracts rows ``i % world == rank`` of the missing ones into its own part file, and rank 0
+merges the parts after a barrier (part files keep ranks on different hosts of a shared file
+system off each other's pages). Damaged files are warned about and recomputed, never used.
 """
 from __future__ import annotations
 
@@ -25,14 +28,15 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
+import re
 import time
-import warnings
 from pathlib import Path
 from typing import (
     Any,
     Callable,
     Dict,
+    Iterable,
+    Iterator,
     List,
     Mapping,
     MutableMapping,
@@ -44,20 +48,18 @@ from typing import (
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from capnet.data import load_image
-from capnet.fileio import atomic_write_bytes
+from capnet.features.store import FORMAT_VERSION, FeatureRows, RowFile
+from capnet.runtime import distributed
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: rows addressed by image fingerprint (1 keyed whole image lists)
-TENSOR_NAME = "features"
-STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 PathLike = Union[str, Path]
 Fingerprint = Tuple[str, int, int]
+Batches = Iterable[Tuple[np.ndarray, np.ndarray]]  # (row numbers, stored values) per batch
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:
@@ -66,8 +68,20 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def stable_repr(obj: Any) -> str:
+    """``repr(obj)`` without object addresses (``<function _to_rgb at 0x7f..>`` -> ``<function _to_rgb>``).
+
+    An address differs between processes and runs, so a key holding one missed in every
+    process (capnet#23 item 6). A transform object with the default ``repr`` then describes only
+    its class: give it a ``__repr__`` that names its settings.
+    """
+    return _ADDRESS.sub("", repr(obj))
+
+
 def image_fingerprints(paths: Sequence[PathLike]) -> List[Fingerprint]:
     """(absolute path, size, mtime_ns) per image: a changed or replaced file changes its row."""
+    import os
+
     out = []
     for p in paths:
         st = os.stat(p)
@@ -87,70 +101,100 @@ def feature_key_parts(backbone: Any, transform: Callable, upto: int, compute: st
         "backbone": spec.name,
         "weights_sha256": spec.weights_sha256,
         "spec_extra": {k: v for k, v in sorted(dict(spec.extra).items())},
-        "transform": repr(transform),
+        "transform": stable_repr(transform),
         "upto": int(upto),
         "dtype": str(next(backbone.visual.parameters()).dtype),
         "compute": compute,
     }
 
 
-def _tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a CPU tensor's raw bytes."""
-    array = tensor.detach().cpu().contiguous().numpy()
-    return hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
-
-
 class FeatureCache:
-    """A folder of safetensors entries addressed by ``cache_key``; rows addressed by image."""
+    """A folder of per-key directories, one filled-in-place array per image list."""
 
-    def __init__(self, root: PathLike) -> None:
+    def __init__(self, root: PathLike, flush_every_s: float = 10.0) -> None:
         self.root = Path(root)
+        self.flush_every_s = flush_every_s  # how often a fill marks its written rows filled
 
-    def path(self, key: str) -> Path:
-        """File that holds (or would hold) entry ``key``."""
-        return self.root / f"{key}.safetensors"
+    def stem(self, key: str, ids: Sequence[str]) -> Path:
+        """Where the array of ``ids`` (one id per row, in order) under ``key`` lives (without suffix)."""
+        digest = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:32]
+        return self.root / key / digest
 
-    def load(self, key: str) -> Optional[Tuple[torch.Tensor, List[Fingerprint]]]:
-        """(float32 rows, their image fingerprints), or None on a miss (a corrupt entry is warned about and deleted)."""
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensor = fh.get_tensor(TENSOR_NAME)
-            images = [tuple(f) for f in json.loads(meta.get("images", "null"))]
-            problem = self._check(key, tensor, meta, len(images))
-        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
-            problem = f"unreadable ({type(err).__name__}: {err})"
-        if problem is not None:
-            warnings.warn(f"feature cache entry {path} is corrupt: {problem}; deleting it and recomputing")
-            path.unlink(missing_ok=True)
-            return None
-        return tensor.float(), images  # type: ignore[return-value]
+    def open(self, key: str, ids: Sequence[str], prepare: bool = True) -> RowFile:
+        """The entry of ``ids`` under ``key``; ``prepare`` (one process only) checks every filled
+        row, merges part files left by an interrupted DDP fill and copies rows shared with the
+        key's other image lists."""
+        entry = RowFile.open(self.stem(key, ids), key, ids, verify=prepare, flush_every_s=self.flush_every_s)
+        if prepare:
+            self.merge_parts(entry)
+            if len(entry.missing()):
+                self._import_shared_rows(entry)
+        return entry
 
-    @staticmethod
-    def _check(key: str, tensor: torch.Tensor, meta: Mapping[str, str], rows: int) -> Optional[str]:
-        """Why an entry cannot be trusted, or None."""
-        if meta.get("key") != key:
-            return f"it records key {meta.get('key')!r}"
-        if str(tensor.dtype).replace("torch.", "") not in STORAGE_DTYPES:
-            return f"unexpected dtype {tensor.dtype}"
-        if rows != tensor.shape[0]:
-            return f"{rows} fingerprints for {tensor.shape[0]} rows"
-        if meta.get("sha256") != _tensor_sha256(tensor):
-            return "checksum mismatch"
-        return None
+    def part(self, entry: RowFile, rank: int, rows: np.ndarray) -> RowFile:
+        """Rank ``rank``'s part file for ``rows`` of ``entry`` (its ids are those row numbers)."""
+        stem = entry.stem.with_name(f"{entry.stem.name}.part-{rank}")
+        RowFile(stem, entry.key, []).delete()  # a stale part was merged (or is unusable) by now
+        return RowFile.open(stem, entry.key, [str(int(r)) for r in rows], flush_every_s=self.flush_every_s)
 
-    def save(self, key: str, tensor: torch.Tensor, images: Sequence[Fingerprint],
-             meta: Optional[Mapping[str, Any]] = None) -> Path:
-        """Write ``tensor`` (float16 unless that overflows) and its row fingerprints atomically."""
-        stored = to_storage(tensor)
-        header = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (meta or {}).items()}
-        header.update(key=key, sha256=_tensor_sha256(stored), format=str(FORMAT_VERSION),
-                      images=json.dumps([list(f) for f in images]))
-        atomic_write_bytes(st_save({TENSOR_NAME: stored}, metadata=header), self.path(key))
-        return self.path(key)
+    def merge_parts(self, entry: RowFile) -> int:
+        """Copy the filled rows of ``entry``'s part files into it, delete the parts; rows merged."""
+        merged = 0
+        for index in sorted(entry.stem.parent.glob(f"{entry.stem.name}.part-*.index.json")):
+            stem = index.with_name(index.name[: -len(".index.json")])
+            try:
+                ids = json.loads(index.read_text())["ids"]
+            except (OSError, ValueError, KeyError, TypeError):
+                ids = None
+            if ids is not None:
+                part = RowFile.open(stem, entry.key, ids, verify=True)
+                merged += _copy_rows(part, np.flatnonzero(part.filled), entry,
+                                     np.asarray([int(i) for i in ids], dtype=np.int64))
+            RowFile(stem, entry.key, []).delete()
+        entry.checkpoint()
+        return merged
+
+    def _import_shared_rows(self, entry: RowFile) -> int:
+        """Copy rows whose image another list of the same key already holds (crc-checked)."""
+        want = {entry.ids[r]: int(r) for r in entry.missing()}
+        copied = 0
+        for index in sorted(entry.stem.parent.glob("*.index.json")):
+            name = index.name[: -len(".index.json")]
+            if name == entry.stem.name or ".part-" in name or not want:
+                continue
+            try:
+                ids = json.loads(index.read_text())["ids"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            src_rows = [r for r, i in enumerate(ids) if i in want]
+            if not src_rows:
+                continue
+            other = RowFile.open(index.with_name(name), entry.key, ids, verify=False)
+            src = np.asarray([r for r in src_rows if other.filled[r]], dtype=np.int64)
+            n = _copy_rows(other, src, entry, np.asarray([want[ids[r]] for r in src], dtype=np.int64))
+            other.close()
+            copied += n
+            want = {i: r for i, r in want.items() if not entry.filled[r]}
+        if copied:
+            log.info("feature cache: %d rows copied from other image lists of the same key", copied)
+            entry.checkpoint()
+        return copied
+
+
+def _copy_rows(src: RowFile, src_rows: np.ndarray, dst: RowFile, dst_rows: np.ndarray) -> int:
+    """Copy rows whose bytes still match their crc32 from ``src`` into ``dst``; rows copied."""
+    from capnet.features.store import READ_CHUNK_BYTES, _row_crcs
+
+    copied = 0
+    step = max(1, READ_CHUNK_BYTES // max(1, src.row_bytes)) if src.dtype is not None else 1
+    for i in range(0, len(src_rows), step):
+        rows, to = src_rows[i:i + step], dst_rows[i:i + step]
+        values = src.read(rows)
+        ok = _row_crcs(values) == src.crc[rows]
+        if ok.any():
+            dst.write(to[ok], values[ok])
+            copied += int(ok.sum())
+    return copied
 
 
 def to_storage(tensor: torch.Tensor) -> torch.Tensor:
@@ -160,6 +204,55 @@ def to_storage(tensor: torch.Tensor) -> torch.Tensor:
     if torch.isfinite(half).all() or not torch.isfinite(tensor).all():
         return half
     return tensor
+
+
+def prefix_features(backbone: Any, images: torch.Tensor, upto: int) -> torch.Tensor:
+    """``backbone.image_prefix(images, upto)`` rounded to the cache's storage dtype.
+
+    Run it under the extraction autocast: a freshly computed feature is then the very number a
+    cache hit returns, so ``predict`` on an image scores what ``eval`` scored from the cache.
+    """
+    return to_storage(backbone.image_prefix(images, upto))
+
+
+def fill(target: RowFile, batches: Batches) -> int:
+    """Write each (rows, values) batch into ``target``; progress is marked even if interrupted."""
+    done = 0
+    try:
+        for rows, values in batches:
+            target.write(rows, values)
+            done += len(rows)
+    finally:
+        target.checkpoint()
+    return done
+
+
+def fill_missing(cache: FeatureCache, entry: RowFile, produce: Callable[[np.ndarray], Batches]) -> RowFile:
+    """Fill ``entry``'s missing rows with ``produce(rows)``, sharded over DDP ranks; returns it complete.
+
+    Alone, rows go straight into the entry. Under DDP rank r produces rows ``i % world == r`` of
+    the missing ones into its part file; after a barrier rank 0 merges the parts and every rank
+    re-reads the entry's state.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    missing = entry.missing()
+    if world == 1:
+        if len(missing):
+            fill(entry, produce(missing))
+        return entry
+    mine = missing[rank::world]
+    if len(mine):
+        part = cache.part(entry, rank, mine)
+        fill(part, ((np.searchsorted(mine, rows), values) for rows, values in produce(mine)))
+        part.close()
+    distributed.barrier()
+    if distributed.is_main():
+        cache.merge_parts(entry)
+    distributed.barrier()
+    if not distributed.is_main():
+        entry.close()
+        entry = RowFile.open(entry.stem, entry.key, entry.ids, verify=False)
+    return entry
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -175,16 +268,17 @@ class _ImageFiles(torch.utils.data.Dataset):
         return self.transform(load_image(self.paths[i]))
 
 
-def _run_tower(backbone: Any, paths: Sequence[Path], transform: Callable, upto: int, batch_size: int,
-               num_workers: int, device: torch.device, autocast: contextlib.AbstractContextManager,
-               progress: bool, timings: Optional[MutableMapping[str, float]]) -> torch.Tensor:
-    """Prefix features of ``paths`` (float16/32 storage dtype), decoding in ``num_workers`` processes."""
-    loader = torch.utils.data.DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, pin_memory=device.type == "cuda")
-    chunks: List[torch.Tensor] = []
+def _tower_batches(backbone: Any, paths: Sequence[Path], rows: np.ndarray, transform: Callable, upto: int,
+                   batch_size: int, num_workers: int, device: torch.device,
+                   autocast: contextlib.AbstractContextManager, progress: bool,
+                   timings: Optional[MutableMapping[str, float]]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(rows, stored prefix features) per batch of ``paths[rows]``, decoding in ``num_workers`` processes."""
+    loader = torch.utils.data.DataLoader(_ImageFiles([paths[i] for i in rows], transform), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     was_training = backbone.training
     backbone.eval()
     waited = tower = 0.0
+    start = 0
     try:
         with torch.inference_mode(), autocast:
             tic = time.perf_counter()
@@ -193,22 +287,21 @@ def _run_tower(backbone: Any, paths: Sequence[Path], transform: Callable, upto: 
                 waited += got - tic
                 views = images.shape[1] if images.ndim == 5 else None
                 flat = images.flatten(0, 1) if views else images
-                out = backbone.image_prefix(flat.to(device, non_blocking=True), upto)
-                out = out.view(images.shape[0], views, *out.shape[1:]) if views else out
-                chunks.append(to_storage(out))
+                out = prefix_features(backbone, flat.to(device, non_blocking=True), upto)
+                stored = (out.view(images.shape[0], views, *out.shape[1:]) if views else out).numpy()
+                tower += time.perf_counter() - got
+                yield rows[start:start + len(stored)], stored
+                start += len(stored)
                 tic = time.perf_counter()
-                tower += tic - got
     finally:
         backbone.train(was_training)
-    if timings is not None:
-        timings["images"] = timings.get("images", 0) + len(paths)
-        timings["decode_wait_s"] = timings.get("decode_wait_s", 0.0) + waited
-        timings["tower_s"] = timings.get("tower_s", 0.0) + tower
-    dtype = torch.float32 if any(c.dtype == torch.float32 for c in chunks) else torch.float16
-    return torch.cat([c.to(dtype) for c in chunks])
+        if timings is not None:
+            timings["images"] = timings.get("images", 0) + start
+            timings["decode_wait_s"] = timings.get("decode_wait_s", 0.0) + waited
+            timings["tower_s"] = timings.get("tower_s", 0.0) + tower
 
 
-def compute_features(
+def feature_rows(
     backbone: Any,
     paths: Sequence[PathLike],
     transform: Callable,
@@ -220,9 +313,11 @@ def compute_features(
     progress: bool = True,
     amp: str = "none",
     timings: Optional[MutableMapping[str, float]] = None,
-) -> torch.Tensor:
-    """(N, ...) float32 outputs of ``backbone.image_prefix(., upto)``; rows found in ``cache`` are reused.
+) -> FeatureRows:
+    """(N, ...) outputs of ``backbone.image_prefix(., upto)`` as rows read on demand (float32).
 
+    With ``cache`` the rows live on disk (only missing rows are computed, sharded over DDP
+    ranks) and are read per batch; without, they are computed here and held in memory.
     ``amp`` ("none" | "bf16" | "fp16") runs the tower under autocast and is part of the cache
     key. ``backbone`` must already sit on ``device``; its train/eval mode is restored afterwards.
     ``timings`` (if given) accumulates images computed, seconds waiting for decoding and
@@ -234,30 +329,26 @@ def compute_features(
     if not paths:
         raise ValueError("compute_features needs at least one image path")
     device = torch.device(device)
-    autocast = make_autocast(device, amp)
-    fingerprints = image_fingerprints(paths)
-    stored, stored_fps = None, []
-    key = None
-    if cache is not None:
-        key = cache_key(feature_key_parts(backbone, transform, upto, "float32" if amp == "none" else amp))
-        hit = cache.load(key)
-        if hit is not None:
-            stored, stored_fps = hit
-    index = {fp: row for row, fp in enumerate(stored_fps)}
-    missing = [i for i, fp in enumerate(fingerprints) if fp not in index]
-    if missing:
-        log.info("feature cache: computing %d of %d images (stage %d)", len(missing), len(paths), upto)
-        new = _run_tower(backbone, [paths[i] for i in missing], transform, upto, batch_size, num_workers,
-                         device, autocast, progress, timings)
-        new_fps = [fingerprints[i] for i in missing]
-        if cache is not None and key is not None:
-            replaced = {fp[0] for fp in new_fps}  # a path with a new fingerprint drops its old row
-            keep = [r for r, fp in enumerate(stored_fps) if fp[0] not in replaced]
-            parts = ([stored[keep].to(new.dtype)] if stored is not None and keep else []) + [new]
-            all_fps = [stored_fps[r] for r in keep] + new_fps
-            cache.save(key, torch.cat(parts), all_fps,
-                       {"backbone": backbone.spec.name, "upto": upto, "num_images": len(all_fps)})
-        stored = new.float() if stored is None else torch.cat([stored, new.float()])
-        index.update({fp: len(stored_fps) + k for k, fp in enumerate(new_fps)})
-    rows = torch.as_tensor([index[fp] for fp in fingerprints])
-    return stored.index_select(0, rows).float()
+
+    def produce(rows: np.ndarray) -> Batches:
+        log.info("feature cache: computing %d of %d images (stage %d)", len(rows), len(paths), upto)
+        return _tower_batches(backbone, paths, rows, transform, upto, batch_size, num_workers, device,
+                              make_autocast(device, amp), progress, timings)
+
+    if cache is None:
+        chunks = [values for _, values in produce(np.arange(len(paths)))]
+        dtype = np.float32 if any(c.dtype == np.float32 for c in chunks) else np.float16
+        return FeatureRows(np.concatenate([c.astype(dtype, copy=False) for c in chunks]))
+    key = cache_key(feature_key_parts(backbone, transform, upto, "float32" if amp == "none" else amp))
+    ids = [json.dumps(fp) for fp in image_fingerprints(paths)]
+    with distributed.main_first():  # rank 0 checks and repairs the entry, the others then read its state
+        entry = cache.open(key, ids, prepare=distributed.is_main())
+    entry = fill_missing(cache, entry, produce)
+    rows = entry.rows()
+    entry.close()
+    return rows
+
+
+def compute_features(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """:func:`feature_rows` as one float32 tensor in memory (small sets, tests, probes)."""
+    return feature_rows(*args, **kwargs).float()

@@ -14,7 +14,7 @@ so ``fit`` / ``evaluate`` handle both kinds of loader transparently (and DDP sti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -63,6 +63,15 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
         x = self.features[i] if self._views is None else self.features[i, int(self._views[i])]
         return x, self.targets[i], i
+
+    def __getitems__(self, indices: List[int]) -> List[Tuple[torch.Tensor, torch.Tensor, int]]:
+        """A whole batch in one read (DataLoader's batched fetch): one positional read per run
+        of consecutive rows of an on-disk cache instead of one per item."""
+        if self._views is not None:
+            return [self[i] for i in indices]
+        rows = np.asarray(indices, dtype=np.int64)
+        x = self.features[rows]
+        return list(zip(x.unbind(0), self.targets.index_select(0, torch.from_numpy(rows)).unbind(0), indices))
 
 
 def feature_start(loader: DataLoader) -> Optional[int]:

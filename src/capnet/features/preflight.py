@@ -14,6 +14,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from capnet.errors import DataError
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
+from capnet.runtime.resources import rank_cores
 
 log = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped_images.txt"  # in the run directory: one "path: reason" line per skipped image
@@ -44,7 +45,9 @@ def preflight_images(ds: Any, skip_bad_images: bool,
     """Decode every image before any long work: a bad file fails here, not after training.
 
     Images that decoded in an earlier run and have not changed since (same path, size and
-    mtime, recorded in ``cache_dir/checked_images.json``) are not decoded again. With
+    mtime, recorded in ``cache_dir/checked_images.json``) are not decoded again. Under DDP each
+    rank decodes every ``world``-th of the others and the bad ones are all-gathered, so each
+    image is decoded once in all, not once per rank. With
     ``skip_bad_images`` the bad files are dropped from their splits and returned, so the caller
     can list them; otherwise a ``BadImagesError`` names them (``.problems`` has all).
     """
@@ -54,7 +57,10 @@ def preflight_images(ds: Any, skip_bad_images: bool,
     keys = _fingerprint_keys(paths)
     known = _known_good(cache_dir)
     todo = [(p, k) for p, k in zip(paths, keys) if k not in known]
-    bad = dict(check_images([p for p, _ in todo], progress=distributed.is_main()))
+    mine = [p for p, _ in todo[distributed.rank()::distributed.world_size()]]
+    found_here = check_images(mine, workers=min(8, rank_cores()), progress=distributed.is_main())
+    bad = {Path(p): r for part in distributed.all_gather_object([(str(p), r) for p, r in found_here])
+           for p, r in part}
     if cache_dir is not None and distributed.is_main() and todo:
         good = known | {k for p, k in todo if p not in bad}
         atomic_write_bytes(json.dumps(sorted(good)).encode(), Path(cache_dir) / CHECKED_FILE)

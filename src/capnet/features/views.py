@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, MutableMapping, Optional
+from typing import Any, Callable, MutableMapping, Optional, Union
 
 import torch
 from torch import nn
 
 from capnet.config import Config
-from capnet.features.cache import FeatureCache, compute_features
+from capnet.features.cache import FeatureCache, feature_rows
+from capnet.features.store import ConcatViews, FeatureRows
 from capnet.runtime import distributed
 
 
@@ -67,25 +68,29 @@ def cache_depth(model: nn.Module, cfg: Config) -> int:
 
 
 def split_features(model: nn.Module, paths: Any, transform: Callable, cfg: Config, device: torch.device,
-                   cache_dir: Optional[Path], timings: Optional[MutableMapping[str, float]] = None) -> torch.Tensor:
-    """(N, V, ...) cached prefix features of ``paths`` under a stacked-view ``transform``."""
+                   cache_dir: Optional[Path], timings: Optional[MutableMapping[str, float]] = None) -> FeatureRows:
+    """(N, V, ...) cached prefix features of ``paths`` under a stacked-view ``transform``.
+
+    Rows are read from the on-disk cache per batch (``FeatureRows``): ``feats[i]`` and
+    ``feats[a:b, 0]`` give float32 tensors. Under DDP every rank extracts its shard of the
+    missing images (``capnet.features.cache.fill_missing``) and then reads the whole array.
+    """
     from capnet.runtime.precision import extraction_amp
 
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
-    with distributed.main_first():  # rank 0 fills the disk cache, the others then read it
-        return compute_features(model.backbone, paths, transform, cache_depth(model, cfg),
-                                batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-                                device=device, cache=cache, progress=distributed.is_main(),
-                                amp=extraction_amp(cfg, device), timings=timings)
+    return feature_rows(model.backbone, paths, transform, cache_depth(model, cfg),
+                        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+                        device=device, cache=cache, progress=distributed.is_main(),
+                        amp=extraction_amp(cfg, device), timings=timings)
 
 
 def train_features(model: nn.Module, split: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
-                   timings: Optional[MutableMapping[str, float]] = None) -> torch.Tensor:
-    """(N, 1 + K, ...): the eval view, then ``train.augment_views`` cached augmentations."""
-    views = [split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)]
-    if cfg.train.augment_views > 0:
-        aug = AugmentedViews(model.backbone.transform(train=True), cfg.train.augment_views, cfg.data.val_seed)
-        views.append(split_features(model, split.image_paths, aug, cfg, device, cache_dir, timings))
-    return torch.cat(views, dim=1)
+                   timings: Optional[MutableMapping[str, float]] = None) -> Union[FeatureRows, ConcatViews]:
+    """(N, 1 + K, ...): the eval view, then ``train.augment_views`` cached augmentations (read lazily)."""
+    eval_view = split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)
+    if cfg.train.augment_views == 0:
+        return eval_view
+    aug = AugmentedViews(model.backbone.transform(train=True), cfg.train.augment_views, cfg.train.augment_seed)
+    return ConcatViews([eval_view, split_features(model, split.image_paths, aug, cfg, device, cache_dir, timings)])
 
 

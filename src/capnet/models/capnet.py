@@ -38,6 +38,7 @@ from capnet.models.heads import ClassifierBase, cosine_logits
 from capnet.models.prompts import EvalCache, PromptLearner
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learned temperature
+LOG_MAX_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)  # the cap on the parameter (open_clip clamps the log)
 
 
 def projection(in_dim: int, out_dim: int) -> nn.Module:
@@ -92,7 +93,7 @@ class CAPNET(ClassifierBase):
             raise CapnetError(f"{backbone.spec.name}: towers are not aligned, set model.proj_dim")
         self.image_proj = projection(backbone.image_dim, proj_dim) if proj_dim else None
         self.text_proj = projection(backbone.text_dim, proj_dim) if proj_dim else None
-        log_scale = torch.tensor(math.log(logit_scale))
+        log_scale = torch.tensor(min(math.log(logit_scale), LOG_MAX_LOGIT_SCALE))
         if learn_logit_scale:
             self.log_logit_scale = nn.Parameter(log_scale)
         else:
@@ -118,13 +119,25 @@ class CAPNET(ClassifierBase):
         self._cache.clear()
 
     def logit_scale(self) -> torch.Tensor:
-        """exp(log scale) capped at 100; the gradient is that of the uncapped scale.
+        """exp of the log scale, which ``clamp_parameters_`` keeps at or below log(100).
 
-        A plain clamp has zero gradient above the cap, so a scale pushed past 100 could never
-        come back; the straight-through form keeps the value capped and the gradient alive.
+        The training loop clamps the parameter in place after every optimiser step, as open_clip
+        does: a value-only cap in the forward let the parameter drift above it (with SGD momentum
+        its gradient keeps pushing), and a clamp in the forward has no gradient at the cap.
         """
-        scale = self.log_logit_scale.exp()
-        return scale - (scale - MAX_LOGIT_SCALE).clamp(min=0).detach()
+        return self.log_logit_scale.exp()
+
+    def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load as the base class does, then cap the scale (runs saved before the in-place clamp
+        could hold a log scale above log(100); their forward capped its value at 100)."""
+        super().load_trainable_state_dict(state)
+        self.clamp_parameters_()
+
+    @torch.no_grad()
+    def clamp_parameters_(self) -> None:
+        """Project the learned log logit scale back to <= log(100) (called after each optimiser step)."""
+        if isinstance(self.log_logit_scale, nn.Parameter):
+            self.log_logit_scale.clamp_(max=LOG_MAX_LOGIT_SCALE)
 
     def set_feature_mean(self, mean: torch.Tensor) -> None:
         """Centre image features on ``mean`` (the training set's, from the engine)."""

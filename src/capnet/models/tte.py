@@ -1,11 +1,16 @@
 """Test-time ensembling (CAPNET Sec. 3.5, after LIFT): average logits over image views.
 
 A view transform turns one decoded PIL image into a (V, 3, H, W) stack: ``single`` (the
-backbone's eval transform, V=1), ``flip`` (+ the same of its mirror, V=2), ``five_crop`` /
+backbone's eval transform, V=1), ``flip`` (+ the mirror of that view, V=2), ``five_crop`` /
 ``ten_crop`` (resize to ``image_size * resize_scale`` then torchvision FiveCrop / TenCrop,
 V=5 / 10). The engine runs the tower once on all V views of an image. ``tte_logits``
 averages the per-view logits in logit space, computing the class embeddings once. The text
 side of the ensemble (prompt templates) lives in CAPNET (``ensemble_templates``).
+
+The flip view mirrors the *transformed* view (resized, centre-cropped, normalised), not the image
+before the crop: with an odd crop margin the two differ by a pixel shift, and an exported graph
+(``capnet.serving.export``) can only mirror the tensor it receives. Training, validation, the
+feature cache, ``capnet predict`` and exported graphs therefore see one definition.
 """
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 
 from capnet.config import TTEConfig
 from capnet.models.backbones.base import BackboneSpec
@@ -34,7 +38,10 @@ class StackViews:
         self.views, self.to_tensor, self.description = views, to_tensor, description
 
     def __call__(self, image: object) -> torch.Tensor:
-        return torch.stack([self.to_tensor(v) for v in self.views(image)])
+        tensors = [self.to_tensor(v) for v in self.views(image)]
+        if getattr(self.views, "mirror_after", False):
+            tensors += [t.flip(-1) for t in tensors]
+        return torch.stack(tensors)
 
     def __repr__(self) -> str:
         return self.description
@@ -51,13 +58,14 @@ class _Chain:
 
 
 class _Mirrors:
-    """The image itself, optionally with its mirror (the eval transform then sizes each)."""
+    """The image itself; with ``flip``, StackViews adds the mirror of its transformed tensor."""
 
     def __init__(self, flip: bool) -> None:
         self.flip = flip
+        self.mirror_after = flip
 
     def __call__(self, image: object) -> List[object]:
-        return [image, TF.hflip(image)] if self.flip else [image]
+        return [image]
 
 
 @VIEWS.register("single")
@@ -68,7 +76,7 @@ def single_views(size: int, resize_scale: float, interpolation: T.InterpolationM
 
 @VIEWS.register("flip")
 def flip_views(size: int, resize_scale: float, interpolation: T.InterpolationMode) -> Callable:
-    """The eval view and the eval view of the mirrored image."""
+    """The eval view and its mirror (mirrored after the eval transform's resize and crop)."""
     return _Mirrors(flip=True)
 
 
@@ -107,7 +115,8 @@ def view_transform(
         to_tensor = normalize
     else:
         to_tensor = eval_transform or T.Compose([T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size), normalize])
-    desc = (f"views={views}(size={image_size}, resize_scale={resize_scale}, interpolation={interpolation}) "
+    mirror = "+mirror_after_transform" if views == "flip" else ""  # feature-cache key: flip-before-crop entries are stale
+    desc = (f"views={views}{mirror}(size={image_size}, resize_scale={resize_scale}, interpolation={interpolation}) "
             f"then {to_tensor!r}")
     return StackViews(VIEWS.build(views, image_size, resize_scale, mode), to_tensor, desc.replace("\n", " "))
 

@@ -6,9 +6,10 @@ every helper here is a no-op there. Only rank 0 writes files and logs (:func:`is
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,8 +43,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise CapnetError(f"train.device={name!r} is not one of auto, cpu, cuda")
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group described by torchrun's env vars (nccl on CUDA, else gloo)."""
+def init_distributed(device: str = "auto", timeout_s: Optional[float] = None) -> DistInfo:
+    """Join the process group described by torchrun's env vars (nccl on CUDA, else gloo).
+
+    ``timeout_s`` (``train.dist_timeout_s``) bounds every collective, barriers included: long
+    enough for the slowest rank's share of feature extraction plus rank 0's cache merge.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -55,7 +60,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -94,6 +100,15 @@ def main_first() -> Iterator[None]:
     yield
     if is_main():
         barrier()
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` alone)."""
+    if world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

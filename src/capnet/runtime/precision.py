@@ -16,15 +16,22 @@ from capnet.errors import CapnetError
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo
 BF16_ARM_FLAGS = ("bf16",)  # aarch64 "Features"
+# Scores of a trained model (validation, thresholds, test, ``capnet eval``, ``predict``, export)
+# are computed in float32 after the frozen prefix: every command ranks the same numbers. Only
+# the training step uses ``train.amp``; the frozen prefix runs at ``extraction_amp`` wherever
+# torch runs it (the feature cache and ``predict``), so a run's cached and fresh features agree.
+SCORE_AMP = "none"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``amp`` in none | bf16 | fp16 (fp16 needs CUDA)."""
+    """Autocast for ``amp`` in none | auto | bf16 | fp16 (fp16 needs CUDA; auto: bf16 where native)."""
+    if amp == "auto":
+        amp = "bf16" if native_bf16(device) else "none"
     if amp == "none":
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:
-        raise CapnetError(f"train.amp={amp!r} is not one of none, bf16, fp16")
+        raise CapnetError(f"train.amp={amp!r} is not one of none, auto, bf16, fp16")
     if amp == "fp16" and device.type != "cuda":
         raise CapnetError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on CPU")
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
@@ -55,6 +62,15 @@ def native_bf16(device: torch.device) -> bool:
 def extraction_amp(cfg, device: torch.device) -> str:
     """Precision of frozen-tower feature extraction: ``train.extract_amp`` with ``auto`` resolved."""
     choice = cfg.train.extract_amp
+    if choice == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    return choice
+
+
+def train_amp(cfg, device: torch.device) -> str:
+    """Autocast of the trained forward / backward and of scoring: ``train.amp`` with ``auto`` resolved
+    (bf16 where ``device`` computes it natively, else none: emulated bf16 is slower than float32)."""
+    choice = cfg.train.amp
     if choice == "auto":
         return "bf16" if native_bf16(device) else "none"
     return choice

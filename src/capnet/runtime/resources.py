@@ -39,6 +39,20 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def local_world_size() -> int:
+    """Processes sharing this machine (torchrun's ``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def rank_cores() -> int:
+    """This process's share of the cores: torchrun gives every local rank the whole affinity mask,
+    so N ranks each planning for all cores would run N times too many threads and workers."""
+    return max(1, usable_cores() // local_world_size())
+
+
 @dataclass(frozen=True)
 class Budget:
     """How many decode workers and torch threads to use."""
@@ -55,8 +69,9 @@ def budget(cores: Optional[int] = None, workers: Optional[int] = None, threads: 
     (a worker process costs its start-up and steals a core: 7.1 vs 6.7 ms/img end to end on 768
     images, 2 cores); from 4 cores one worker per four cores keeps the tower fed and the rest are
     torch threads (benchmarks/speed.py measures the alternatives on the machine at hand).
+    Under torchrun the cores are this local rank's share (:func:`rank_cores`).
     """
-    cores = usable_cores() if cores is None else cores
+    cores = rank_cores() if cores is None else cores
     if workers is None:
         workers = cores // 4
     if threads is None:

@@ -30,6 +30,7 @@ from capnet import __version__
 from capnet.config import config_hash
 from capnet.errors import CapnetError
 from capnet.evaluation.scores import set_test_time_templates
+from capnet.features.views import cache_depth
 from capnet.fileio import atomic_write_bytes
 from capnet.registry import Registry
 from capnet.serving.exported import METADATA_KEY
@@ -43,10 +44,11 @@ INPUT_NAME, OUTPUT_NAME = "images", "scores"
 class ExportGraph(nn.Module):
     """Images in [0, 1] -> sigmoid scores through a trained model with its class embeddings fixed."""
 
-    def __init__(self, model: nn.Module, mean: List[float], std: List[float], flip: bool) -> None:
+    def __init__(self, model: nn.Module, mean: List[float], std: List[float], flip: bool, depth: int = 0) -> None:
         super().__init__()
         self.model = model
         self.flip = bool(flip)
+        self.depth = int(depth)  # the cacheable frozen prefix, rounded to float16 as the cache stores it
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         with torch.no_grad():
@@ -58,7 +60,13 @@ class ExportGraph(nn.Module):
         n = x.shape[0]
         if self.flip:
             x = torch.cat([x, x.flip(-1)], dim=0)
-        logits = self.model.logits_from_image_features(self.model.image_features(x), self.class_embeddings)
+        if self.depth > 0:  # the run's scores were computed from stored prefix features: round the same way
+            feats = self.model.backbone.image_prefix(x, self.depth)
+            half = feats.to(torch.float16).float()
+            feats = torch.where(torch.isfinite(half), half, feats)
+            logits = self.model.forward_features(feats, self.depth, self.class_embeddings)
+        else:
+            logits = self.model.logits_from_image_features(self.model.image_features(x), self.class_embeddings)
         if self.flip:
             logits = (logits[:n] + logits[n:]) / 2
         return torch.sigmoid(logits.float())
@@ -103,7 +111,7 @@ def export_metadata(run: LoadedRun, tte: str, run_dir: Optional[Path]) -> Dict[s
         "backbone_sha256": spec.weights_sha256,
         "model": run.cfg.model.kind,
         "source_run": None if run_dir is None else str(Path(run_dir).resolve()),
-        "config_hash": config_hash(run.cfg),
+        "config_hash": run.config_sha256 or config_hash(run.cfg),
     }
     if run.added_classes:
         meta["added_classes"] = list(run.added_classes)
@@ -112,11 +120,17 @@ def export_metadata(run: LoadedRun, tte: str, run_dir: Optional[Path]) -> Dict[s
 
 
 def build_graph(run: LoadedRun, tte: str) -> ExportGraph:
-    """The eval-mode, CPU, float32 graph of ``run`` (test-time templates applied as in predict)."""
+    """The eval-mode, CPU, float32 graph of ``run`` (test-time templates applied as in predict).
+
+    The graph is float32 throughout; a run whose features were extracted in bf16
+    (``train.extract_amp``) scores slightly differently in predict, which follows the run's own
+    precision (``runtime.precision``): export such a run from ``train.extract_amp=none`` for parity.
+    """
     set_test_time_templates(run.model, run.cfg)
     model = run.model.to("cpu").float().eval()
     spec = model.backbone.spec
-    return ExportGraph(model, list(spec.mean), list(spec.std), flip=(tte == "flip")).eval()
+    return ExportGraph(model, list(spec.mean), list(spec.std), flip=(tte == "flip"),
+                       depth=cache_depth(model, run.cfg)).eval()
 
 
 @contextlib.contextmanager

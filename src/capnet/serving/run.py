@@ -1,7 +1,10 @@
 """Using a finished run: load it, evaluate it on any labelled set, label new images.
 
 ``load_run`` rebuilds the model of a run directory from its config and ``model.safetensors``
-(trained tensors, label graph, feature mean; the frozen backbone is checked by sha256).
+(trained tensors, label graph, feature mean; the frozen backbone is checked by sha256). A run
+copied to another machine re-points its backbone weights with ``overrides`` (``model.weights=...``,
+``capnet ... --weights``) or ``$CAPNET_WEIGHTS_DIR`` (a file of the recorded name there); only
+SERVING_KEYS may be overridden, never what was trained.
 ``evaluate_run`` scores the classes a dataset shares with the run; ``predict_images`` labels
 images at the run's validation-chosen thresholds, decoding each image once for all its views.
 """
@@ -16,12 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from capnet.config import Config, DataConfig, load_config
+from capnet.config import SERVING_KEYS, Config, ConfigError, DataConfig, config_hash, is_key_under, load_config
 from capnet.data.lt_stats import GROUP_NAMES
 from capnet.errors import CheckpointError, DataError
 from capnet.evaluation.scores import set_test_time_templates, split_scores
-from capnet.features.views import eval_views
+from capnet.features.cache import prefix_features
+from capnet.features.views import cache_depth, eval_views
 from capnet.runtime import distributed
+from capnet.runtime.precision import autocast, extraction_amp
 from capnet.runtime.resources import runtime_config
 from capnet.train import checkpoint
 from capnet.train.checkpoint import EXTRA_STATE_KEYS, load_extra_state
@@ -35,11 +40,13 @@ def load_eval_dataset(data: DataConfig, split: str):
     ``val`` is the layout's own val split if it has one, else carved from train exactly as in
     training (same fraction and seed).
     """
-    from capnet.data import load_dataset
+    from capnet.data import load_dataset, set_max_image_pixels
 
+    set_max_image_pixels(data.max_image_pixels)
+    options = dict(data.reader_options)
     if split != "val":
-        return load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=(split,))
-    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir)
+        return load_dataset(data.reader, data.root, split_dir=data.split_dir, splits=(split,), **options)
+    ds = load_dataset(data.reader, data.root, split_dir=data.split_dir, **options)
     return ds if "val" in ds.splits else ds.with_val_split(data.val_fraction, data.val_seed)
 
 
@@ -57,6 +64,7 @@ class LoadedRun:
     class_groups: Optional[Dict[str, List[str]]] = None  # head/medium/tail by name, from training
     train_class_freq: Optional[List[int]] = None  # training positives per class (None: older run)
     added_classes: List[str] = dataclasses.field(default_factory=list)  # open-vocabulary names (the last columns)
+    config_sha256: Optional[str] = None  # hash of the config as trained (before any serving override)
 
     def with_classes(self, names: Sequence[str], keep_old: bool = True) -> "LoadedRun":
         """This run over its classes plus ``names`` scored open-vocabulary (models/open_vocab.py).
@@ -84,9 +92,55 @@ def added_threshold(trained: np.ndarray) -> float:
     return float(np.median(trained)) if len(trained) else 0.5
 
 
-def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence[str]] = None) -> LoadedRun:
-    """Rebuild the model of ``run_dir`` and load its trained tensors (checks the backbone sha256);
-    ``add_classes``: names scored open-vocabulary after the trained ones (``LoadedRun.with_classes``)."""
+def check_serving_overrides(overrides: Sequence[str], run_dir: Path) -> None:
+    """Refuse, in one line, an override that would change the trained model (only SERVING_KEYS pass)."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like key.path=value")
+        if not is_key_under(key, SERVING_KEYS):
+            raise ConfigError(f"--set {key}: a finished run ({run_dir}) keeps what it was trained with; only "
+                              f"where and how it runs may change: {', '.join(SERVING_KEYS)}")
+
+
+def _recorded_weights(cfg: Config, meta: Dict[str, Any]) -> Optional[str]:
+    """The backbone weights file the run was trained with (metadata of newer runs, else the config)."""
+    return meta.get("backbone_weights") or cfg.model.weights
+
+
+def relocate_weights(cfg: Config, meta: Dict[str, Any], run_dir: Path, repointed: bool) -> Config:
+    """``cfg`` with its backbone weights found on this machine: as given (``repointed``), as recorded,
+    or a file of the recorded name in ``$CAPNET_WEIGHTS_DIR``; else a CheckpointError saying how."""
+    import os
+
+    weights = cfg.model.weights
+    if repointed or not weights or weights == "random" or not _looks_local(weights) or Path(weights).expanduser().exists():
+        return cfg
+    env = os.environ.get("CAPNET_WEIGHTS_DIR")
+    if env and (Path(env).expanduser() / Path(weights).name).exists():
+        moved = str(Path(env).expanduser() / Path(weights).name)
+        log.info("backbone weights %s not found; using %s from $CAPNET_WEIGHTS_DIR", weights, moved)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=moved))
+    sha = meta.get("backbone_sha256") or "unknown"
+    where = f"$CAPNET_WEIGHTS_DIR ({env}) has no {Path(weights).name}" if env else "$CAPNET_WEIGHTS_DIR is not set"
+    raise CheckpointError(f"{run_dir}: the backbone weights it was trained with, {_recorded_weights(cfg, meta)} "
+                          f"(sha256 {sha}), are not on this machine; pass --weights PATH (the same file; its "
+                          f"sha256 is checked) or set $CAPNET_WEIGHTS_DIR to a folder holding {Path(weights).name} "
+                          f"({where})")
+
+
+def _looks_local(weights: str) -> bool:
+    """A local path rather than a pretrained tag or an ``hf-hub:`` name."""
+    return not weights.startswith("hf-hub:") and ("/" in weights or "\\" in weights or Path(weights).suffix != "")
+
+
+def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence[str]] = None,
+             overrides: Sequence[str] = ()) -> LoadedRun:
+    """Rebuild the model of ``run_dir`` and load its trained tensors (checks the backbone sha256).
+
+    ``add_classes``: names scored open-vocabulary after the trained ones (``LoadedRun.with_classes``);
+    ``overrides``: ``key=value`` for SERVING_KEYS only, e.g. ``model.weights=/new/place/ViT-B-16.pt``.
+    """
     import json
 
     from capnet.models.build import build_model
@@ -95,16 +149,27 @@ def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence
     for name in ("config.yaml", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise CheckpointError(f"{run_dir}: not a capnet run directory (missing {name})")
-    cfg = runtime_config(load_config([run_dir / "config.yaml"]))  # a saved null worker count would reach DataLoader
+    check_serving_overrides(overrides, run_dir)
+    recorded = load_config([run_dir / "config.yaml"])
     tensors, meta = checkpoint.load_file(run_dir / "model.safetensors")
+    repointed = any(o.split("=", 1)[0].strip() == "model.weights" for o in overrides)
+    cfg = relocate_weights(load_config([run_dir / "config.yaml"], list(overrides)), meta, run_dir, repointed)
+    cfg = runtime_config(cfg)  # a saved null worker count would reach DataLoader
     classes = list(meta.get("classes", []))
     dev = distributed.resolve_device(device if device != "auto" else cfg.train.device)
     labels = np.eye(len(classes), dtype=np.float32)  # placeholder: the saved graph replaces it
-    model = build_model(cfg, classes, labels)
+    try:
+        model = build_model(cfg, classes, labels)
+    except CheckpointError as err:  # e.g. nothing found by name on this machine: say what the run needs
+        if repointed or not meta.get("backbone_sha256"):
+            raise
+        raise CheckpointError(f"{err} [{run_dir} was trained on {_recorded_weights(recorded, meta) or cfg.model.backbone} "
+                              f"(sha256 {meta['backbone_sha256']}): pass --weights PATH]") from None
     found = model.backbone.spec.weights_sha256
     if meta.get("backbone_sha256") and found and meta["backbone_sha256"] != found:
-        raise CheckpointError(f"{run_dir / 'model.safetensors'}: trained on backbone weights sha256 "
-                              f"{meta['backbone_sha256'][:12]}…, but {cfg.model.backbone} loaded {found[:12]}…")
+        raise CheckpointError(f"{run_dir}: trained on backbone weights {_recorded_weights(recorded, meta)} "
+                              f"(sha256 {meta['backbone_sha256']}), but {model.backbone.spec.weights} has sha256 "
+                              f"{found}: point --weights / $CAPNET_WEIGHTS_DIR at the file the run was trained with")
     extra = {k: tensors.pop(k) for k in EXTRA_STATE_KEYS if k in tensors}
     weights = checkpoint.split_prefix(tensors, "model.")
     checkpoint.check_compatible(model.trainable_state_dict(), weights, run_dir / "model.safetensors")
@@ -116,7 +181,8 @@ def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence
         saved = json.loads(metrics_path.read_text()).get("thresholds", {})
         thr = np.array([saved.get(c, 0.5) for c in classes], dtype=np.float64)
     run = LoadedRun(cfg, model.to(dev).eval(), classes, thr, dev,
-                    class_groups=meta.get("class_groups"), train_class_freq=meta.get("train_class_freq"))
+                    class_groups=meta.get("class_groups"), train_class_freq=meta.get("train_class_freq"),
+                    config_sha256=config_hash(recorded))
     return run.with_classes(add_classes) if add_classes else run
 
 
@@ -163,9 +229,14 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
     """One dict per image: labels above the per-class thresholds and every class score.
 
     Each image is decoded once and all its test-time views go through the model in one batch.
+    Scores follow the one precision policy (``runtime.precision``): the cacheable frozen prefix
+    at the run's extraction precision, rounded as the cache stores it, the rest in float32, so an
+    image scores here exactly as ``capnet eval`` scored it from the feature cache.
     """
     from capnet.data import load_image
 
+    depth = cache_depth(run.model, run.cfg)
+    prefix_amp = autocast(run.device, extraction_amp(run.cfg, run.device))
     views_of = eval_views(run.model, run.cfg)
     set_test_time_templates(run.model, run.cfg)
     added = {"classes": run.added_classes, "threshold": round(float(run.thresholds[-1]), 6),
@@ -175,7 +246,14 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
         views = torch.stack([views_of(load_image(p)) for p in chunk]).to(run.device)
         b, v = views.shape[:2]
         with torch.inference_mode():
-            logits = run.model(views.flatten(0, 1)).float().view(b, v, -1).mean(dim=1)
+            flat = views.flatten(0, 1)
+            if depth > 0:
+                with prefix_amp:
+                    flat = prefix_features(run.model.backbone, flat, depth)
+                logits = run.model.forward_features(flat.float(), depth)
+            else:
+                logits = run.model(flat)
+            logits = logits.float().view(b, v, -1).mean(dim=1)
         probs = torch.sigmoid(logits.double()).cpu().numpy()
         for path, p in zip(chunk, probs):
             row = {"image": str(path),

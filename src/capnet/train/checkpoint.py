@@ -103,7 +103,7 @@ def model_identity(model: Any) -> Dict[str, Any]:
     spec = getattr(getattr(model, "backbone", None), "spec", None)
     if spec is None:
         return {}
-    return {"backbone": spec.name, "backbone_sha256": spec.weights_sha256}
+    return {"backbone": spec.name, "backbone_sha256": spec.weights_sha256, "backbone_weights": spec.weights}
 
 
 # ------------------------------------------------------------ optimizer state

@@ -8,6 +8,11 @@ Files in ``run_dir`` (written by rank 0 only, each atomically):
                         weights when ``train.ema`` is set, since those are what was evaluated
   ``log.csv``           one row per epoch: epoch, lr per group, train loss, val mAP
                         (overall/head/medium/tail), seconds
+  ``tb/``               the same scalars as TensorBoard events (``train.log.tensorboard``)
+Each epoch is also one log line (``capnet.train.tracking``), and W&B gets the scalars when
+``train.log.wandb`` is set. ``train.compile`` / ``train.grad_checkpointing`` change how the
+forward runs, not what it computes. After every optimiser step the model may clamp its
+parameters (``clamp_parameters_``: CLIP's cap on the logit scale).
 Model selection only ever sees the validation loader; the test split is never passed here.
 On return the model holds the selected weights.
 """
@@ -30,17 +35,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from capnet.config import RUNTIME_KEYS, Config, to_dict
-from capnet.errors import CheckpointError, TrainingError
+from capnet.config import RUNTIME_KEYS, Config, is_key_under, to_dict
+from capnet.errors import CapnetError, CheckpointError, TrainingError
 from capnet.evaluation.predict import evaluate
+from capnet.evaluation.scores import test_time_templates
 from capnet.features.loaders import ModelForward, feature_start
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
-from capnet.runtime.precision import autocast
+from capnet.runtime.precision import SCORE_AMP, autocast, train_amp
 from capnet.runtime.seed import reseed_loader, seed_everything
 from capnet.train import checkpoint
 from capnet.train.ema import EMA
 from capnet.train.optim import build_optimizer, build_scheduler, group_lrs
+from capnet.train.tracking import EpochLog
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,8 @@ class _Parts:
     scaler: Any
     ema: Optional[EMA]
     device: torch.device
+    amp: str  # train.amp resolved for the device (``auto`` -> bf16 or none)
+    sync: nn.Module  # the DDP-wrapped forward (``forward`` may be its torch.compile wrapper)
 
 
 def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -85,7 +94,8 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 def _check_same_config(saved: Dict[str, Any], cfg: Config, path: Path) -> None:
     """Resuming under another config would not reproduce anything: refuse, naming the keys."""
     now, before = _flat(to_dict(cfg)), _flat(saved)
-    diff = sorted(k for k in set(now) | set(before) if k not in RUNTIME_KEYS and now.get(k) != before.get(k))
+    diff = sorted(k for k in set(now) | set(before)
+                  if not is_key_under(k, RUNTIME_KEYS) and now.get(k) != before.get(k))
     if diff:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:8])
         raise CheckpointError(f"{path} was written with a different config ({shown}); resume with the same config")
@@ -156,11 +166,11 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
         group_start = (step - 1) // accum * accum
         group_size = min(accum, n - group_start)  # the last group may be shorter
         boundary = step - group_start == group_size
-        with autocast(parts.device, cfg.train.amp):
+        with autocast(parts.device, parts.amp):
             if step - 1 == group_start:
                 text = _TextPass(parts.model)
-        with distributed.no_sync(parts.forward, skip=not boundary):
-            with autocast(parts.device, cfg.train.amp):
+        with distributed.no_sync(parts.sync, skip=not boundary):
+            with autocast(parts.device, parts.amp):
                 logits = parts.forward(inputs.to(parts.device, non_blocking=True), start, text.leaf)
             loss = parts.loss_fn(logits.float(), target.to(parts.device, non_blocking=True))
             mean_loss = distributed.all_reduce_sum(loss.detach().float()).item() / distributed.world_size()
@@ -171,6 +181,7 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
             text.backward()
             parts.scaler.step(parts.optimizer)
             parts.scaler.update()
+            _clamp_parameters(parts.model)
             parts.optimizer.zero_grad(set_to_none=True)
             parts.scheduler.step()
             if parts.ema is not None:
@@ -183,14 +194,16 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
 
 def _validate(parts: _Parts, loader: Optional[DataLoader], cfg: Config, groups: Optional[Dict[str, np.ndarray]],
               class_names: Optional[Sequence[str]]) -> Dict[str, float]:
-    """Val mAP overall/head/medium/tail (EMA weights when enabled); empty without a loader."""
+    """Val mAP overall/head/medium/tail of the classifier that ships: EMA weights when enabled,
+    test-time templates on, float32 scores (``SCORE_AMP``); empty without a loader."""
     if loader is None:
         return {}
     names = list(class_names) if class_names is not None else None
     if names is None:
         names = [f"class_{i}" for i in range(len(loader.dataset[0][1]))]
-    with parts.ema.applied(parts.model) if parts.ema is not None else contextlib.nullcontext():
-        report = evaluate(parts.model, loader, groups or {}, names, device=parts.device, amp=cfg.train.amp, tte=True)
+    ema = parts.ema.applied(parts.model) if parts.ema is not None else contextlib.nullcontext()
+    with ema, test_time_templates(parts.model, cfg):
+        report = evaluate(parts.model, loader, groups or {}, names, device=parts.device, amp=SCORE_AMP, tte=True)
     return {f"val_{k}": float(report[k]) for k in ("mAP", "head", "medium", "tail") if k in report}
 
 
@@ -199,9 +212,32 @@ def _selected_weights(parts: _Parts) -> Dict[str, torch.Tensor]:
     return parts.ema.state_dict() if parts.ema is not None else parts.model.trainable_state_dict()
 
 
+def _clamp_parameters(model: nn.Module) -> None:
+    """Let the model project its parameters back into range after a step (open_clip clamps its
+    logit scale in place the same way); models without ``clamp_parameters_`` are left alone."""
+    clamp = getattr(model, "clamp_parameters_", None)
+    if clamp is not None:
+        clamp()
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Switch on activation checkpointing in the image tower (open_clip and timm towers implement
+    ``set_grad_checkpointing``); a tower without it is a one-line error, one that ignores it a warning."""
+    visual = getattr(getattr(model, "backbone", None), "visual", None)
+    setters = [m for m in (visual.modules() if visual is not None else ()) if hasattr(m, "set_grad_checkpointing")]
+    if not setters:
+        name = getattr(getattr(getattr(model, "backbone", None), "spec", None), "name", type(model).__name__)
+        raise CapnetError(f"train.grad_checkpointing=true: the image tower of {name} has no set_grad_checkpointing")
+    setters[0].set_grad_checkpointing(True)
+    if not any(getattr(m, "grad_checkpointing", False) or getattr(m, "grad_checkpoint", False) for m in visual.modules()):
+        log.warning("train.grad_checkpointing=true has no effect on %s (its set_grad_checkpointing is a no-op, "
+                    "e.g. open_clip's ModifiedResNet)", type(setters[0]).__name__)
+
+
 def _build_parts(model: nn.Module, loss_fn: Any, cfg: Config, steps_per_epoch: int, device: torch.device) -> _Parts:
-    """Optimizer, scheduler, scaler, EMA and the (DDP-wrapped) forward for ``model``."""
-    autocast(device, cfg.train.amp)  # fail now, not at the first step, on e.g. fp16 without CUDA
+    """Optimizer, scheduler, scaler, EMA and the (DDP-wrapped, optionally compiled) forward for ``model``."""
+    amp = train_amp(cfg, device)
+    autocast(device, amp)  # fail now, not at the first step, on e.g. fp16 without CUDA
     model.to(device)
     if isinstance(loss_fn, nn.Module):
         loss_fn.to(device)
@@ -210,8 +246,11 @@ def _build_parts(model: nn.Module, loss_fn: Any, cfg: Config, steps_per_epoch: i
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
     ema = EMA(model.trainable_state_dict(), cfg.train.ema) if cfg.train.ema is not None else None
     text_names = [f"model.{n}" for n in getattr(model, "text_parameter_names", lambda: [])()]
-    forward = distributed.wrap_ddp(ModelForward(model), device, ignore=text_names)
-    return _Parts(forward, model, loss_fn, optimizer, scheduler, scaler, ema, device)
+    if cfg.train.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    sync = distributed.wrap_ddp(ModelForward(model), device, ignore=text_names)
+    forward = torch.compile(sync) if cfg.train.compile else sync  # after DDP: compile sees its buckets
+    return _Parts(forward, model, loss_fn, optimizer, scheduler, scaler, ema, device, amp, sync)
 
 
 def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], train_loader: DataLoader,
@@ -238,17 +277,24 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
                                                scheduler=parts.scheduler, scaler=parts.scaler, ema=parts.ema)
         _check_same_config(saved["config"], cfg, last_path)
         progress = {k: saved[k] for k in progress}
-        log.info("resumed from %s after epoch %d", last_path, progress["epoch"])
+        if distributed.is_main():
+            log.info("resumed from %s after epoch %d of %d", last_path, progress["epoch"], cfg.train.epochs)
     else:
         if resume:
             log.warning("resume requested but %s does not exist: starting from epoch 1", last_path)
         seed_everything(cfg.train.seed)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-    for epoch in range(progress["epoch"] + 1, cfg.train.epochs + 1):
-        _run_epoch(parts, train_loader, val_loader, cfg, epoch, progress, run_dir, groups, class_names)
-        for callback in callbacks or ():
-            callback(progress["history"][-1])
+    epoch_log = EpochLog(cfg, run_dir, distributed.is_main())
+    try:
+        for epoch in range(progress["epoch"] + 1, cfg.train.epochs + 1):
+            _run_epoch(parts, train_loader, val_loader, cfg, epoch, progress, run_dir, groups, class_names)
+            if distributed.is_main():
+                epoch_log.epoch(progress["history"][-1], progress["best_epoch"], progress["best_val_map"])
+            for callback in callbacks or ():
+                callback(progress["history"][-1])
+    finally:
+        epoch_log.close()
     distributed.barrier()
     if best_path.is_file():
         checkpoint.load_weights(model, best_path)
@@ -286,5 +332,4 @@ def _run_epoch(parts: _Parts, train_loader: DataLoader, val_loader: Optional[Dat
             scaler=parts.scaler, ema=parts.ema, progress={**progress, "config": to_dict(cfg)},
         )
         _write_log(progress["history"], run_dir / "log.csv")
-        log.info("epoch %d: train loss %.4f, val mAP %s, %.1fs", epoch, train_loss, val_map, row["seconds"])
     distributed.barrier()
