@@ -1,8 +1,8 @@
 """The paper's ablation and the literature's strongest baselines under a sealed protocol; writes docs/results.md.
 
-    python benchmarks/ablation.py --runs-dir /tmp/ablation_runs       # both protocols, every row
+    python benchmarks/ablation.py --runs-dir /tmp/ablation_runs       # both protocols, every row (docs/results.md)
     python benchmarks/ablation.py --runs-dir /tmp/ablation_runs \
-        --cv-rows zeroshot linear_probe zs_linear_probe clap full no_prompts   # what docs/results.md ran
+        --cv-rows zeroshot linear_probe zs_linear_probe clap full no_prompts   # fewer cv candidates, when time is short
     python benchmarks/ablation.py --render     # rewrite docs/results.md from results/ablation.json (after editing the notes)
 
 Primary protocol ``cv``: ``--fold-seeds`` (default 0 1) repetitions of a ``--folds``-fold (5)
