@@ -214,3 +214,34 @@ def test_budgeted_step_backward_under_bf16_autocast(sparse):
         logits = m(torch.randn(2, 3, 32, 32), emb)
     logits.float().sum().backward()
     assert m.gcn.layers[0].weight.grad.abs().sum() > 0 and m.prompt_learner.ctx.grad[[0, 4, 8]].abs().sum() > 0
+
+
+def test_adamw_step_keeps_rows_outside_the_budgeted_subset():
+    """Lazy updates: an AdamW step moves only the subset's prompt rows, whose moments alone change."""
+    from capnet.train.loop import _KeepRows
+
+    m = _make(class_specific=True, budget=3).train()
+    opt = torch.optim.AdamW([m.prompt_learner.ctx], lr=0.1, weight_decay=0.5)
+    rows = torch.tensor([1, 4, 7])
+    others = torch.tensor([i for i in range(C) if i not in rows.tolist()])
+    for step in range(3):  # later steps carry moments from earlier ones: those must stay too
+        with torch.no_grad():
+            m.refresh_text_bank()
+        sel = rows if step != 1 else torch.tensor([0, 1, 2])
+        before = m.prompt_learner.ctx.detach().clone()
+        moments = {k: v.clone() for k, v in opt.state.get(m.prompt_learner.ctx, {}).items() if torch.is_tensor(v) and v.dim()}
+        m.class_embeddings(sel).pow(2).sum().backward()
+        keep = _KeepRows(m, opt)
+        opt.step()
+        keep.restore(opt)
+        opt.zero_grad()
+        rest = torch.tensor([i for i in range(C) if i not in sel.tolist()])
+        ctx = m.prompt_learner.ctx.detach()
+        assert torch.equal(ctx[rest], before[rest]) and not torch.equal(ctx[sel], before[sel])
+        for k, v in moments.items():
+            assert torch.equal(opt.state[m.prompt_learner.ctx][k][rest], v[rest]), k
+    # without the restore the same step moves the other rows (decay + stale moments): the guard matters
+    before = m.prompt_learner.ctx.detach().clone()
+    m.class_embeddings(rows).pow(2).sum().backward()
+    opt.step()
+    assert not torch.equal(m.prompt_learner.ctx.detach()[others], before[others])

@@ -27,7 +27,7 @@ logits (the same logit-space averaging as the image views in tte.py).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -236,7 +236,22 @@ class CAPNET(ClassifierBase):
         prompt = None if fresh_prompt is None else bank.prompt.index_copy(0, rows, fresh_prompt)
         fresh = self._embed(prompt, rows).float()
         bank.update(rows, fresh_prompt, fresh)
+        self._step_rows = rows
         return bank.out.index_copy(0, rows, fresh)
+
+    def budgeted_rows(self) -> Optional[Tuple[torch.Tensor, List[nn.Parameter]]]:
+        """The last budgeted step's class rows and the per-class parameters only they train.
+
+        The training loop keeps every other row of these parameters (and their optimiser moments)
+        as they were: with Adam-style moments and decoupled weight decay, a row outside the subset
+        would otherwise keep moving without a gradient (``train.loop._KeepRows``).
+        """
+        rows = getattr(self, "_step_rows", None)
+        if rows is None:
+            return None
+        params = [p for p in (getattr(self.prompt_learner, "ctx", None), self.class_residual)
+                  if isinstance(p, nn.Parameter) and p.requires_grad and p.dim() >= 1 and p.shape[0] == self.num_classes]
+        return (rows, params) if params else None
 
     def text_step(self, targets: torch.Tensor, scores: Optional[torch.Tensor] = None,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -159,6 +159,38 @@ class _TextPass:
         self.output.backward(grad)
 
 
+class _KeepRows:
+    """Lazy updates for a budgeted text branch: class rows outside the step's subset keep their
+    values and optimiser moments through ``optimizer.step`` (as a sparse / lazy Adam would).
+
+    Without it, AdamW moves every prompt row on its stored moments and decays it at every step,
+    so with 4 of 16 classes per step a row moved ~3 times without a gradient for each time with one.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.saved: List[Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]] = []
+        got = getattr(model, "budgeted_rows", lambda: None)()
+        if got is None:
+            return
+        rows, params = got
+        for p in params:
+            keep = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+            keep[rows.to(p.device)] = False
+            state = optimizer.state.get(p, {})
+            kept = {k: v[keep].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
+            kept["param"] = p.detach()[keep].clone()
+            self.saved.append((p, keep, kept))
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            for p, keep, kept in self.saved:
+                state = optimizer.state.get(p, {})
+                for k, v in kept.items():
+                    target = p if k == "param" else state.get(k)
+                    if target is not None:
+                        target[keep] = v
+
+
 def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, last_path: Path) -> float:
     """One pass over ``loader`` with gradient accumulation; returns the mean batch loss.
 
@@ -196,8 +228,11 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
             scores = logits.detach() if budgeted else None
         if boundary:
             text.backward()
+            keep = _KeepRows(parts.model, parts.optimizer) if budgeted else None
             parts.scaler.step(parts.optimizer)
             parts.scaler.update()
+            if keep is not None:
+                keep.restore(parts.optimizer)
             _clamp_parameters(parts.model)
             parts.optimizer.zero_grad(set_to_none=True)
             parts.scheduler.step()
