@@ -99,6 +99,7 @@ class ModelConfig:
     text_auto_budget: int = 32  # auto: classes per step above text_exact_up_to
     text_hard_fraction: float = 0.5  # budgeted: share of the non-positive slots given to the top-scored negatives (rest random)
     text_refresh_every: int = 0  # budgeted: re-embed every class (no grad, in chunks) every N steps; 0: only at the first step
+    text_defer: bool = True  # budgeted: carry the gradient of classes outside a step's subset to their next step (false: drop it)
     text_chunk: int = 1024  # classes per text-tower pass when all classes are embedded without grad (eval, bank refresh)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)

@@ -103,6 +103,7 @@ def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_
         text_budget=resolve_text_budget(len(class_names), m.text_budget, m.text_exact_up_to, m.text_auto_budget),
         text_hard_fraction=m.text_hard_fraction,
         text_refresh_every=m.text_refresh_every,
+        text_defer=m.text_defer,
         text_chunk=m.text_chunk,
     )
 

@@ -78,6 +78,7 @@ class CAPNET(ClassifierBase):
         text_hard_fraction: float = 0.5,
         text_refresh_every: int = 0,
         text_chunk: int = 1024,
+        text_defer: bool = True,
     ) -> None:
         super().__init__(backbone, peft)
         if prompt_learner is None and template_embeddings is None:
@@ -116,6 +117,7 @@ class CAPNET(ClassifierBase):
             raise CapnetError(f"CAPNET: text_budget ({text_budget}) and text_chunk ({text_chunk}) must be >= 1")
         self.text_budget = text_budget
         self.text_hard_fraction, self.text_refresh_every, self.text_chunk = text_hard_fraction, text_refresh_every, text_chunk
+        self.text_defer = bool(text_defer)
         self.text_bank = TextBank()
 
     # ---------------------------------------------------------------- text branch
@@ -192,18 +194,25 @@ class CAPNET(ClassifierBase):
 
     def _embed(self, prompt: Optional[torch.Tensor], rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Class embeddings from (C, text_dim) prompt rows (None: the fixed templates), for ``rows`` or all."""
+        return self._with_residual(self._embed_head(prompt, rows), rows)
+
+    def _embed_head(self, prompt: Optional[torch.Tensor], rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The text head's output (GCN, projection, template ensembling), before the class residual."""
         if prompt is None:
-            out = self._text_head(self.template_embeddings, rows=rows)
-        else:
-            out = self._text_head(prompt, rows=rows)
-            if self.ensemble_templates:
-                # Template rows rescaled to the prompt rows' norms: the head sees one scale.
-                templ = F.normalize(self.template_embeddings, dim=-1) * prompt.norm(dim=-1, keepdim=True)
-                out = (out + self._text_head(templ, rows=rows)) / 2
-        if self.class_residual is not None:
-            residual = self.class_residual if rows is None else self.class_residual[rows]
-            out = F.normalize(F.normalize(out, dim=-1) + residual.float(), dim=-1)
+            return self._text_head(self.template_embeddings, rows=rows)
+        out = self._text_head(prompt, rows=rows)
+        if self.ensemble_templates:
+            # Template rows rescaled to the prompt rows' norms: the head sees one scale.
+            templ = F.normalize(self.template_embeddings, dim=-1) * prompt.norm(dim=-1, keepdim=True)
+            out = (out + self._text_head(templ, rows=rows)) / 2
         return out
+
+    def _with_residual(self, out: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Add the per-class residual (LIFT) to head outputs of ``rows`` (or all classes)."""
+        if self.class_residual is None:
+            return out
+        residual = self.class_residual if rows is None else self.class_residual[rows]
+        return F.normalize(F.normalize(out, dim=-1) + residual.float(), dim=-1)
 
     def class_embeddings(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(C, D) class embeddings, unit-norm (a mean of two unit-norm rows when ensembling).
@@ -224,32 +233,48 @@ class CAPNET(ClassifierBase):
         """Recompute every bank row without grad (text tower in chunks of ``text_chunk`` classes)."""
         with torch.no_grad():
             prompt = None if self.prompt_learner is None else self._all_prompts()
-            self.text_bank.fill(prompt, self._embed(prompt))
+            self.text_bank.fill(prompt, self._embed_head(prompt))
 
     def _budgeted(self, rows: torch.Tensor) -> torch.Tensor:
-        """Bank rows (detached) with ``rows`` recomputed (with grad); the bank is updated."""
+        """Every class's embedding: ``rows`` recomputed with grad, the rest from the bank (``text_bank.py``)."""
         bank = self.text_bank
         if not bank.ready or (self.text_refresh_every and bank.steps >= self.text_refresh_every):
             self.refresh_text_bank()
-        rows = torch.unique(rows.long()).to(bank.out.device)
+        rows = torch.unique(rows.long()).to(bank.head.device)
         fresh_prompt = None if self.prompt_learner is None else self.prompt_learner(rows).float()
         prompt = None if fresh_prompt is None else bank.prompt.index_copy(0, rows, fresh_prompt)
-        fresh = self._embed(prompt, rows).float()
+        fresh = self._embed_head(prompt, rows).float()
         bank.update(rows, fresh_prompt, fresh)
         self._step_rows = rows
-        return bank.out.index_copy(0, rows, fresh)
+        if self.text_defer:
+            head = bank.leaf().index_copy(0, rows, bank.settle(rows, fresh))
+        else:  # the ablation: the gradient of classes outside the subset is dropped
+            head = bank.head.index_copy(0, rows, fresh)
+        return self._with_residual(head)
+
+    def resume_state(self) -> Dict[str, torch.Tensor]:
+        """Training state outside the weights and the optimiser: the budgeted branch's owed gradient."""
+        pending = self.text_bank.pending
+        return {} if pending is None else {"text_bank.pending": pending.detach().cpu()}
+
+    def load_resume_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restore what ``resume_state`` returned (the bank's rows are recomputed at the next step)."""
+        if "text_bank.pending" in state:
+            self.text_bank.pending = state["text_bank.pending"].float().to(self.log_logit_scale.device)
 
     def budgeted_rows(self) -> Optional[Tuple[torch.Tensor, List[nn.Parameter]]]:
         """The last budgeted step's class rows and the per-class parameters only they train.
 
         The training loop keeps every other row of these parameters (and their optimiser moments)
         as they were: with Adam-style moments and decoupled weight decay, a row outside the subset
-        would otherwise keep moving without a gradient (``train.loop._KeepRows``).
+        would otherwise keep moving without a gradient (``train.loop._KeepRows``), and its owed
+        gradient (``text_bank.py``) would no longer match its prompt. The class residual gets its
+        gradient on every row, every step, so it is not among them.
         """
         rows = getattr(self, "_step_rows", None)
         if rows is None:
             return None
-        params = [p for p in (getattr(self.prompt_learner, "ctx", None), self.class_residual)
+        params = [p for p in (getattr(self.prompt_learner, "ctx", None),)
                   if isinstance(p, nn.Parameter) and p.requires_grad and p.dim() >= 1 and p.shape[0] == self.num_classes]
         return (rows, params) if params else None
 

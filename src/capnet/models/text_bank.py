@@ -3,15 +3,27 @@
 With class-specific prompts the exact text branch runs all C prompts through the text tower,
 forward and backward, every optimiser step (``capnet.py``): linear in C. The budgeted branch
 runs only ``budget`` classes per step, chosen by ``select_classes`` (the batch's positives, then
-the top-scored negatives, then random classes), and keeps a :class:`TextBank` of detached rows
-for every class: the GCN inputs (prompt-tower outputs) and the final class embeddings.
+the top-scored negatives, then random classes), and keeps a :class:`TextBank` of every class's
+rows: the GCN inputs (prompt-tower outputs) and the head outputs (GCN + projection, before the
+per-class residual).
 
 One step (``CAPNET.class_embeddings(rows)``):
   fresh = prompts(rows)                              (text tower on len(rows) sequences, with grad)
   P     = bank.prompt with rows <- fresh             (neighbours' GCN inputs from the bank, detached)
-  E     = head(P)[rows]                              (GCN on the receptive field of rows only, gcn.py)
-  W     = bank.out with rows <- E                    (logits over all C; gradient only through rows)
-  bank.prompt[rows], bank.out[rows] <- fresh, E      (detached: the bank is refreshed as we go)
+  H_s   = head(P)[rows] + owed gradient              (GCN on the receptive field of rows only, gcn.py)
+  H     = bank.head (a leaf) with rows <- H_s        (every class; see "deferred gradient")
+  W     = normalize(normalize(H) + R)                (the class residual R: every row, exact gradient)
+  bank.prompt[rows], bank.head[rows] <- fresh, H_s   (the bank is refreshed as we go)
+
+Deferred gradient: the loss's gradient with respect to the bank rows of classes outside the
+subset is not dropped: it is summed per class (``TextBank.pending``) and added to the gradient
+of that class's head output the next time the class is in a subset, so it reaches the class's
+prompt then (backpropagated through the text tower once, for all the steps it waited). With
+class-specific prompts a row's prompt does not change between its visits (the training loop
+keeps rows outside the subset, ``train.loop._KeepRows``), so the text tower's part of that
+accumulated gradient is exact. The per-class residual is cheap (C x D) and always gets its
+exact gradient.
+
 The bank is filled by one no-grad pass over all classes (in chunks) at the first step, and
 again every ``refresh_every`` steps when asked. With rows = all classes this is the exact branch.
 """
@@ -66,35 +78,76 @@ def select_classes(positives: torch.Tensor, hardness: Optional[torch.Tensor], bu
     return torch.cat(picks).sort().values
 
 
+class _AddGrad(torch.autograd.Function):
+    """Identity forward; backward adds a fixed tensor (a class's deferred gradient) to the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(extra)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (extra,) = ctx.saved_tensors
+        return grad + extra.to(grad.dtype), None
+
+
 class TextBank(nn.Module):
-    """Detached per-class rows of the text branch, for the classes a budgeted step does not run.
+    """Per-class rows of the text branch, for the classes a budgeted step does not run.
 
     ``prompt``: (C, text_dim) prompt-tower outputs (the GCN's inputs), None without prompts;
-    ``out``: (C, D) final unit-norm class embeddings. Non-persistent buffers: never saved, refilled
-    at the first budgeted step of a process.
+    ``head``: (C, D) head outputs (GCN, projection; before the class residual); ``pending``:
+    (C, D) the gradient owed to each class's head output since it last ran (module docstring).
+    ``prompt`` and ``head`` are recomputed from the parameters at every full refresh; ``pending``
+    is not, so a resumed run needs it (``CAPNET.resume_state``). None of them is in the weights.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("prompt", None, persistent=False)
-        self.register_buffer("out", None, persistent=False)
+        self.register_buffer("head", None, persistent=False)
+        self.register_buffer("pending", None, persistent=False)
         self.steps = 0  # budgeted steps since the last full refresh
 
     @property
     def ready(self) -> bool:
         """Whether the bank holds a row for every class."""
-        return self.out is not None
+        return self.head is not None
 
-    def fill(self, prompt: Optional[torch.Tensor], out: torch.Tensor) -> None:
-        """Replace every row (a full refresh)."""
+    def fill(self, prompt: Optional[torch.Tensor], head: torch.Tensor) -> None:
+        """Replace every row (a full refresh); the owed gradient is kept."""
         self.prompt = None if prompt is None else prompt.detach().float().clone()
-        self.out = out.detach().float().clone()
+        self.head = head.detach().float().clone()
+        if self.pending is None or self.pending.shape != self.head.shape:
+            self.pending = torch.zeros_like(self.head)
         self.steps = 0
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor, prompt: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    def update(self, rows: torch.Tensor, prompt: Optional[torch.Tensor], head: torch.Tensor) -> None:
         """Overwrite the rows of the classes just computed."""
         if self.prompt is not None and prompt is not None:
             self.prompt.index_copy_(0, rows, prompt.detach().to(self.prompt.dtype))
-        self.out.index_copy_(0, rows, out.detach().to(self.out.dtype))
+        self.head.index_copy_(0, rows, head.detach().to(self.head.dtype))
         self.steps += 1
+
+    def settle(self, rows: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """``head`` (the fresh rows' outputs) whose backward also carries the rows' owed gradient,
+        which is then cleared."""
+        if self.pending is None or not head.requires_grad:
+            return head
+        owed = self.pending.index_select(0, rows)
+        self.pending.index_fill_(0, rows, 0.0)
+        return _AddGrad.apply(head, owed) if bool(owed.any()) else head
+
+    def leaf(self) -> torch.Tensor:
+        """The bank's head rows as a fresh leaf whose gradient is owed to its classes (``pending``)."""
+        leaf = self.head.detach().requires_grad_(torch.is_grad_enabled())
+        if leaf.requires_grad:
+            leaf.register_hook(self._owe)
+        return leaf
+
+    @torch.no_grad()
+    def _owe(self, grad: torch.Tensor) -> None:
+        # A non-finite gradient (a skipped fp16 step) is not carried into later steps.
+        if self.pending is not None and bool(torch.isfinite(grad).all()):
+            self.pending.add_(grad.to(self.pending.dtype))

@@ -146,6 +146,9 @@ def save_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
     tensors = {**with_prefix(model.trainable_state_dict(), "model."), **opt_tensors, **rng_tensors}
     if ema is not None:
         tensors.update(with_prefix(ema.state_dict(), "ema."))
+    resume_state = getattr(model, "resume_state", None)  # e.g. a budgeted text branch's owed gradient
+    if resume_state is not None:
+        tensors.update(with_prefix(resume_state(), "resume."))
     meta = {
         **model_identity(model),
         "optimizer": opt_meta,
@@ -180,6 +183,8 @@ def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
         scheduler.load_state_dict(meta["scheduler"])
     if scaler is not None and meta.get("scaler") is not None:
         scaler.load_state_dict(meta["scaler"])
+    if hasattr(model, "load_resume_state"):
+        model.load_resume_state(split_prefix(tensors, "resume."))
     set_rng_state(split_prefix(tensors, ""), meta["rng"])
     return meta["progress"]
 
