@@ -150,7 +150,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.M
 def capnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, images: torch.Tensor,
                 targets: torch.Tensor, amp: str, seed: int = 0) -> Callable[[], None]:
     """``train_step`` the way the training loop drives CAPNET: ``model.text_step`` (exact, or the
-    budgeted subset ranked by the previous step's logits), then the logits on those embeddings."""
+    budgeted subset ranked by the previous step's logits), then the logits on those embeddings;
+    a budgeted step keeps the rows outside its subset through the optimiser step (``KeepRows``)."""
+    from capnet.train.loop import KeepRows
+
     device, state = images.device, {"scores": None}
     gen = torch.Generator().manual_seed(seed)
 
@@ -160,7 +163,10 @@ def capnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.
             emb = model.text_step(targets, state["scores"], gen)
             logits = model(images, emb)
         loss_fn(logits.float(), targets).backward()
+        keep = KeepRows(model, optimizer) if getattr(model, "text_budget", None) is not None else None
         optimizer.step()
+        if keep is not None:
+            keep.restore(optimizer)
         state["scores"] = logits.detach()
 
     return step

@@ -247,7 +247,7 @@ def test_budgeted_step_backward_under_bf16_autocast(sparse):
 
 def test_adamw_step_keeps_rows_outside_the_budgeted_subset():
     """Lazy updates: an AdamW step moves only the subset's prompt rows, whose moments alone change."""
-    from capnet.train.loop import _KeepRows
+    from capnet.train.loop import KeepRows
 
     m = _make(class_specific=True, budget=3).train()
     opt = torch.optim.AdamW([m.prompt_learner.ctx], lr=0.1, weight_decay=0.5)
@@ -260,7 +260,7 @@ def test_adamw_step_keeps_rows_outside_the_budgeted_subset():
         before = m.prompt_learner.ctx.detach().clone()
         moments = {k: v.clone() for k, v in opt.state.get(m.prompt_learner.ctx, {}).items() if torch.is_tensor(v) and v.dim()}
         m.class_embeddings(sel).pow(2).sum().backward()
-        keep = _KeepRows(m, opt)
+        keep = KeepRows(m, opt)
         opt.step()
         keep.restore(opt)
         opt.zero_grad()
@@ -274,3 +274,39 @@ def test_adamw_step_keeps_rows_outside_the_budgeted_subset():
     m.class_embeddings(rows).pow(2).sum().backward()
     opt.step()
     assert not torch.equal(m.prompt_learner.ctx.detach()[others], before[others])
+
+
+def test_keep_rows_steps_only_the_subset_as_a_full_step_then_restore_would():
+    """KeepRows steps a proxy of the subset's rows: the same values and moments as stepping the
+    whole parameter and putting the other rows (and their moments) back."""
+    from capnet.train.loop import KeepRows
+
+    def run(proxy: bool):
+        m = _make(class_specific=True, budget=3, residual=True).train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            rows = torch.randperm(C, generator=gen)[:3]
+            (m.class_embeddings(rows) * torch.randn(C, 32, generator=gen)).sum().backward()
+            ctx = m.prompt_learner.ctx
+            if proxy:
+                keep = KeepRows(m, opt)
+                opt.step()
+                keep.restore(opt)
+            else:
+                others = torch.ones(C, dtype=torch.bool)
+                others[rows] = False
+                saved = {k: v[others].clone() for k, v in opt.state.get(ctx, {}).items() if v.dim()}
+                value = ctx.detach()[others].clone()
+                opt.step()
+                with torch.no_grad():
+                    ctx[others] = value
+                    for k, v in saved.items():
+                        opt.state[ctx][k][others] = v
+            opt.zero_grad()
+        return m, opt.state[m.prompt_learner.ctx]
+
+    (a, sa), (b, sb) = run(True), run(False)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

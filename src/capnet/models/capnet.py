@@ -267,7 +267,7 @@ class CAPNET(ClassifierBase):
 
         The training loop keeps every other row of these parameters (and their optimiser moments)
         as they were: with Adam-style moments and decoupled weight decay, a row outside the subset
-        would otherwise keep moving without a gradient (``train.loop._KeepRows``), and its owed
+        would otherwise keep moving without a gradient (``train.loop.KeepRows``), and its owed
         gradient (``text_bank.py``) would no longer match its prompt. The class residual gets its
         gradient on every row, every step, so it is not among them.
         """

@@ -20,7 +20,7 @@ subset is not dropped: it is summed per class (``TextBank.pending``) and added t
 of that class's head output the next time the class is in a subset, so it reaches the class's
 prompt then (backpropagated through the text tower once, for all the steps it waited). With
 class-specific prompts a row's prompt does not change between its visits (the training loop
-keeps rows outside the subset, ``train.loop._KeepRows``), so the text tower's part of that
+keeps rows outside the subset, ``train.loop.KeepRows``), so the text tower's part of that
 accumulated gradient is exact. The per-class residual is cheap (C x D) and always gets its
 exact gradient.
 

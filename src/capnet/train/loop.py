@@ -159,36 +159,55 @@ class _TextPass:
         self.output.backward(grad)
 
 
-class _KeepRows:
+class KeepRows:
     """Lazy updates for a budgeted text branch: class rows outside the step's subset keep their
     values and optimiser moments through ``optimizer.step`` (as a sparse / lazy Adam would).
 
     Without it, AdamW moves every prompt row on its stored moments and decays it at every step,
     so with 4 of 16 classes per step a row moved ~3 times without a gradient for each time with one.
+    The optimiser steps a proxy holding only the subset's rows (and their slices of the moments) in
+    the parameter's place, so the cost is the subset's, not C's; any optimiser whose per-parameter
+    state tensors have the parameter's shape (SGD momentum, Adam, AdamW) is handled.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.saved: List[Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]] = []
+        self.swapped: List[Tuple[nn.Parameter, torch.Tensor, torch.Tensor, Dict[str, Any], Dict[str, Any], int]] = []
         got = getattr(model, "budgeted_rows", lambda: None)()
         if got is None:
             return
         rows, params = got
         for p in params:
-            keep = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
-            keep[rows.to(p.device)] = False
-            state = optimizer.state.get(p, {})
-            kept = {k: v[keep].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
-            kept["param"] = p.detach()[keep].clone()
-            self.saved.append((p, keep, kept))
+            group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
+            if p.grad is None or group is None:
+                continue
+            r = rows.to(p.device)
+            proxy = p.detach().index_select(0, r).requires_grad_(True)
+            proxy.grad = p.grad.index_select(0, r)
+            state = optimizer.state.pop(p, {})
+            optimizer.state[proxy] = {k: v.index_select(0, r) if self._row_state(v, p) else v for k, v in state.items()}
+            index = next(i for i, q in enumerate(group["params"]) if q is p)
+            group["params"][index] = proxy
+            self.swapped.append((p, r, proxy, state, group, index))
+
+    @staticmethod
+    def _row_state(value: Any, param: torch.Tensor) -> bool:
+        return torch.is_tensor(value) and value.shape == param.shape
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write the subset's stepped rows and moments back into the full parameter and state."""
         with torch.no_grad():
-            for p, keep, kept in self.saved:
-                state = optimizer.state.get(p, {})
-                for k, v in kept.items():
-                    target = p if k == "param" else state.get(k)
-                    if target is not None:
-                        target[keep] = v
+            for p, r, proxy, state, group, index in self.swapped:
+                group["params"][index] = p
+                p.index_copy_(0, r, proxy.detach())
+                for k, v in optimizer.state.pop(proxy, {}).items():
+                    if torch.is_tensor(v) and v.shape == proxy.shape:
+                        full = state.get(k)
+                        if full is None:  # first step: rows never stepped have zero moments
+                            full = torch.zeros_like(p)
+                        state[k] = full.index_copy_(0, r, v)
+                    else:
+                        state[k] = v
+                optimizer.state[p] = state
 
 
 def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, last_path: Path) -> float:
@@ -228,7 +247,7 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
             scores = logits.detach() if budgeted else None
         if boundary:
             text.backward()
-            keep = _KeepRows(parts.model, parts.optimizer) if budgeted else None
+            keep = KeepRows(parts.model, parts.optimizer) if budgeted else None
             parts.scaler.step(parts.optimizer)
             parts.scaler.update()
             if keep is not None:
