@@ -119,7 +119,7 @@ def _scale(rows: List[Dict[str, Any]]) -> str:
                      _mib(r.get("peak_above_bare_mib")), met[r.get("meets_memory")],
                      fmt_ms(r.get("bank_refresh_s")), fmt_ms(r.get("build_s"))])
     return ("## 6. Class-count scaling: exact vs budgeted text branch (issue 24)\n\n"
-            "One fresh subprocess per row (peak = ru_maxrss on CPU, max_memory_allocated on GPU); a CAPNET row times "
+            "One fresh subprocess per row (peak = VmHWM on CPU, max_memory_allocated on GPU); a CAPNET row times "
             "CAPNET and the bare encoder on the same backbone, interleaved, and its ratio is the median of per-round "
             "ratios. The bare row (largest C) is the memory reference. Bank refresh = one no-grad pass of every class "
             "through the text tower (first budgeted step only, not in the step times).\n\n" + md_table(header, body))

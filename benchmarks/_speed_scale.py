@@ -7,7 +7,7 @@ forced exact as well. Class names: the shipped VOC/COCO lists, ImageNet's for 1,
 synthetic "class i" (``_speed_models.class_set``). Weights are random (speed depends on shapes).
 
 Every row runs in a fresh subprocess (``python -m benchmarks._speed_scale '<row json>'``) so its
-peak memory is its own: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` on CPU (tracemalloc does not
+peak memory is its own: ``VmHWM`` on CPU (``_timing.rss_mib``; ``ru_maxrss`` would include the parent's) (tracemalloc does not
 see torch's allocations), ``torch.cuda.max_memory_allocated`` on GPU. A CAPNET row times the
 CAPNET step and the bare step built on the same backbone, interleaved (paired ratios); its
 peak is CAPNET's (the bare twin adds only a linear head). The bare row's peak is the reference.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from benchmarks._timing import measure, paired_ratio, summarize
+from benchmarks._timing import measure, paired_ratio, rss_mib, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 # issue 24 targets: CAPNET step / bare step per (backbone, classes), and the peak-memory margin
@@ -43,7 +42,7 @@ def _peak_mib(device: torch.device) -> float:
     """This process's peak memory so far, MiB (GPU: allocated tensors; CPU: resident set)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return rss_mib(peak=True)
 
 
 def _bare_row(spec: Dict[str, Any], device: torch.device) -> Dict[str, Any]:

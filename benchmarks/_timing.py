@@ -20,6 +20,25 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 
+def rss_mib(peak: bool = True) -> float:
+    """This process's resident set in MiB: its peak (``VmHWM``) or current size (``VmRSS``).
+
+    Read from /proc/self/status, not ``ru_maxrss``: Linux keeps ``ru_maxrss`` across fork + exec,
+    so a child started by a larger parent would report the parent's peak. Falls back to
+    ``ru_maxrss`` where /proc is missing.
+    """
+    key = "VmHWM:" if peak else "VmRSS:"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued CUDA work so a wall-clock reading covers it (no-op on CPU)."""
     if device.type == "cuda":

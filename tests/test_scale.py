@@ -155,6 +155,15 @@ def test_gradient_outside_the_subset_is_owed_and_paid_when_the_class_runs():
     assert torch.equal(budgeted.text_bank.pending, state)
 
 
+def test_without_deferral_the_gradient_outside_the_subset_is_dropped():
+    """model.text_defer=false (the ablation): nothing is owed, a later step pays nothing."""
+    m = _make(class_specific=True, ensemble=False, with_gcn=False, residual=True, budget=3)
+    m.text_defer = False
+    (m.class_embeddings(torch.tensor([0, 1, 2])) * torch.randn(C, 32)).sum().backward()
+    assert m.text_bank.pending.abs().sum() == 0
+    assert m.prompt_learner.ctx.grad[3:].abs().sum() == 0 and m.class_residual.grad[3:].abs().sum() > 0
+
+
 def test_eval_in_chunks_equals_unchunked():
     whole, chunked = _make(chunk=1024).eval(), _make(chunk=2).eval()
     with torch.no_grad():
