@@ -132,3 +132,19 @@ def test_torchrun_two_processes_on_cpu(small_real: Path, tmp_path: Path) -> None
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["per_class"]) == set(KEEP)
     assert [int(r["epoch"]) for r in csv.DictReader(open(out / "log.csv"))] == [1, 2]
+
+
+def test_export_parity_benchmark_compares_predict_and_onnx(tiny_run: Path, tmp_path: Path) -> None:
+    """benchmarks/export_parity.py on a tiny run: every test image scored both ways, compared."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.export_parity import markdown, measure_parity
+
+    r = measure_parity(tiny_run, tmp_path)
+    assert r["images"] == 24 and r["classes"] == len(KEEP)
+    assert 0.0 <= r["abs_score_diff"]["mean"] <= r["abs_score_diff"]["max"] <= 1.0
+    assert 0 <= r["label_decisions"]["flipped"] <= r["label_decisions"]["total"] == 24 * len(KEEP)
+    if r["extraction_precision"] == "none":  # a float32-extracted run: the export reproduces predict
+        assert r["abs_score_diff"]["max"] < 1e-4 and r["label_decisions"]["flipped"] == 0
+    assert "| max abs score difference |" in markdown({**r, "run_label": "tiny"})
