@@ -383,6 +383,32 @@ def test_class_residual_starts_at_the_text_classifier_and_trains():
     assert res.class_residual.grad is not None and res.class_residual.grad.abs().sum() > 0
 
 
+def test_residual_gate_scales_each_class_residual_by_its_training_count():
+    """model.residual_gate=n: class c's residual is scaled by min(1, n_c / n); saved with the run."""
+    from capnet.models.build import residual_gate
+    from capnet.train.checkpoint import extra_state, load_extra_state
+
+    gate = residual_gate(LABELS, C, 3.0)  # training counts 3, 2, 2, 2, 2
+    assert torch.allclose(gate, torch.tensor([1.0, 2 / 3, 2 / 3, 2 / 3, 2 / 3]))
+    assert residual_gate(None, C, 3.0).eq(1).all() and residual_gate(LABELS, C, None) is None
+    model = build_model(cfg(class_residual=True, residual_gate=3.0, gcn={"enabled": False}), NAMES, LABELS)
+    assert torch.equal(model.residual_gate, gate)
+    with torch.no_grad():
+        model.class_residual.normal_()
+    plain = build_model(cfg(class_residual=True, gcn={"enabled": False}), NAMES, LABELS)
+    plain.load_trainable_state_dict(model.trainable_state_dict())
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        gated, ungated = model.class_embeddings(), plain.class_embeddings()
+        full = gate.eq(1)
+        assert torch.allclose(gated[full], ungated[full], atol=1e-6) and not torch.allclose(gated[~full], ungated[~full])
+    twin = build_model(cfg(class_residual=True, residual_gate=3.0, gcn={"enabled": False}), NAMES, None)
+    load_extra_state(twin, extra_state(model))  # a saved run rebuilt without its labels
+    assert torch.equal(twin.residual_gate, gate)
+    with pytest.raises(Exception, match="residual_gate"):
+        build_model(cfg(class_residual=True, residual_gate=0.0), NAMES, LABELS)
+
+
 def test_feature_centring_subtracts_the_given_mean():
     _, res = _residual_twin()
     x = images()

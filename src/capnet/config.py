@@ -93,6 +93,7 @@ class ModelConfig:
     logit_scale: float = 20.0  # initial scale of cosine logits (learnable)
     learn_logit_scale: bool = True  # train the scale
     class_residual: bool = False  # per-class residual on the text classifier (LIFT-style), zero-init
+    residual_gate: Optional[float] = None  # scale class c's residual by min(1, n_c / this), n_c its training positives; null: 1
     center_features: bool = False  # subtract the training-set mean image feature before the cosine
     text_budget: Optional[int] = None  # classes through the text tower per training step; null: auto (docs/scale.md); >= C: exact
     text_exact_up_to: int = 100  # auto: every class every step up to this many classes (VOC 20, COCO 80, NUS-WIDE 81)
@@ -336,7 +337,7 @@ def is_key_under(key: str, keys: Sequence[str]) -> bool:
 
 
 _LATER_DEFAULTS = {
-    "model": {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("text_")},
+    "model": {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("text_") or f.name == "residual_gate"},
     "graph": {"sparse": None, "chunk": 2048},
 }
 
@@ -398,6 +399,8 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if (m.text_budget is not None and m.text_budget < 1) or m.text_auto_budget < 1 or m.text_chunk < 1 or m.graph.chunk < 1:
         raise ConfigError("model.text_budget, model.text_auto_budget, model.text_chunk and model.graph.chunk must be >= 1")
+    if m.residual_gate is not None and not m.residual_gate > 0:
+        raise ConfigError(f"model.residual_gate={m.residual_gate} must be > 0 (or null for no gate)")
     if not 0.0 <= m.text_hard_fraction <= 1.0 or m.text_refresh_every < 0:
         raise ConfigError("model.text_hard_fraction must be in [0, 1] and model.text_refresh_every >= 0")
     subset = cfg.data.subset

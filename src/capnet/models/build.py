@@ -65,6 +65,18 @@ def lazy_template_embeddings(backbone: Backbone, class_names: List[str], templat
     return get
 
 
+def residual_gate(train_labels: Optional[np.ndarray], num_classes: int, full_at: Optional[float]) -> Optional[torch.Tensor]:
+    """Per-class scale of the class residual: min(1, n_c / ``full_at``), n_c the class's training
+    positives (CLAP-like: the rarer the class, the closer it stays to the text classifier).
+    Without labels (a saved run being rebuilt) it is 1 until the saved gate is loaded."""
+    if full_at is None:
+        return None
+    if train_labels is None:
+        return torch.ones(num_classes)
+    counts = torch.as_tensor(np.asarray(train_labels).sum(axis=0), dtype=torch.float32)
+    return (counts / float(full_at)).clamp(max=1.0)
+
+
 @MODEL_KINDS.register("capnet")
 def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_labels: Optional[np.ndarray]) -> CAPNET:
     """Compose prompts, graph, GCN, PEFT and projections as ``cfg.model`` asks."""
@@ -99,6 +111,7 @@ def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_
         learn_logit_scale=m.learn_logit_scale,
         ensemble_templates=bool(cfg.tte.templates and prompts is not None),
         class_residual=m.class_residual,
+        residual_gate=residual_gate(train_labels, len(class_names), m.residual_gate) if m.class_residual else None,
         center_features=m.center_features,
         text_budget=resolve_text_budget(len(class_names), m.text_budget, m.text_exact_up_to, m.text_auto_budget),
         text_hard_fraction=m.text_hard_fraction,

@@ -73,6 +73,7 @@ class CAPNET(ClassifierBase):
         learn_logit_scale: bool = True,
         ensemble_templates: bool = False,
         class_residual: bool = False,
+        residual_gate: Optional[torch.Tensor] = None,
         center_features: bool = False,
         text_budget: Optional[int] = None,
         text_hard_fraction: float = 0.5,
@@ -108,6 +109,10 @@ class CAPNET(ClassifierBase):
             self.register_buffer("log_logit_scale", log_scale)
         width = proj_dim if proj_dim else backbone.text_dim
         self.class_residual = nn.Parameter(torch.zeros(num_classes, width)) if class_residual else None
+        if residual_gate is not None and (not class_residual or residual_gate.shape != (num_classes,)):
+            raise CapnetError(f"CAPNET: a residual gate needs model.class_residual and one value per class ({num_classes})")
+        # (C,) scale of each class's residual (model.residual_gate); saved with the run (train/checkpoint.py)
+        self.register_buffer("residual_gate", None if residual_gate is None else residual_gate.detach().float())
         # Filled from the training features by the engine (``set_feature_mean``); saved with the run.
         self.register_buffer("feature_mean", torch.zeros(backbone.image_dim) if center_features else None)
         self._ensemble_templates = ensemble_templates
@@ -182,7 +187,7 @@ class CAPNET(ClassifierBase):
     def _text_tensors(self) -> List[torch.Tensor]:
         """Everything the text branch depends on (the eval cache key)."""
         mods = [m for m in (self.prompt_learner, self.gcn, self.text_proj) if m is not None]
-        bufs = [b for b in (self.template_embeddings, self.adjacency, self.class_residual) if b is not None]
+        bufs = [b for b in (self.template_embeddings, self.adjacency, self.class_residual, self.residual_gate) if b is not None]
         return [p for m in mods for p in m.parameters()] + bufs
 
     def _all_prompts(self) -> torch.Tensor:
@@ -212,6 +217,9 @@ class CAPNET(ClassifierBase):
         if self.class_residual is None:
             return out
         residual = self.class_residual if rows is None else self.class_residual[rows]
+        if self.residual_gate is not None:
+            gate = self.residual_gate if rows is None else self.residual_gate[rows]
+            residual = residual * gate.unsqueeze(-1)
         return F.normalize(F.normalize(out, dim=-1) + residual.float(), dim=-1)
 
     def class_embeddings(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:

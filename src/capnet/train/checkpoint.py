@@ -190,13 +190,14 @@ def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
 
 
 # Non-trainable tensors saved beside the trained ones: (model attribute, key in model.safetensors).
-EXTRA_STATE = (("adjacency", "graph.adjacency"), ("feature_mean", "model.feature_mean"))
+EXTRA_STATE = (("adjacency", "graph.adjacency"), ("feature_mean", "model.feature_mean"),
+               ("residual_gate", "model.residual_gate"))
 SPARSE_PARTS = (".indices", ".values", ".shape")  # a sparse tensor (the label graph above 2,000 classes) is saved as these
 EXTRA_STATE_KEYS = tuple(key for _, key in EXTRA_STATE) + tuple(key + part for _, key in EXTRA_STATE for part in SPARSE_PARTS)
 
 
 def extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Non-trainable tensors a run needs to be rebuilt anywhere (label graph, feature mean)."""
+    """Non-trainable tensors a run needs to be rebuilt anywhere (label graph, feature mean, residual gate)."""
     out = {}
     for name, key in EXTRA_STATE:
         tensor = getattr(model, name, None)
@@ -220,7 +221,7 @@ def save_model(model: nn.Module, path: Path, classes: Sequence[str],
 
 
 def load_extra_state(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
-    """Restore the non-trainable tensors ``extra_state`` saved (label graph, feature mean)."""
+    """Restore the non-trainable tensors ``extra_state`` saved (label graph, feature mean, residual gate)."""
     if "graph.adjacency" in tensors and getattr(model, "adjacency", None) is not None:
         model.adjacency = tensors["graph.adjacency"].float()
     elif "graph.adjacency.indices" in tensors and getattr(model, "adjacency", None) is not None:
@@ -229,3 +230,5 @@ def load_extra_state(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None
                                                   shape).coalesce()
     if "model.feature_mean" in tensors and getattr(model, "feature_mean", None) is not None:
         model.set_feature_mean(tensors["model.feature_mean"])
+    if "model.residual_gate" in tensors and getattr(model, "residual_gate", None) is not None:
+        model.residual_gate.copy_(tensors["model.residual_gate"].to(model.residual_gate))
