@@ -155,6 +155,17 @@ def test_gradient_outside_the_subset_is_owed_and_paid_when_the_class_runs():
     assert torch.equal(budgeted.text_bank.pending, state)
 
 
+def test_a_non_finite_gradient_is_not_owed():
+    """A skipped fp16 step (inf / nan gradient) must not poison the classes' owed gradient."""
+    m = _make(class_specific=True, ensemble=False, with_gcn=False, residual=True, budget=3)
+    emb = m.class_embeddings(torch.tensor([0, 1, 2]))
+    (emb * torch.randn(C, 32)).sum().backward()
+    owed = m.text_bank.pending.clone()
+    (m.class_embeddings(torch.tensor([3, 4, 5])) * float("inf")).sum().backward()
+    assert torch.isfinite(m.text_bank.pending).all()
+    assert torch.equal(m.text_bank.pending[6:], owed[6:])  # rows outside both subsets: unchanged
+
+
 def test_without_deferral_the_gradient_outside_the_subset_is_dropped():
     """model.text_defer=false (the ablation): nothing is owed, a later step pays nothing."""
     m = _make(class_specific=True, ensemble=False, with_gcn=False, residual=True, budget=3)

@@ -144,8 +144,10 @@ class FeatureCache:
             stem = index.with_name(index.name[: -len(".index.json")])
             try:
                 ids = json.loads(index.read_text())["ids"]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError) as err:
                 ids = None
+                log.warning("%s: unreadable part index (%s: %s); its rows are deleted and will be extracted again",
+                            index, type(err).__name__, err)
             if ids is not None:
                 part = RowFile.open(stem, entry.key, ids, verify=True)
                 merged += _copy_rows(part, np.flatnonzero(part.filled), entry,

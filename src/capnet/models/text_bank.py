@@ -137,7 +137,7 @@ class TextBank(nn.Module):
             return head
         owed = self.pending.index_select(0, rows)
         self.pending.index_fill_(0, rows, 0.0)
-        return _AddGrad.apply(head, owed) if bool(owed.any()) else head
+        return _AddGrad.apply(head, owed)
 
     def leaf(self) -> torch.Tensor:
         """The bank's head rows as a fresh leaf whose gradient is owed to its classes (``pending``)."""
@@ -148,6 +148,8 @@ class TextBank(nn.Module):
 
     @torch.no_grad()
     def _owe(self, grad: torch.Tensor) -> None:
-        # A non-finite gradient (a skipped fp16 step) is not carried into later steps.
-        if self.pending is not None and bool(torch.isfinite(grad).all()):
-            self.pending.add_(grad.to(self.pending.dtype))
+        # A non-finite gradient (a skipped fp16 step) is not carried into later steps; chosen on
+        # the device, without a host sync per step.
+        if self.pending is not None:
+            grad = grad.to(self.pending.dtype)
+            self.pending.add_(torch.where(torch.isfinite(grad).all(), grad, torch.zeros_like(grad)))
