@@ -3,7 +3,7 @@ id reaches any choice, the out-of-fold scores pool to one score per image, and a
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,11 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    sys.path.insert(0, str(REPO))
-    spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    sys.path.insert(0, str(REPO))  # benchmarks/ is a package at the repository root, not installed
+    return importlib.import_module("benchmarks.ablation")
 
 
 TINY = ["model.backbone=clip_tiny_vit.random", "model.backbone_options.image_size=32", "model.gcn.hidden=16",

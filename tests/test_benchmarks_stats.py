@@ -1,7 +1,7 @@
 """benchmarks/_stats.py: the fold-unit corrected t and the paired bootstrap, on data with a known answer."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -13,11 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _stats():
-    sys.path.insert(0, str(REPO))
-    spec = importlib.util.spec_from_file_location("benchmarks._stats", REPO / "benchmarks" / "_stats.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    sys.path.insert(0, str(REPO))  # benchmarks/ is a package at the repository root, not installed
+    return importlib.import_module("benchmarks._stats")
 
 
 def test_nb_corrected_t_matches_the_formula_and_widens_the_plain_interval() -> None:

@@ -80,8 +80,16 @@ def test_ddp_two_processes_match_each_other_and_one_process(tmp_path, text):
         assert torch.equal(r0[k], r1[k]), k
     assert m0 == m1
     assert (tmp_path / "run" / "best.safetensors").is_file() and (tmp_path / "run" / "log.csv").is_file()
-    if text == "budgeted":  # the ranks pick the same classes and owe the same gradients (equal weights above);
-        return              # one process ranks negatives by its own max score, not the ranks' mean max: no twin
+    if text == "budgeted":
+        # Equal weights above: the ranks picked the same classes and owed the same gradients. No
+        # one-process twin (it ranks negatives by its own max score, not the ranks' mean max), but
+        # the budget was in force and training moved the prompts.
+        from test_train_loop import _budgeted_capnet
+
+        start = _budgeted_capnet(2)
+        assert start.text_budget == 2
+        assert not torch.equal(r0["model.prompt_learner.ctx"], start.prompt_learner.ctx.detach())
+        return
 
     weights, scores, targets, result = _run(tmp_path / "single", text)  # same global batches, one process
     for k, v in weights.items():

@@ -119,34 +119,33 @@ def test_select_last_without_val(tmp_path):
         fit(model, nn.BCEWithLogitsLoss(), train, None, cfg_val, tmp_path, device=CPU)
 
 
-def test_gradient_accumulation_matches_large_batch(tmp_path):
-    common = dict(optim={"warmup_epochs": 0, "scheduler": "constant", "weight_decay": 0.0}, train={"epochs": 1, "select": "last"})
+def _big_batch_and_accumulated(tmp_path, model_cls, epochs, accum_batch, accum):
+    """Train ``model_cls`` with one batch of 8 per step and with ``accum`` micro-batches of
+    ``accum_batch`` (constant lr, no decay); returns both models."""
+    optim = {"warmup_epochs": 0, "scheduler": "constant", "weight_decay": 0.0}
     models = []
-    for sub, (bs, accum) in {"big": (8, 1), "acc": (4, 2)}.items():
-        cfg, _, train, _ = _setup(n_train=16, data={"batch_size": bs}, train={**common["train"], "grad_accum": accum},
-                                  optim=common["optim"])
+    for sub, (bs, steps) in {"big": (8, 1), "acc": (accum_batch, accum)}.items():
+        cfg, _, train, _ = _setup(n_train=16, data={"batch_size": bs}, optim=optim,
+                                  train={"epochs": epochs, "select": "last", "grad_accum": steps})
         torch.manual_seed(0)
-        model = ToyModel(dropout=0.0)
+        model = model_cls(dropout=0.0)
         fit(model, nn.BCEWithLogitsLoss(), train, None, cfg, tmp_path / sub, device=CPU)
-        models.append(model.trainable_state_dict())
-    for k in models[0]:
-        assert torch.allclose(models[0][k], models[1][k], atol=1e-6), k
+        models.append(model)
+    return models
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path):
+    big, acc = _big_batch_and_accumulated(tmp_path, ToyModel, epochs=1, accum_batch=4, accum=2)
+    for k, v in big.trainable_state_dict().items():
+        assert torch.allclose(v, acc.trainable_state_dict()[k], atol=1e-6), k
 
 
 def test_text_branch_runs_once_per_optimiser_step_with_exact_gradients(tmp_path):
     """Under accumulation the class embeddings are computed once per step, not per micro-batch,
     and the resulting weights equal those of one large batch."""
-    common = dict(optim={"warmup_epochs": 0, "scheduler": "constant", "weight_decay": 0.0}, train={"epochs": 2, "select": "last"})
-    models, calls = [], []
-    for sub, (bs, accum) in {"big": (8, 1), "acc": (2, 4)}.items():
-        cfg, _, train, _ = _setup(n_train=16, data={"batch_size": bs}, train={**common["train"], "grad_accum": accum},
-                                  optim=common["optim"])
-        torch.manual_seed(0)
-        model = TextToyModel(dropout=0.0)
-        fit(model, nn.BCEWithLogitsLoss(), train, None, cfg, tmp_path / sub, device=CPU)
-        models.append(model.trainable_state_dict())
-        calls.append(model.text_calls)
-    assert calls == [4, 4]  # 2 epochs x 2 optimiser steps, whatever the micro-batch count
+    big, acc = _big_batch_and_accumulated(tmp_path, TextToyModel, epochs=2, accum_batch=2, accum=4)
+    assert [big.text_calls, acc.text_calls] == [4, 4]  # 2 epochs x 2 optimiser steps, whatever the micro-batch count
+    models = [big.trainable_state_dict(), acc.trainable_state_dict()]
     for k in models[0]:
         assert torch.allclose(models[0][k], models[1][k], atol=1e-6), k
     torch.manual_seed(0)
