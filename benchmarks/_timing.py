@@ -35,8 +35,10 @@ def rss_mib(peak: bool = True) -> float:
     except OSError:
         pass
     import resource
+    import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak_rss / 2**20 if sys.platform == "darwin" else peak_rss / 1024.0  # bytes on macOS, KiB elsewhere
 
 
 def synchronize(device: torch.device) -> None:

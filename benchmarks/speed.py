@@ -123,12 +123,26 @@ def _scale_key(row: Dict[str, Any]) -> tuple:
     return row["arch"], row["classes"], row["mode"], row["image_size"], row["batch"], row["amp"]
 
 
+def _replaced(note: str, ran: Sequence[str]) -> bool:
+    """Whether an old note's run is wholly replaced by this run: all its sections were rerun and
+    none is ``scale`` (scale rows of other sizes survive a merge, so their notes do too). A note
+    without the "(run of sections [...])" prefix is the first run's, of the default sections."""
+    import ast
+
+    if note.startswith("(run of sections "):
+        sections_of = ast.literal_eval(note[len("(run of sections "):note.index("]") + 1])
+    else:
+        sections_of = list(sections.DEFAULT_SECTIONS)
+    return "scale" not in sections_of and set(sections_of) <= set(ran)
+
+
 def merge_results(old: Dict[str, Any], new: Dict[str, Any], ran: Sequence[str]) -> Dict[str, Any]:
     """``new`` over ``old``: sections not run now are kept (with their machine/settings under
     ``previous_runs``); scale rows are merged by (backbone, classes, mode, size, batch, amp)."""
     out = {**old, **{k: v for k, v in new.items() if k not in sections.SECTIONS}}
     out["previous_runs"] = old.get("previous_runs", []) + [{k: old.get(k) for k in ("machine", "settings", "wall_time_s")}]
-    out["notes"] = [n for n in old.get("notes", [])] + [f"(run of sections {list(ran)}) {n}" for n in new.get("notes", [])]
+    kept = [n for n in old.get("notes", []) if not _replaced(n, ran)]
+    out["notes"] = kept + [f"(run of sections {list(ran)}) {n}" for n in new.get("notes", [])]
     for name in ran:
         if name == "scale":
             rows = {_scale_key(r): r for r in old.get("scale") or []}

@@ -88,3 +88,14 @@ def test_scale_section_rows_and_merge(tmp_path: Path) -> None:
     merged = speed.merge_results(results, {"scale": [{**rows["bare"], "classes": 7}], "notes": []}, ["scale"])
     assert len(merged["scale"]) == 3  # new key added, old rows kept
     assert "Class-count scaling" in (tmp_path / "speed_cpu_smoke.md").read_text()
+
+
+def test_merge_drops_notes_of_runs_it_replaces() -> None:
+    """Old notes go when every section of their run is rerun; scale runs' notes stay (their rows may)."""
+    old = {"notes": ["first run's note", "(run of sections ['train']) train note",
+                     "(run of sections ['scale']) scale note"], "machine": {}}
+    merged = speed.merge_results(old, {"notes": ["new"], "train": []}, ["train", "inference", "throughput", "offline"])
+    assert merged["notes"] == ["(run of sections ['scale']) scale note",
+                               "(run of sections ['train', 'inference', 'throughput', 'offline']) new"]
+    kept = speed.merge_results(old, {"notes": [], "train": []}, ["train"])
+    assert kept["notes"] == ["first run's note", "(run of sections ['scale']) scale note"]
