@@ -274,7 +274,32 @@ def markdown(result: Dict[str, Any]) -> str:
     for name, e in result["comparisons"].items():
         lines.append(f"| `{name}` | {e['question']} | {cell_t(e['mAP'])} | {cell_b(e['mAP'])} | "
                      f"{cell_t(e['tail'])} | {cell_b(e['tail'])} |")
+    lines += ["", "Verdicts (total mAP; 'shown' needs both intervals on the same side of 0):", ""]
+    lines += [f"- `{name}` ({e['question']}): {verdict(e['mAP'])}" for name, e in result["comparisons"].items()]
+    lines += ["", f"**Protocol for the paper configs: {choose_protocol(result['comparisons'])}**"]
     return "\n".join(lines) + "\n"
+
+
+def verdict(entry: Dict[str, Any]) -> str:
+    """'a better', 'b better' when the fold-unit NB interval and the pooled bootstrap agree, else 'not shown'."""
+    nb, boot = entry["folds_nb"], entry["pooled_bootstrap"]
+    marks = {S.resolved(nb["lo"], nb["hi"]), S.resolved(boot["lo"], boot["hi"])}
+    if marks == {"above 0"}:
+        return "a better (shown)"
+    if marks == {"below 0"}:
+        return "b better (shown)"
+    return "not shown either way"
+
+
+def choose_protocol(comparisons: Dict[str, Any]) -> str:
+    """The protocol shown better than both others; otherwise the stated rule: DB's (a)."""
+    wins = {"last": [("val-last", "b"), ("refit-last", "b")], "val": [("val-last", "a"), ("refit-val", "b")],
+            "refit": [("refit-last", "a"), ("refit-val", "a")]}
+    for proto, needs in wins.items():
+        if all(c in comparisons and verdict(comparisons[c]["mAP"]).startswith(side) for c, side in needs):
+            return f"`{proto}` (shown better than both others on held-out images)"
+    return ("`last` (configs/protocol/published.yaml): the measurement does not separate the three protocols, so "
+            "the stated rule applies: the relatives' practice, DB's fixed schedule on all training images, last epoch")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
