@@ -8,13 +8,13 @@ tower's state_dict to ``...parametrizations.<name>.original``; load tower weight
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from capnet.models.peft.base import VIT, PEFTError, PEFTMethod
+from capnet.models.peft.base import AUTO, VIT, PEFTError, PEFTMethod, resolve_size
 from capnet.registry import PEFT
 
 TARGETS = ("qkv", "out")
@@ -41,17 +41,19 @@ class LoRA(PEFTMethod):
     name = "lora"
     supported = (VIT,)
 
-    def __init__(self, rank: int = 8, alpha: float = 8.0, targets: Sequence[str] = TARGETS) -> None:
+    def __init__(self, rank: Union[int, str] = 8, alpha: float = 8.0, targets: Sequence[str] = TARGETS,
+                 num_classes: Optional[int] = None) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"PEFT method 'lora': rank must be >= 1, got {rank}")
+        if rank != AUTO:
+            rank = resolve_size("lora", "rank", rank, None, 1)
         bad = [t for t in targets if t not in TARGETS]
         if bad or not targets:
             raise ValueError(f"PEFT method 'lora': targets must be a non-empty subset of {TARGETS}, got {list(targets)}")
-        self.rank, self.alpha, self.targets = int(rank), float(alpha), tuple(targets)
+        self.rank, self.alpha, self.targets, self.num_classes = rank, float(alpha), tuple(targets), num_classes
         self.deltas = nn.ModuleList()
 
     def _patch(self, visual: nn.Module, kind: str) -> None:
+        self.rank = resolve_size("lora", "rank", self.rank, self.num_classes, len(visual.transformer.resblocks))
         for index, block in enumerate(visual.transformer.resblocks):
             attn = getattr(block, "attn", None)
             if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
@@ -72,6 +74,8 @@ class LoRA(PEFTMethod):
 
 
 @PEFT.register("lora")
-def lora(rank: int = 8, alpha: float = 8.0, targets: Sequence[str] = TARGETS) -> LoRA:
-    """LoRA of rank ``rank`` and scaling ``alpha / rank`` on ``targets`` ('qkv', 'out')."""
-    return LoRA(rank=rank, alpha=alpha, targets=targets)
+def lora(rank: Union[int, str] = 8, alpha: float = 8.0, targets: Sequence[str] = TARGETS,
+         num_classes: Optional[int] = None) -> LoRA:
+    """LoRA of rank ``rank`` (``auto``: LIFT's rule, peft/base.auto_bottleneck) and scaling
+    ``alpha / rank`` on ``targets`` ('qkv', 'out'); LIFT's own scaling is 1 / rank (alpha 1)."""
+    return LoRA(rank=rank, alpha=alpha, targets=targets, num_classes=num_classes)
