@@ -61,7 +61,7 @@ def test_learnable_adaptformer_scale_starts_at_one_and_learns() -> None:
     visual = tiny_vit()
     peft = apply_peft("adaptformer", visual, scale="learnable", bottleneck=4)
     scales = [a.scale for a in peft.adapters]
-    assert all(isinstance(s, nn.Parameter) and float(s) == 1.0 for s in scales)
+    assert all(isinstance(s, nn.Parameter) and float(s.detach()) == 1.0 for s in scales)
     assert all(any(s is p for p in peft.trainable_parameters()) for s in scales)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     frozen = visual(x).detach()
@@ -71,7 +71,7 @@ def test_learnable_adaptformer_scale_starts_at_one_and_learns() -> None:
         visual(x).pow(2).sum().backward()
         opt.step()
     assert any(s.grad is not None and float(s.grad.abs()) > 0 for s in scales)
-    assert any(float(s) != 1.0 for s in scales)
+    assert any(float(s.detach()) != 1.0 for s in scales)
     fixed = apply_peft("adaptformer", tiny_vit(), scale=0.1, bottleneck=4)
     assert not any(isinstance(a.scale, nn.Parameter) for a in fixed.adapters)
     assert torch.allclose(frozen, tiny_vit()(x), atol=1e-6)  # sanity: same tower without PEFT at init
@@ -117,7 +117,7 @@ def test_uniform_gcn_init_follows_graph_convolution_and_zero_last_stays_default(
     gcn = GCN(64, 128, layers=3, init="uniform")
     for layer in gcn.layers:
         bound = 1.0 / math.sqrt(layer.out_features)
-        w = layer.weight
+        w = layer.weight.detach()
         assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
         assert math.isclose(float(w.std()), bound / math.sqrt(3), rel_tol=0.1)  # U(-b, b) has std b / sqrt(3)
     x = torch.randn(5, 64)
@@ -171,7 +171,9 @@ def test_onecycle_peaks_each_group_at_its_own_lr_after_the_warmup() -> None:
         opt.step()
         sched.step()
     assert math.isclose(lrs[0]["prompts"], 4e-5 / 25, rel_tol=1e-6)  # OneCycleLR starts at max_lr / div_factor
-    assert math.isclose(lrs[10]["prompts"], 4e-5, rel_tol=1e-6) and math.isclose(lrs[10]["gcn"], 1e-3, rel_tol=1e-6)
+    peak = 2 * 5 - 1  # torch's OneCycleLR peaks at step pct_start * total - 1
+    assert math.isclose(lrs[peak]["prompts"], 4e-5, rel_tol=1e-6) and math.isclose(lrs[peak]["gcn"], 1e-3, rel_tol=1e-6)
+    assert lrs[peak - 1]["gcn"] < 1e-3 and lrs[peak + 1]["gcn"] < 1e-3
     assert lrs[14]["gcn"] > 0.9e-3  # 3 of 10 epochs: still near the peak, as the schedule spans 10
 
 
@@ -219,7 +221,7 @@ def test_vit_b16_recipe_trains_end_to_end_on_a_tiny_clip(small_real: Path, tmp_p
     rc = main(["train", "--config", str(recipe), "--out", str(out), "--no-cache", *[a for s in sets for a in ("--set", s)]])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["test"]["mAP"] <= 100.0 if "test" in metrics else True
+    assert set(metrics["per_class"]) == {"cat", "dog", "person", "horse"} and 0.0 <= metrics["mAP"] <= 100.0
     saved = load_config([out / "config.yaml"])
     assert saved.optim.optimizer == "adam" and saved.optim.scheduler == "onecycle"
     assert saved.model.logit_scale == 10.0 and not saved.model.learn_logit_scale
