@@ -225,3 +225,23 @@ def test_vit_b16_recipe_trains_end_to_end_on_a_tiny_clip(small_real: Path, tmp_p
     saved = load_config([out / "config.yaml"])
     assert saved.optim.optimizer == "adam" and saved.optim.scheduler == "onecycle"
     assert saved.model.logit_scale == 10.0 and not saved.model.learn_logit_scale
+
+
+def test_lora_on_q_and_v_leaves_k_and_the_output_projection_alone() -> None:
+    visual = tiny_vit()
+    lora = apply_peft("lora", visual, rank=2, alpha=1.0, targets=["q", "v"])
+    attn = visual.transformer.resblocks[0].attn
+    d = attn.embed_dim
+    assert len(lora.deltas) == 2 * 2 and {tuple(x.lora_B.shape) for x in lora.deltas} == {(d, 2)}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    before = attn.in_proj_weight.detach().clone()
+    opt = torch.optim.SGD(lora.trainable_parameters(), lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        visual(x).pow(2).sum().backward()
+        opt.step()
+    after = attn.in_proj_weight.detach()
+    moved = [not torch.equal(before[i * d:(i + 1) * d], after[i * d:(i + 1) * d]) for i in range(3)]
+    assert moved == [True, False, True]  # q and v adapted, k untouched
+    with pytest.raises(ValueError, match="twice"):
+        apply_peft("lora", tiny_vit(), targets=["qkv", "q"])
