@@ -245,3 +245,48 @@ def test_lora_on_q_and_v_leaves_k_and_the_output_projection_alone() -> None:
     assert moved == [True, False, True]  # q and v adapted, k untouched
     with pytest.raises(ValueError, match="twice"):
         apply_peft("lora", tiny_vit(), targets=["qkv", "q"])
+
+
+def test_adam_onecycle_resumes_from_a_saved_training_state(tmp_path: Path) -> None:
+    from capnet.train.checkpoint import load_training_state, save_training_state
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def trainable_state_dict(self):
+            return {"w": self.w.detach()}
+
+        def load_trainable_state_dict(self, state):
+            with torch.no_grad():
+                self.w.copy_(state["w"])
+
+    cfg = OptimConfig(optimizer="adam", lr=1e-2, scheduler="onecycle", warmup_epochs=1, schedule_epochs=4)
+
+    def parts(model):
+        opt = build_optimizer({"prompts": [model.w]}, cfg)
+        return opt, build_scheduler(opt, cfg, steps_per_epoch=3, epochs=4)
+
+    def step(model, opt, sched):
+        opt.zero_grad()
+        model.w.pow(2).sum().backward()
+        opt.step()
+        sched.step()
+
+    straight = Tiny()
+    opt, sched = parts(straight)
+    for _ in range(12):
+        step(straight, opt, sched)
+    first = Tiny()
+    opt, sched = parts(first)
+    for _ in range(5):
+        step(first, opt, sched)
+    save_training_state(tmp_path / "last.safetensors", model=first, optimizer=opt, scheduler=sched)
+    resumed = Tiny()
+    opt, sched = parts(resumed)
+    load_training_state(tmp_path / "last.safetensors", model=resumed, optimizer=opt, scheduler=sched)
+    for _ in range(7):
+        step(resumed, opt, sched)
+    assert torch.allclose(resumed.w, straight.w, atol=1e-6)
