@@ -248,9 +248,10 @@ def test_lora_on_q_and_v_leaves_k_and_the_output_projection_alone() -> None:
 
 
 def test_adam_onecycle_resumes_from_a_saved_training_state(tmp_path: Path) -> None:
+    from capnet.models.heads import ModelHooks
     from capnet.train.checkpoint import load_training_state, save_training_state
 
-    class Tiny(nn.Module):
+    class Tiny(ModelHooks, nn.Module):  # the engine's model hooks with their defaults
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
