@@ -272,8 +272,9 @@ def test_module_apply_fn_still_recurses():
     """nn.Module.apply(fn) calls child.apply(fn): a container holding a PEFT method must survive it."""
     peft = apply_peft("adaptformer", tiny_vit())
     visited = []
-    nn.ModuleList([peft]).apply(lambda m: visited.append(type(m).__name__))
-    assert "AdaptFormer" in visited and "BottleneckAdapter" in visited
+    nn.ModuleList([peft]).apply(visited.append)
+    assert {id(m) for m in peft.modules()} <= {id(m) for m in visited}  # every module of the method reached
+    assert len(list(peft.modules())) > 1
 
 
 def test_tower_kind():
