@@ -96,3 +96,16 @@ def test_random_names_are_seeded(name: str) -> None:
     x = torch.randn(1, 3, a.spec.image_size, a.spec.image_size)
     with torch.no_grad():
         torch.testing.assert_close(a.encode_image(x), b.encode_image(x), atol=0, rtol=0)
+
+
+def test_the_toy_backbone_is_registered_only_while_a_test_asks_for_it() -> None:
+    """Importing tests/toy_backbone.py registers nothing; conftest's toy_random adds and removes it."""
+    import toy_backbone
+
+    assert "toy.random" not in BACKBONES
+    with toy_backbone.registered() as name:
+        assert name == "toy.random" and BACKBONES.build(name).spec.name == name
+        with pytest.raises(RuntimeError, match="already registered"):
+            with toy_backbone.registered():
+                pass
+    assert "toy.random" not in BACKBONES
