@@ -132,13 +132,14 @@ def nus_wide_fake(root: Path, write_jpeg: Callable[..., Path]) -> FakeTree:
     for split, tag in (("train", "Train"), ("test", "Test")):
         items = [(f"{sorted(labels)[0] if labels else 'misc'}/{i}_{k}.jpg", labels)
                  for k, (i, labels) in enumerate(rows[split])]
-        (root / "ImageList" / f"{tag}Imagelist.txt").write_text("".join(f"{i.replace('/', chr(92))}\r\n" for i, _ in items))
+        windows = [i.replace("/", "\\") + "\r\n" for i, _ in items]  # as NUS distributes them
+        (root / "ImageList" / f"{tag}Imagelist.txt").write_text("".join(windows))
         for k, (image_id, _) in enumerate(items):
             write_jpeg(root / "Flickr" / image_id, seed=k)
         for concept in concepts:
             (gt / f"Labels_{concept}_{tag}.txt").write_text("".join(f"{int(concept in l)}\n" for _, l in items))
         out[split] = dict(items)
-    return FakeTree("nus_wide", root, concepts, out)
+    return FakeTree("nus_wide", root, concepts, out, {"drop_missing": True})  # configs/data/nus_wide.yaml's
 
 
 # reader name -> writer(root, write_jpeg) -> FakeTree

@@ -14,6 +14,7 @@ import pytest
 import capnet.data  # noqa: F401  (registers the readers)
 from capnet.errors import DataError
 from capnet.cli import main
+from capnet.config import load_config
 from capnet.data import load_dataset, load_image
 from capnet.registry import DATASETS
 
@@ -88,6 +89,8 @@ def test_a_tiny_run_trains_on_every_layout(reader: str, tmp_path: Path, write_jp
     sets += [f"data.reader_options.{k}={json.dumps(v)}" for k, v in tree.options.items()]
     assert main(["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--out", str(out), "--no-cache",
                  *[a for s in sets for a in ("--set", s)]]) == 0
+    saved = load_config([str(out / "config.yaml")], [])
+    assert saved.data.reader == reader and dict(saved.data.reader_options) == tree.options
     metrics = json.loads((out / "metrics.json").read_text())
     test_positives = {c for labels in tree.rows["test"].values() for c in labels}
     assert list(metrics["per_class"]) == tree.classes  # the model was built over the reader's classes
