@@ -9,6 +9,7 @@ from capnet.config import load_config
 from capnet.features.cache import cache_key, feature_key_parts
 from capnet.features.views import AugmentedViews, eval_views, single_view
 from capnet.models.build import build_model
+from capnet.plans import feature_plan
 
 
 def _key(model, transform) -> str:
@@ -27,7 +28,8 @@ def test_view_sets_stack_every_view_of_one_decoded_image(views: str, n: int) -> 
     cfg = load_config([], ["model.backbone=clip_tiny_vit.random", "model.prompts.n_ctx=4",
                            "model.gcn.hidden=8", f"tte.views={views}"])
     model = build_model(cfg, ["cat", "dog"], None)
-    stack = eval_views(model, cfg)(image())
+    plan = feature_plan(cfg, model, torch.device("cpu"))
+    stack = eval_views(model, plan)(image())
     assert stack.shape[0] == n
     eval_tf = model.backbone.transform(train=False)
     if views != "ten_crop":  # single / flip reuse the backbone's own eval transform
@@ -36,9 +38,9 @@ def test_view_sets_stack_every_view_of_one_decoded_image(views: str, n: int) -> 
         assert torch.equal(stack[1], eval_tf(image()).flip(-1))  # mirrored after the crop, as exported graphs do
     assert torch.equal(single_view(model)(image())[0], eval_tf(image()))
     # rebuilt, the same view set is the same feature-cache entry; another view set is another one
-    assert _key(model, eval_views(model, cfg)) == _key(model, eval_views(model, cfg))
+    assert _key(model, eval_views(model, plan)) == _key(model, eval_views(model, plan))
     if views != "single":
-        assert _key(model, eval_views(model, cfg)) != _key(model, single_view(model))
+        assert _key(model, eval_views(model, plan)) != _key(model, single_view(model))
 
 
 def test_augmented_views_depend_on_the_image_and_seed_only() -> None:
