@@ -87,6 +87,14 @@ def test_graph_trains_end_to_end(source: str, data: Path, tmp_path: Path) -> Non
 
 # ----------------------------------------------------------------------------- MODEL_KINDS
 
+def test_every_feature_fit_belongs_to_a_model_kind() -> None:
+    """A closed-loop fitter is looked up by its model kind's name: one for no kind is dead code."""
+    import capnet.evaluation  # noqa: F401  (fills FEATURE_FITS)
+    from capnet.registry import FEATURE_FITS
+
+    assert FEATURE_FITS.names() and set(FEATURE_FITS.names()) <= set(MODEL_KINDS.names())
+
+
 @pytest.mark.parametrize("kind", MODEL_KINDS.names())
 def test_model_kind_trains_evaluates_and_predicts(kind: str, data: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
