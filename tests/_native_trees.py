@@ -35,7 +35,7 @@ def coco_file(root: Path, sub: str, images: Dict[int, None], anns: List[Tuple[in
     """root/annotations/instances_<sub>.json (``categories``, default COCO_CATS) and root/<sub>/<id:012d>.jpg."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     raw = {
-        "categories": list(reversed(COCO_CATS if categories is None else categories)),  # order in the file must not matter
+        "categories": list(reversed(categories or COCO_CATS)),  # order in the file must not matter
         "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in images],
         "annotations": [{"image_id": i, "category_id": c, "iscrowd": 0} for i, c in anns],
     }
@@ -74,11 +74,6 @@ class FakeTree:
     classes: List[str]  # the class order the reader must return
     rows: Dict[str, Dict[str, FrozenSet[str]]]  # split -> image id -> positive classes
     options: Dict[str, Any] = field(default_factory=dict)  # data.reader_options for this tree
-
-    def image_id(self, split: str, labels: str) -> str:
-        """The id of the first row of ``split`` with exactly these space-separated labels."""
-        want = frozenset(labels.split())
-        return next(i for i, got in self.rows[split].items() if got == want)
 
 
 def _abstract_rows() -> Dict[str, List[Tuple[str, FrozenSet[str]]]]:
