@@ -16,6 +16,7 @@ from toy_backbone import ToyBackbone, ToyPEFT
 
 NAMES = ["dog", "cat", "car", "person", "potted plant"]
 C = len(NAMES)
+pytestmark = pytest.mark.usefixtures("toy_random")  # cfg() builds toy.random by name
 
 
 def images(b=3, seed=0):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import toy_backbone  # noqa: F401  (registers toy.random)
 from capnet.cli import main
 from capnet.config import config_from_dict
 from capnet.errors import CapnetError, DataError
@@ -17,6 +16,7 @@ from capnet.models.build import extend_model
 from capnet.models.open_vocab import extend_classes, text_graph_fn
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("toy_random")  # cfg() builds toy.random by name
 OLD = ["dog", "cat", "car", "person"]
 NEW = "potted plant"
 

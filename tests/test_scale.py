@@ -222,7 +222,7 @@ def test_resolve_text_budget():
         resolve_text_budget(16, 0, 100, 32)
 
 
-def test_config_forces_the_budget_and_the_sparse_graph():
+def test_config_forces_the_budget_and_the_sparse_graph(toy_random):
     raw = {"backbone": "toy.random", "prompts": {"n_ctx": 4, "class_specific": True}, "gcn": {"hidden": 16},
            "graph": {"topk": 2, "sparse": True}, "text_budget": 4}
     model = build_model(config_from_dict({"model": raw}), NAMES)
