@@ -33,7 +33,7 @@ from capnet.features.preflight import (
     skipped_summary,
     write_skipped,
 )
-from capnet.features.views import cache_depth, eval_views, single_view, split_features
+from capnet.features.views import cache_depth, eval_views, single_view, split_features, train_features
 from capnet.fileio import write_json_atomic
 from capnet.report import write_report
 from capnet.runtime import distributed
@@ -152,8 +152,11 @@ def _fit_probe(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cac
         return feats[:].numpy(), split.labels  # FeatureRows: read every row (final features are small)
 
     x, y = features("train", single_view(model))
+    x = x[:, 0]
+    if cfg.model.kind == "clap_authors" and cfg.train.augment_views:  # fitted on every cached view (jusiro/CLAP)
+        x = train_features(model, ds.splits["train"], cfg, device, cache_dir, timings)[:].numpy()
     val = features("val", eval_views(model, cfg)) if "val" in ds.splits else None
-    return fit_feature_head(model, cfg.model.kind, (x[:, 0], y), val, refit=cfg.train.refit, seed=cfg.train.seed)
+    return fit_feature_head(model, cfg.model.kind, (x, y), val, refit=cfg.train.refit, seed=cfg.train.seed)
 
 
 def _train(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device, cache_dir: Optional[Path],

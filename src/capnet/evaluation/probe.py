@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 DEFAULT_CS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # inverse L2 strengths tried on validation
-FEATURE_FIT_KINDS = ("linear_probe", "zs_linear_probe", "clap")  # model kinds fitted on cached final features
+FEATURE_FIT_KINDS = ("linear_probe", "zs_linear_probe", "clap", "clap_authors")  # model kinds fitted on cached final features
 
 
 @dataclass
@@ -112,4 +112,11 @@ def fit_feature_head(model: Any, kind: str, train: Tuple[np.ndarray, np.ndarray]
                               clap=kind == "clap", seed=seed)
         model.load_fit(fitted.weight, fitted.bias)
         return {**fitted.record(), "refit": False}
+    if kind == "clap_authors":  # its authors' recipe: nothing chosen on val, no refit (evaluation/clap_authors.py)
+        from capnet.evaluation.clap_authors import fit_clap_authors, val_map
+
+        fitted = fit_clap_authors(*train, model.anchor.cpu().numpy(), float(model.fixed_logit_scale), seed=seed)
+        model.load_fit(fitted.prototypes, np.zeros(len(fitted.prototypes), dtype=np.float32))
+        score = None if val is None else val_map(fitted.prototypes, float(model.fixed_logit_scale), *val)
+        return {**fitted.record(), "refit": False, "val_mAP": score}
     raise ValueError(f"model.kind={kind} is not fitted on features (kinds: {', '.join(FEATURE_FIT_KINDS)})")
