@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from capnet.cli import main
 from capnet.config import load_config
-from capnet.evaluation.clap_authors import epoch_lr, fit_clap_authors, lagrangian_multipliers
+from capnet.evaluation.clap_authors import epoch_lr, fit_clap_authors, lagrangian_multipliers, steps_per_epoch
 from capnet.evaluation.zs_probe import fit_zs_probe
 from capnet.metrics import average_precision
 from capnet.models.build import MODEL_KINDS, build_model
@@ -59,6 +59,7 @@ def test_multipliers_are_the_authors_rule_on_single_label_data() -> None:
     authors = torch.diag(torch.softmax(logits, -1).t() @ onehot) / onehot.sum(0)  # adapters.py:240-242
     assert torch.allclose(lagrangian_multipliers(logits, onehot), authors)
     assert epoch_lr(0) == 1e-5 and epoch_lr(1) == pytest.approx(0.1) and epoch_lr(299) < 0.001
+    assert (steps_per_epoch(100), steps_per_epoch(256), steps_per_epoch(600)) == (1, 1, 2)  # the image loader's batches
 
 
 def test_fit_trains_and_is_not_capnets_tuned_clap() -> None:
@@ -74,7 +75,7 @@ def test_fit_trains_and_is_not_capnets_tuned_clap() -> None:
     assert not np.allclose(unit(fit.prototypes), unit(tuned.weight), atol=1e-2)
     assert not np.allclose(fit.multipliers, tuned.multipliers, atol=1e-3)  # softmax vs sigmoid rule
     views = fit_clap_authors(np.stack([x, x + 0.05], axis=1), y, anchor, logit_scale=20.0, epochs=3)
-    assert views.prototypes.shape == anchor.shape  # (N, V, D): every view a training row
+    assert views.prototypes.shape == anchor.shape and views.steps_per_epoch == 1  # (N, V, D): rows, not steps, grow
 
 
 def test_train_cli_end_to_end_on_tiny_clip(folder_tree: Path, tmp_path: Path) -> None:

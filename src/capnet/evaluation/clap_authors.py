@@ -2,14 +2,17 @@
 
 Read in jusiro/CLAP@dbdf4095b3d824546474c725539b9f4efff3ca0e:
 
-* ``trainers/adapters.py:232-251`` (``init_lagrangian_multipliers``, ``CONSTRAINT=l2``): before
+* ``trainers/adapters.py:232-251`` (``init_lagrangian_multipliers``, ``CONSTRAINT=l2``, formula at 242-243): before
   training, ``lambda_c`` = the mean zero-shot *softmax* probability of class c over the training
   samples of class c (``diag(softmax(logits).T @ onehot) / onehot.sum(0)``); fixed afterwards;
 * ``trainers/adapters.py:219-230`` (``zero_shot_constraint``): penalty
   ``mean_c lambda_c * |p_c - t_c|^2``, ``t_c`` the raw template-mean text embedding;
 * ``trainers/adapters.py:679-705`` (``forward_backward``): loss = cross-entropy + penalty;
-* ``trainers/adapters.py:421-458`` (``run_epoch``): the training features shuffled each epoch and
-  cut into batches; the lr schedule steps once per epoch (``adapters.py:720``);
+* ``trainers/adapters.py:421-458`` (``run_epoch``): each epoch shuffles every training feature row
+  (all augmented passes) and takes ``len(train_loader_x)`` batches of 256 from the front (431-432,
+  450-456): as many steps as the *image* loader has (Dassl's ``build_data_loader``: ``drop_last``
+  when there are at least 256 images, so ``N // 256``, else one batch), so an epoch sees about one
+  pass's worth of rows; the lr schedule steps once per epoch (720-721);
 * ``configs/trainers/SGD_lr1e-1_B256_ep300.yaml``: SGD, lr 0.1, batch 256, 300 epochs, cosine,
   one constant warm-up epoch at 1e-5, weight decay 0; Dassl's ``build_lr_scheduler``
   (KaiyangZhou/Dassl.pytorch ``dassl/optim/lr_scheduler.py``): ``CosineAnnealingLR(T_max=300)``
@@ -46,10 +49,12 @@ class ClapAuthorsFit:
     prototypes: np.ndarray  # (C, D), unnormalised (the head normalises them in its forward)
     multipliers: np.ndarray  # (C,) lambda_c
     epoch_loss: List[float] = field(default_factory=list)
+    steps_per_epoch: int = 0
 
     def record(self) -> Dict[str, Any]:
         return {"recipe": "jusiro/CLAP: SGD lr 0.1, batch 256, cosine, 300 epochs, nothing chosen on val",
                 "epochs": len(self.epoch_loss), "final_loss": self.epoch_loss[-1] if self.epoch_loss else None,
+                "steps_per_epoch": self.steps_per_epoch,
                 "lambda": [round(float(v), 4) for v in self.multipliers]}
 
 
@@ -76,22 +81,30 @@ def lagrangian_multipliers(zs_logits: torch.Tensor, labels: torch.Tensor) -> tor
     return lam
 
 
-def _rows(features: np.ndarray, labels: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) or (N, V, D) features -> one row per view with its image's labels; unlabelled images out."""
+def _rows(features: np.ndarray, labels: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(N, D) or (N, V, D) features -> one row per view with its image's labels, and the number of
+    images; images without a positive label are left out."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     y = torch.as_tensor(np.asarray(labels) > 0, dtype=torch.float32)
+    keep = y.sum(1) > 0
+    x, y = x[keep], y[keep]
+    images = int(keep.sum())
     if x.ndim == 3:
         views = x.shape[1]
         x, y = x.reshape(-1, x.shape[-1]), y.repeat_interleave(views, dim=0)
-    keep = y.sum(1) > 0
-    return x[keep], y[keep]
+    return x, y, images
+
+
+def steps_per_epoch(images: int, batch_size: int = BATCH_SIZE) -> int:
+    """Batches per epoch of the authors' image loader: ``images // batch_size`` (drop_last), or 1."""
+    return images // batch_size if images >= batch_size else 1
 
 
 def fit_clap_authors(features: np.ndarray, labels: np.ndarray, anchor: np.ndarray, logit_scale: float,
                      epochs: int = EPOCHS, lr: float = LR, batch_size: int = BATCH_SIZE, seed: int = 0) -> ClapAuthorsFit:
     """Fit CLAP's prototypes on cached final image features (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
-    x, y = _rows(features, labels)
+    x, y, images = _rows(features, labels)
     if len(x) == 0:
         raise ValueError("clap_authors: no training image has a positive label")
     x = F.normalize(x, dim=-1)
@@ -102,21 +115,22 @@ def fit_clap_authors(features: np.ndarray, labels: np.ndarray, anchor: np.ndarra
     target = soft_targets(y)
     opt = torch.optim.SGD([prototypes], lr=lr, momentum=MOMENTUM, weight_decay=0.0)
     losses: List[float] = []
+    steps = steps_per_epoch(images, batch_size)
     for epoch in range(epochs):
         for group in opt.param_groups:
             group["lr"] = epoch_lr(epoch, lr, epochs)
         order = torch.randperm(len(x), generator=gen)
-        total = 0.0
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
+        total, seen = 0.0, 0
+        for step in range(steps):
+            idx = order[step * batch_size:(step + 1) * batch_size]
             logits = logit_scale * x[idx] @ F.normalize(prototypes, dim=-1).T
             loss = F.cross_entropy(logits, target[idx]) + (lam * (prototypes - t).pow(2).sum(-1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(x))
-    return ClapAuthorsFit(prototypes.detach().numpy(), lam.numpy(), losses)
+            total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
+        losses.append(total / seen)
+    return ClapAuthorsFit(prototypes.detach().numpy(), lam.numpy(), losses, steps)
 
 
 def val_map(prototypes: np.ndarray, logit_scale: float, features: np.ndarray, labels: np.ndarray) -> float:

@@ -5,7 +5,7 @@ Silva-Rodriguez et al. (CVPR 2024), code jusiro/CLAP@dbdf4095b3d824546474c725539
 * ``trainers/adapters.py:91-128`` (``_get_base_text_features``): the class anchor is the mean over
   the prompt templates of the *raw* (not normalised) text embeddings;
 * ``trainers/adapters.py:148-150``: the prototypes start as a copy of that raw mean;
-* ``trainers/adapters.py:343-353`` (``forward_lp``): image features *and prototypes* are
+* ``trainers/adapters.py:343-352`` (``forward_lp``): image features *and prototypes* are
   L2-normalised in the forward pass, times CLIP's own ``logit_scale.exp()``; no bias.
 
 capnet's ``clap`` kind (``models.heads.ZeroShotLinearProbe``) instead starts at the unit zero-shot
