@@ -110,3 +110,19 @@ def test_unknown_table_and_no_matching_row_are_one_line(capsys, tmp_path):
     assert "capnet reproduce --list" in capsys.readouterr().err
     assert main(["reproduce", "main", "--out", str(tmp_path), "--rows", "zzz*"]) == 1
     assert "no row of table main matches zzz*" in capsys.readouterr().err
+
+
+def test_row_overrides_aim_data_weights_and_sets_at_the_right_rows(tmp_path):
+    from capnet.reproduce import find_table, row_overrides
+    from capnet.cli.reproduce import _weights
+
+    rows = {r.name: r for r in find_table("main").rows}
+    weights = _weights(["rn50=/w/RN50.pt", "vit_b16=/w/ViT-B-16.pt"])
+    sets = ["*.vit_b16.*:data.batch_size=4", "train.epochs=2"]
+    rn50 = row_overrides(rows["coco_lt.rn50.capnet"], tmp_path, weights, sets)
+    vit = row_overrides(rows["voc_lt.vit_b16.zeroshot"], tmp_path, weights, sets)
+    assert f"data.root={tmp_path / 'coco'}" in rn50 and "model.weights=/w/RN50.pt" in rn50
+    assert "data.batch_size=4" not in rn50 and rn50[-1] == "train.epochs=2"
+    assert f"data.root={tmp_path / 'VOCdevkit'}" in vit and "model.weights=/w/ViT-B-16.pt" in vit
+    assert vit[-2:] == ["data.batch_size=4", "train.epochs=2"]  # the user's overrides come last
+    assert row_overrides(rows["voc_lt.rn50.coop"], None, {}, []) == []  # no root: the config's own data.root
