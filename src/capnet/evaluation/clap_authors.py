@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capnet.registry import FEATURE_FITS
+
 LR, EPOCHS, BATCH_SIZE, MOMENTUM = 0.1, 300, 256, 0.9  # SGD_lr1e-1_B256_ep300.yaml (+ Dassl's momentum)
 WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5  # constant warm-up
 
@@ -142,3 +144,14 @@ def val_map(prototypes: np.ndarray, logit_scale: float, features: np.ndarray, la
     p = F.normalize(torch.as_tensor(prototypes, dtype=torch.float32), dim=-1)
     logits = (logit_scale * x @ p.T).mean(dim=1)
     return float(np.nanmean(average_precision(logits.numpy(), np.asarray(labels))) * 100.0)
+
+
+@FEATURE_FITS.register("clap_authors")
+def fit_clap_authors_head(model: Any, train: Tuple[np.ndarray, np.ndarray], val: Optional[Tuple[np.ndarray, np.ndarray]],
+                          refit: bool = False, seed: int = 0) -> Dict[str, Any]:
+    """Fit ``model``'s prototypes (``models.clap_authors.CosinePrototypeProbe``) and load them; val, if
+    any, is scored for the record only and ``refit`` has nothing to refit (nothing is chosen)."""
+    scale = float(model.fixed_logit_scale)
+    fitted = fit_clap_authors(*train, model.anchor.cpu().numpy(), scale, seed=seed)
+    model.load_fit(fitted.prototypes, np.zeros(len(fitted.prototypes), dtype=np.float32))
+    return {**fitted.record(), "refit": False, "val_mAP": None if val is None else val_map(fitted.prototypes, scale, *val)}
