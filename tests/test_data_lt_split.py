@@ -99,3 +99,28 @@ def test_folder_reader_takes_a_split_dir(folder_tree, tmp_path):
 
     with pytest.raises(DataError, match="9999"):
         load_dataset("folder", folder_tree, split_dir=out)
+
+
+@pytest.mark.parametrize("name,max_count", [("voc_lt", VOC_LT_MAX), ("coco_lt", COCO_LT_MAX)])
+def test_dbs_own_files_follow_the_thresholds_and_the_reference(name, max_count):
+    """DB's shipped groups are its thresholds on its counts, and its sorted counts stay near the reference."""
+    freq = json.loads((REPO / "data/splits" / name / "class_freq.json").read_text())
+    groups = json.loads((REPO / "data/splits" / name / "class_split.json").read_text())
+    assert {g: sorted(v) for g, v in db_groups(np.array(list(freq.values())), list(freq)).items()} == \
+        {g: sorted(v) for g, v in groups.items()}
+    counts = np.sort(np.array(list(freq.values())))[::-1]
+    ref = pareto_reference(len(counts), max_count)
+    half = len(counts) // 2
+    assert np.abs(counts[half:] - ref[half:]).max() <= (3 if name == "voc_lt" else 11)
+
+
+def test_builder_on_dbs_voc_rows_gives_voc_lt_group_sizes():
+    from capnet.data._files import read_classes, read_label_csv
+
+    classes = read_classes(REPO / "data/splits/voc_lt/classes.txt")
+    _, labels = read_label_csv(REPO / "data/splits/voc_lt/train.csv", classes)
+    sel = select_longtail(np.tile(labels, (10, 1)), VOC_LT_MAX, seed=0)  # a stand-in pool: DB's rows x 10
+    groups = db_groups(np.array(sel.counts), classes)
+    assert [len(groups[g]) for g in ("head", "medium", "tail")] == [6, 6, 8]
+    tail = np.sort(sel.counts)[::-1][10:]
+    assert np.abs(tail - pareto_reference(20, VOC_LT_MAX)[10:]).max() <= 1
