@@ -1,4 +1,4 @@
-"""Tiny fake trees of the native VOC and COCO layouts (reader and CLI tests)."""
+"""Tiny fake trees of the native VOC, COCO and NUS-WIDE layouts (reader, CLI and reproduce tests)."""
 from __future__ import annotations
 
 import json
