@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capnet.config import Config
+from capnet.config import ModelConfig
 from capnet.models.backbones.base import Backbone
 from capnet.models.build import MODEL_KINDS
 from capnet.models.heads import ZeroShotLinearProbe, backbone_logit_scale
@@ -58,9 +58,9 @@ class CosinePrototypeProbe(ZeroShotLinearProbe):
 
 
 @MODEL_KINDS.register("clap_authors")
-def build_clap_authors(cfg: Config, backbone: Backbone, class_names: List[str],
-                       train_labels: Optional[np.ndarray]) -> CosinePrototypeProbe:
+def build_clap_authors(m: ModelConfig, backbone: Backbone, class_names: List[str], train_labels: Optional[np.ndarray],
+                       tte_templates: bool = False) -> CosinePrototypeProbe:
     """CLAP's cosine prototype head at the raw template mean, with the backbone's own logit scale."""
     backbone.requires_grad_(False)
-    anchor = raw_template_mean(backbone, class_names, cfg.model.templates)
-    return CosinePrototypeProbe(backbone, anchor, backbone_logit_scale(backbone, cfg.model.logit_scale))
+    anchor = raw_template_mean(backbone, class_names, m.templates)
+    return CosinePrototypeProbe(backbone, anchor, backbone_logit_scale(backbone, m.logit_scale))
