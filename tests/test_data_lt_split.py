@@ -124,3 +124,11 @@ def test_builder_on_dbs_voc_rows_gives_voc_lt_group_sizes():
     assert [len(groups[g]) for g in ("head", "medium", "tail")] == [6, 6, 8]
     tail = np.sort(sel.counts)[::-1][10:]
     assert np.abs(tail - pareto_reference(20, VOC_LT_MAX)[10:]).max() <= 1
+
+
+def test_a_missing_split_folder_names_the_command_that_writes_it(tmp_path, write_jpeg):
+    from capnet.errors import DataError
+
+    root = native_trees(tmp_path / "native", write_jpeg, n_train=4, n_test=2)["nus_wide"]
+    with pytest.raises(DataError, match="capnet data lt-split"):
+        load_dataset("nus_wide", root, split_dir=tmp_path / "nus_wide_lt")
