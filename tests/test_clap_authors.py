@@ -88,4 +88,5 @@ def test_train_cli_end_to_end_on_tiny_clip(folder_tree: Path, tmp_path: Path) ->
                      *sets, "--out", str(out), "--no-cache"]) == 0
         runs[name] = json.loads((out / "metrics.json").read_text())
     assert runs["clap_authors"]["probe"]["epochs"] == 300 and len(runs["clap_authors"]["probe"]["lambda"]) == 3
+    assert runs["clap_authors"]["probe"]["train_rows"] == 5 * 3  # 5 labelled train images x (eval view + 2 augmentations)
     assert runs["clap_authors"]["per_class"] != runs["clap"]["per_class"]

@@ -132,8 +132,8 @@ def _fit_on_features(model: ClassifierBase, ds: Any, kind: str, plan: FeaturePla
 
     x, y = features("train", single_view(model))
     x = x[:, 0]
-    if kind == "clap_authors" and plan.augment_views:  # fitted on every cached view, as jusiro/CLAP fits its 20 passes
-        x = train_features(model, ds.splits["train"], plan)[:].numpy()
+    if plan.augment_views and getattr(FEATURE_FITS.get(kind), "fits_train_views", False):  # e.g. clap_authors
+        x = train_features(model, ds.splits["train"], plan)[:].numpy()  # eval view + cached augmentations
     val = features("val", eval_views(model, plan)) if "val" in ds.splits else None
     return fit_feature_head(model, kind, (x, y), val, refit=refit, seed=plan.seed)
 

@@ -52,11 +52,12 @@ class ClapAuthorsFit:
     multipliers: np.ndarray  # (C,) lambda_c
     epoch_loss: List[float] = field(default_factory=list)
     steps_per_epoch: int = 0
+    rows: int = 0  # training rows: labelled images x views
 
     def record(self) -> Dict[str, Any]:
         return {"recipe": "jusiro/CLAP: SGD lr 0.1, batch 256, cosine, 300 epochs, nothing chosen on val",
                 "epochs": len(self.epoch_loss), "final_loss": self.epoch_loss[-1] if self.epoch_loss else None,
-                "steps_per_epoch": self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "train_rows": self.rows,
                 "lambda": [round(float(v), 4) for v in self.multipliers]}
 
 
@@ -132,7 +133,7 @@ def fit_clap_authors(features: np.ndarray, labels: np.ndarray, anchor: np.ndarra
             opt.step()
             total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
         losses.append(total / seen)
-    return ClapAuthorsFit(prototypes.detach().numpy(), lam.numpy(), losses, steps)
+    return ClapAuthorsFit(prototypes.detach().numpy(), lam.numpy(), losses, steps, len(x))
 
 
 def val_map(prototypes: np.ndarray, logit_scale: float, features: np.ndarray, labels: np.ndarray) -> float:
@@ -155,3 +156,6 @@ def fit_clap_authors_head(model: Any, train: Tuple[np.ndarray, np.ndarray], val:
     fitted = fit_clap_authors(*train, model.anchor.cpu().numpy(), scale, seed=seed)
     model.load_fit(fitted.prototypes, np.zeros(len(fitted.prototypes), dtype=np.float32))
     return {**fitted.record(), "refit": False, "val_mAP": None if val is None else val_map(fitted.prototypes, scale, *val)}
+
+
+fit_clap_authors_head.fits_train_views = True  # type: ignore[attr-defined]  # the engine hands it (N, 1 + K, D): every cached view
