@@ -114,13 +114,13 @@ def fit_and_score(cfg: Any, ds: Any, cache: Path, score_cfgs: Sequence[Any]) -> 
 
     import torch
 
-    from capnet.evaluation.scores import set_test_time_templates, split_scores
+    from capnet.evaluation.scores import split_scores
     from capnet.experiment import fit_and_select
     from capnet.models.build import build_model
-    from capnet.runtime.resources import runtime_config
+    from capnet.plans import feature_plan, tune_process
     from capnet.runtime.seed import seed_everything
 
-    cfg = runtime_config(cfg)
+    cfg = tune_process(cfg)
     ds = ds.with_val_split(cfg.data.val_fraction, cfg.data.val_seed)
     seed_everything(cfg.train.seed)
     model = build_model(cfg, ds.classes, ds.splits["train"].labels)
@@ -128,8 +128,9 @@ def fit_and_score(cfg: Any, ds: Any, cache: Path, score_cfgs: Sequence[Any]) -> 
         _, record = fit_and_select(model, ds, cfg, Path(tmp), torch.device("cpu"), cache)
     out = []
     for sc in score_cfgs:
-        set_test_time_templates(model, sc)
-        logits, _ = split_scores(model, ds.splits["test"], runtime_config(sc), torch.device("cpu"), cache, {})
+        sc = tune_process(sc)
+        model.set_test_time(sc.tte.templates)
+        logits, _ = split_scores(model, ds.splits["test"], feature_plan(sc, model, torch.device("cpu"), cache))
         out.append(logits)
     return out, {"selected_epoch": record.get("selected_epoch"), "val_mAP": record.get("val_mAP"),
                  "n_fit": len(ds.splits["train"]), "n_val": len(ds.splits["val"]) if "val" in ds.splits else 0}

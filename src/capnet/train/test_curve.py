@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from capnet.config import Config
+from capnet.features.plan import FeaturePlan
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
 
@@ -55,10 +56,10 @@ class TestCurve:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, model: nn.Module, split: Any, cfg: Config, run_dir: Path, device: torch.device,
-                 cache_dir: Optional[Path], groups: Mapping[str, np.ndarray], class_names: Sequence[str]) -> None:
-        self.model, self.split, self.cfg, self.run_dir = model, split, cfg, Path(run_dir)
-        self.device, self.cache_dir = torch.device(device), cache_dir
+    def __init__(self, model: nn.Module, split: Any, plan: FeaturePlan, run_dir: Path, templates: bool,
+                 ema: Optional[float], groups: Mapping[str, np.ndarray], class_names: Sequence[str]) -> None:
+        self.model, self.split, self.plan, self.run_dir = model, split, plan, Path(run_dir)
+        self.templates, self.ema = templates, ema  # tte.templates and train.ema: what the shipped model scores with
         self.groups, self.class_names = dict(groups), list(class_names)
 
     def __call__(self, row: Dict[str, Any]) -> None:
@@ -74,15 +75,15 @@ class TestCurve:
         from capnet.evaluation.scores import split_scores, test_time_templates
         from capnet.metrics import map_report
 
-        with _untouched_rng(self.device), self._shipped_weights(), test_time_templates(self.model, self.cfg):
-            logits, targets = split_scores(self.model, self.split, self.cfg, self.device, self.cache_dir)
+        with _untouched_rng(self.plan.device), self._shipped_weights(), test_time_templates(self.model, self.templates):
+            logits, targets = split_scores(self.model, self.split, self.plan)
         report = map_report(logits, targets, self.groups, self.class_names)
         return {k: float(report[k]) for k in KEYS if k in report}
 
     @contextlib.contextmanager
     def _shipped_weights(self) -> Iterator[None]:
         """The EMA averages of the epoch's checkpoint when ``train.ema`` is set, else the raw weights."""
-        if self.cfg.train.ema is None:
+        if self.ema is None:
             yield
             return
         from safetensors.torch import load_file
@@ -90,7 +91,7 @@ class TestCurve:
         from capnet.train.checkpoint import split_prefix
         from capnet.train.ema import EMA
 
-        ema = EMA(self.model.trainable_state_dict(), self.cfg.train.ema)
+        ema = EMA(self.model.trainable_state_dict(), self.ema)
         ema.load_state_dict(split_prefix(load_file(str(self.run_dir / "last.safetensors")), "ema."))
         with ema.applied(self.model):
             yield
@@ -125,12 +126,12 @@ def _write_csv(path: Path, rows: List[Dict[str, str]]) -> None:
     atomic_write_bytes(buf.getvalue().encode(), path)
 
 
-def test_curve_callbacks(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device,
-                         cache_dir: Optional[Path]) -> List[TestCurve]:
+def test_curve_callbacks(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, plan: FeaturePlan) -> List[TestCurve]:
     """``[TestCurve(...)]`` when ``train.log.test_curve`` is on and ``ds`` has a test split, else ``[]``."""
     if not cfg.train.log.test_curve or "test" not in ds.splits:
         return []
-    return [TestCurve(model, ds.splits["test"], cfg, run_dir, device, cache_dir, ds.groups(), ds.classes)]
+    return [TestCurve(model, ds.splits["test"], plan, run_dir, cfg.tte.templates, cfg.train.ema, ds.groups(),
+                      ds.classes)]
 
 
 test_curve_callbacks.__test__ = False  # type: ignore[attr-defined]
