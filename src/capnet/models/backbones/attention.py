@@ -11,7 +11,8 @@ layout (float32: 1,513 vs 1,355 ms); ``aten::copy_`` was half of the train step'
 ``use_contiguous_attention`` re-classes those modules in place to ``ContiguousMultiheadAttention``,
 whose self-attention path computes exactly what torch's slow path computes (same projections,
 same ``scaled_dot_product_attention`` call, same dropout) in the batch-first layout, and defers to
-torch for everything else (cross-attention, padding masks, attention weights, seq-first).
+torch for everything else: its fused inference kernel (eval, no grad), cross-attention, padding
+masks, attention weights, seq-first.
 Parameters, buffers, state-dict keys, hooks and parametrisations (LoRA) are untouched.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ class ContiguousMultiheadAttention(nn.MultiheadAttention):
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """torch's MHA forward; batch-first self-attention without weights takes the contiguous path."""
-        if not self._contiguous_path(query, key, value, key_padding_mask, need_weights, attn_mask):
+        if (not self._contiguous_path(query, key, value, key_padding_mask, need_weights, attn_mask)
+                or self._torch_fast_path(query, attn_mask)):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
@@ -55,6 +57,23 @@ class ContiguousMultiheadAttention(nn.MultiheadAttention):
                 and key_padding_mask is None and not need_weights and self._qkv_same_embed_dim
                 and self.in_proj_weight is not None and self.bias_k is None and not self.add_zero_attn
                 and (attn_mask is None or attn_mask.dim() == 2))
+
+
+    def _torch_fast_path(self, query: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:
+        """Whether torch would take its fused inference kernel (eval, no grad, no float mask, no
+        CUDA autocast: its own conditions), which has no layout problem: keep it, bit for bit."""
+        if not torch.backends.mha.get_fastpath_enabled() or self.training or self.num_heads % 2:
+            return False
+        if (attn_mask is not None and attn_mask.is_floating_point()) or query.is_nested:
+            return False
+        if torch.is_autocast_enabled():  # torch's check: CUDA autocast only (CPU autocast keeps the kernel)
+            return False
+        params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
+        if any(p is not None and p.dtype != query.dtype for p in params[:2]):
+            return False
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, *params)):
+            return False
+        return not (torch.compiler.is_compiling() or torch.compiler.is_exporting())  # torch: slow path there
 
 
 def _float_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
