@@ -4,10 +4,11 @@ open_clip's ``ResidualAttentionBlock`` runs a batch-first ``nn.MultiheadAttentio
 module transposes the (B, L, D) input into a non-contiguous (L, B, D) view before the packed
 q/k/v projection; when the weight does not require grad (capnet's frozen towers, PEFT on top),
 ``matmul`` cannot fold that view into one GEMM and runs ``bmm`` over the L positions against the
-weight expanded L times instead. Measured on 2 cores of an AVX512-BF16 Xeon, one ViT-B/16 block
-at batch 32, forward + backward: 1,024 ms under bf16 autocast vs 748 ms for a contiguous
-layout (float32: 1,513 vs 1,355 ms); ``aten::copy_`` was half of the train step's CPU time
-(issue 31). The fix belongs upstream (torch's MHA input layout / open_clip's block); until then
+weight expanded L times instead (plus the ``aten::copy_`` of that expansion). Issue 31 measured
+one frozen ViT-B/16 block at batch 32, forward + backward on 2 cores: 1,024 ms under bf16 autocast
+vs 748 ms for a contiguous layout (float32: 1,513 vs 1,355 ms), and ``aten::copy_`` as half of
+the train step's CPU time; this module on the same block (2-core AMD EPYC with AVX512-BF16, a
+shared machine, fastest of 3): bf16 2,021 -> 943 ms, float32 2,432 -> 2,151 ms. The fix belongs upstream (torch's MHA input layout / open_clip's block); until then
 ``use_contiguous_attention`` re-classes those modules in place to ``ContiguousMultiheadAttention``,
 whose self-attention path computes exactly what torch's slow path computes (same projections,
 same ``scaled_dot_product_attention`` call, same dropout) in the batch-first layout, and defers to
@@ -62,7 +63,8 @@ class ContiguousMultiheadAttention(nn.MultiheadAttention):
     def _torch_fast_path(self, query: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:
         """Whether torch would take its fused inference kernel (eval, no grad, no float mask, no
         CUDA autocast: its own conditions), which has no layout problem: keep it, bit for bit."""
-        if not torch.backends.mha.get_fastpath_enabled() or self.training or self.num_heads % 2:
+        mha = getattr(torch.backends, "mha", None)
+        if (mha is not None and not mha.get_fastpath_enabled()) or self.training or self.num_heads % 2:
             return False
         if (attn_mask is not None and attn_mask.is_floating_point()) or query.is_nested:
             return False
@@ -73,7 +75,8 @@ class ContiguousMultiheadAttention(nn.MultiheadAttention):
             return False
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, *params)):
             return False
-        return not (torch.compiler.is_compiling() or torch.compiler.is_exporting())  # torch: slow path there
+        tracing = [getattr(torch.compiler, f, lambda: False) for f in ("is_compiling", "is_exporting")]  # torch >= 2.1
+        return not any(f() for f in tracing)  # torch takes its slow path under make_fx / export
 
 
 def _float_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
