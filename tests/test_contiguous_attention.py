@@ -178,3 +178,17 @@ def test_fallbacks_keep_torch_semantics() -> None:
                                plain(q, q, q, need_weights=False, attn_mask=mask)[0], atol=1e-6, rtol=0)
     seq_first = nn.MultiheadAttention(32, 4)
     assert use_contiguous_attention(seq_first) == 0
+
+
+def test_inference_float32_is_torch_bit_for_bit_and_bf16_close() -> None:
+    """Eval + no grad: float32 is torch's own fused kernel (exact); a CPU bf16 region runs bf16 GEMMs."""
+    backbone, reference = _pair()
+    backbone.eval()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = reference.visual(images)
+        torch.testing.assert_close(backbone.visual(images), want, atol=0, rtol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, theirs = backbone.visual(images).float(), reference.visual(images).float()
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(got, theirs, atol=5e-2, rtol=5e-2)

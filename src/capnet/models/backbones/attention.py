@@ -12,8 +12,10 @@ shared machine, fastest of 3): bf16 2,021 -> 943 ms, float32 2,432 -> 2,151 ms. 
 ``use_contiguous_attention`` re-classes those modules in place to ``ContiguousMultiheadAttention``,
 whose self-attention path computes exactly what torch's slow path computes (same projections,
 same ``scaled_dot_product_attention`` call, same dropout) in the batch-first layout, and defers to
-torch for everything else: its fused inference kernel (eval, no grad), cross-attention, padding
-masks, attention weights, seq-first.
+torch for everything else: its fused inference kernel (eval, no grad, no autocast: bit for bit),
+cross-attention, padding masks, attention weights, seq-first. One deliberate difference: torch
+takes that float32 kernel inside a CPU autocast region too (it checks CUDA's autocast only); here
+a bf16 region runs the projections in bf16, as training and CUDA do.
 Parameters, buffers, state-dict keys, hooks and parametrisations (LoRA) are untouched.
 """
 from __future__ import annotations
@@ -68,8 +70,8 @@ class ContiguousMultiheadAttention(nn.MultiheadAttention):
             return False
         if (attn_mask is not None and attn_mask.is_floating_point()) or query.is_nested:
             return False
-        if torch.is_autocast_enabled():  # torch's check: CUDA autocast only (CPU autocast keeps the kernel)
-            return False
+        if _autocast_on(query.device.type):  # torch checks CUDA's autocast only: on CPU its float32
+            return False  # kernel would ignore a bf16 region, where the projections belong in bf16
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
         if any(p is not None and p.dtype != query.dtype for p in params[:2]):
             return False
@@ -77,6 +79,14 @@ class ContiguousMultiheadAttention(nn.MultiheadAttention):
             return False
         tracing = [getattr(torch.compiler, f, lambda: False) for f in ("is_compiling", "is_exporting")]  # torch >= 2.1
         return not any(f() for f in tracing)  # torch takes its slow path under make_fx / export
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch >= 2.4 takes the device; 2.1-2.3 do not)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _float_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
