@@ -43,13 +43,13 @@ PROMPT_RECIPE = ["model.prompts.n_ctx=16", "model.prompts.init=null", "model.pro
                  "model.gcn.enabled=false", "model.graph.source=none", "tte.templates=false",
                  "model.learn_logit_scale=false"]  # capnet as CoOp-CSC: what LMPT trains
 # row -> (arch key, capnet variant, peer, train or infer)
-ROWS: Dict[str, Tuple[str, str, str, str]] = {
+ROWS: Dict[str, Tuple[str, str, str, str]] = {  # in the order a run measures them (each row saved at once)
     "vit_adaptformer_train": ("vit", "adaptformer", "LIFT", "train"),
-    "vit_recipe_train": ("vit", "recipe", "LIFT", "train"),
-    "vit_prompt_train": ("vit", "prompts", "LMPT", "train"),
-    "rn50_prompt_train": ("rn50", "prompts", "LMPT", "train"),
     "vit_adaptformer_inference": ("vit", "adaptformer", "LIFT", "infer"),
+    "vit_prompt_train": ("vit", "prompts", "LMPT", "train"),
+    "vit_recipe_train": ("vit", "recipe", "LIFT", "train"),
     "vit_recipe_inference": ("vit", "recipe", "LIFT", "infer"),
+    "rn50_prompt_train": ("rn50", "prompts", "LMPT", "train"),
     "rn50_prompt_inference": ("rn50", "prompts", "LMPT", "infer"),
 }
 
