@@ -53,6 +53,7 @@ def load_peers(root: Path) -> Peers:
 
 
 def _from(module: ModuleType, root: Path) -> bool:
+    """Whether ``module`` was imported from under ``root``."""
     return str(getattr(module, "__file__", "") or "").startswith(str(root))
 
 
@@ -137,6 +138,7 @@ class Adapter(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d) adapter branch."""
         return self.up(torch.relu(self.down(self.ln(x)))) * self.scale
 
 
@@ -161,10 +163,12 @@ class ReferenceViT(nn.Module):
         self.head = nn.Parameter(torch.randn(num_classes, visual.output_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C) scaled cosine logits."""
         feats = F.normalize(reference_image(self.visual, images, self.adapters).float(), dim=-1)
         return 30.0 * feats @ F.normalize(self.head, dim=-1).t()
 
     def trainable(self) -> List[nn.Parameter]:
+        """Adapters and head (what LIFT's optimiser takes)."""
         return [p for p in self.parameters() if p.requires_grad]
 
 
@@ -186,18 +190,21 @@ class ReferencePrompts(nn.Module):
         self.vit = hasattr(backbone.visual, "transformer")
 
     def class_embeddings(self) -> torch.Tensor:
+        """(C, D) text features of the prompts (LMPT's TextEncoder, batch-first)."""
         b = self.backbone
         x = torch.cat([self.prefix, self.ctx, self.suffix], dim=1) + b.positional_embedding.to(self.ctx.dtype)
         x = b.ln_final(plain_blocks(x, b.transformer.resblocks, mask=self.mask))
         return x[torch.arange(x.shape[0]), self.tokens.argmax(-1)] @ b.text_projection
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C) logits; the text tower runs every call, as in LMPT."""
         visual = self.backbone.visual
         image = reference_image(visual, images) if self.vit else visual(images)
         image, text = F.normalize(image.float(), dim=-1), F.normalize(self.class_embeddings().float(), dim=-1)
         return self.backbone.logit_scale.exp() * image @ text.t()
 
     def trainable(self) -> List[nn.Parameter]:
+        """The class-specific contexts."""
         return [self.ctx]
 
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -55,6 +54,7 @@ ROWS: Dict[str, Tuple[str, str, str, str]] = {  # in the order a run measures th
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The command line (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peers", type=Path, default=None, help="directory holding LIFT/ and LMPT/ checkouts")
     p.add_argument("--quick", action="store_true", help="tiny random CLIPs, 1 repeat (a smoke test)")
@@ -68,10 +68,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _free() -> None:
+    """Drop the last row's models before building the next."""
     gc.collect()
 
 
 def _sgd(params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The peers' optimiser (both use SGD with momentum and weight decay)."""
     return torch.optim.SGD(list(params), lr=1e-3, momentum=0.9, weight_decay=5e-4)
 
 
@@ -82,6 +84,7 @@ def _peer_step(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], los
 
 
 def _infer(model: Callable[[torch.Tensor], Any], images: torch.Tensor, amp: str) -> Callable[[], None]:
+    """An inference call: no grad, autocast."""
     def go() -> None:
         with torch.no_grad(), autocast(images.device, amp):
             model(images)
@@ -205,6 +208,7 @@ def render(results: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the rows, write ``peer_speed_cpu[_quick].{json,md}``; 0 on success."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
