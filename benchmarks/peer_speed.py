@@ -64,6 +64,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the issue's 2 cores)")
     p.add_argument("--amp", choices=("auto", "bf16", "none"), default="auto")
+    p.add_argument("--render", type=Path, default=None, help="re-render the .md next to this results JSON, run nothing")
     return p.parse_args(argv)
 
 
@@ -202,6 +203,12 @@ def render(results: Dict[str, Any]) -> str:
     lines.append(md_table(["row", "peer", "batch", "capnet vs peer (median)", "capnet / peer (paired median)",
                            "of minimums", "trainable capnet / peer", "CPU share"], rows))
     notes = [f"{r['row']}: unstable {', '.join(r['unstable'])}" for r in results["rows"] if r["unstable"]]
+    shares = [r["cpu_share"] for r in results["rows"] if r["cpu_share"] is not None]
+    if shares and min(shares) < 0.5:
+        notes.insert(0, f"the machine was shared: this process got {min(shares):.2f}-{max(shares):.2f} of its "
+                        f"{m['torch_threads']} threads' CPU time, so absolute times are inflated about "
+                        f"{1 / max(shares):.0f}-{1 / min(shares):.0f}x and ratios are noisy (paired per round, "
+                        "capnet and the peer alternating); rerun on a quiet machine before quoting them")
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]
     return "\n".join(lines) + "\n"
@@ -210,6 +217,10 @@ def render(results: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the rows, write ``peer_speed_cpu[_quick].{json,md}``; 0 on success."""
     args = parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(render(results))
+        return 0
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     amp = ("bf16" if native_bf16(device) else "none") if args.amp == "auto" else args.amp

@@ -49,6 +49,11 @@ def test_quick_run_against_the_reference_layout(tmp_path: Path) -> None:
     results = _run(tmp_path)
     assert results["peer_source"].startswith("reference layout")
     _check_rows(results, dict.fromkeys(ROWS, "reference"))
+    md = tmp_path / "peer_speed_cpu_quick.md"
+    first = md.read_text()
+    md.unlink()
+    assert peer_speed.main(["--render", str(tmp_path / "peer_speed_cpu_quick.json")]) == 0
+    assert md.read_text() == first  # the markdown is a pure function of the JSON
 
 
 @pytest.mark.skipif(not os.environ.get("CAPNET_PEERS_DIR"), reason="set CAPNET_PEERS_DIR to LIFT/ + LMPT/ checkouts")
