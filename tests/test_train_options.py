@@ -12,6 +12,7 @@ import capnet.runtime.precision as precision
 from capnet.config import ConfigError, config_hash, load_config
 from capnet.errors import CapnetError
 from capnet.features.loaders import build_loader
+from capnet.plans import feature_plan, fit_plan
 from capnet.train.loop import fit
 
 from _toys import CLASS_NAMES, GROUPS, ToyModel, toy_config, toy_data
@@ -27,7 +28,7 @@ class ClampedToy(ToyModel):
         self.clamps = 0
 
     @torch.no_grad()
-    def clamp_parameters_(self) -> None:
+    def after_optimizer_step(self) -> None:
         self.clamps += 1
         self.logit_scale.clamp_(max=1.0)
 
@@ -36,7 +37,7 @@ def _fit(model, tmp_path, **sections):
     cfg = toy_config(**sections)
     train = build_loader(toy_data(16, seed=1), cfg.data.batch_size, True, cfg.train.seed, 0, CPU)
     val = build_loader(toy_data(8, seed=2), cfg.data.eval_batch_size, False, cfg.train.seed, 0, CPU)
-    return fit(model, nn.BCEWithLogitsLoss(), train, val, cfg, tmp_path, groups=GROUPS, class_names=CLASS_NAMES,
+    return fit(model, nn.BCEWithLogitsLoss(), train, val, fit_plan(cfg), tmp_path, groups=GROUPS, class_names=CLASS_NAMES,
                device=CPU)
 
 
@@ -52,34 +53,67 @@ def test_loop_clamps_after_every_optimiser_step(tmp_path) -> None:
 def test_amp_auto_follows_native_bf16(monkeypatch, native: bool, want: str) -> None:
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     cfg = load_config([], ["train.amp=auto"])
-    assert precision.train_amp(cfg, CPU) == want
+    assert precision.resolve_amp(cfg.train.amp, CPU) == want
     ctx = precision.autocast(CPU, "auto")
     assert isinstance(ctx, torch.autocast) == native
-    assert precision.train_amp(load_config([], ["train.amp=fp16"]), CPU) == "fp16"  # explicit values stay
+    assert precision.resolve_amp(load_config([], ["train.amp=fp16"]).train.amp, CPU) == "fp16"  # explicit values stay
     with pytest.raises(ConfigError, match="train.amp='bf32'"):
         load_config([], ["train.amp=bf32"])
 
 
-def test_amp_auto_trains(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+class DtypeToy(ToyModel):
+    """ToyModel recording the dtype its head computed in, for training and for scoring forwards."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.0)
+        self.dtypes = {True: set(), False: set()}  # training mode -> dtypes seen
+
+    def _head(self, f: torch.Tensor) -> torch.Tensor:
+        out = super()._head(f)
+        self.dtypes[self.training].add(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("native", ["this machine", True, False])
+def test_amp_auto_trains(monkeypatch, tmp_path, native) -> None:
+    """train.amp=auto trains in bf16 exactly where the CPU computes bf16 natively; scores stay float32."""
+    if native != "this machine":  # both branches on any CPU (emulated bf16 is slow, not wrong)
+        monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    want = torch.bfloat16 if precision.native_bf16(CPU) else torch.float32
     torch.manual_seed(0)
-    result = _fit(ToyModel(), tmp_path, train={"epochs": 1, "amp": "auto"})
+    model = DtypeToy()
+    result = _fit(model, tmp_path, train={"epochs": 1, "amp": "auto"})
     assert math.isfinite(result.history[0]["train_loss"])
+    assert model.dtypes[True] == {want}  # the training forward ran under bf16 autocast (or none)
+    assert model.dtypes[False] == {torch.float32}  # validation scores are float32 whatever train.amp
 
 
 def test_compile_wraps_the_trained_forward(monkeypatch, tmp_path) -> None:
-    compiled = []
+    compiled, steps = [], []
+
+    class Compiled(nn.Module):
+        """What torch.compile would return: the same computation, counted."""
+
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            steps.append(self.module.training)
+            return self.module(*args, **kwargs)
 
     def fake_compile(module, **kwargs):
         compiled.append(module)
-        return module
+        return Compiled(module)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     torch.manual_seed(0)
-    _fit(ToyModel(), tmp_path, train={"epochs": 1, "compile": True})
-    assert len(compiled) == 1 and type(compiled[0]).__name__ == "ModelForward"
-    _fit(ToyModel(), tmp_path / "plain", train={"epochs": 1})
-    assert len(compiled) == 1
+    with_compile = _fit(ToyModel(), tmp_path, train={"epochs": 1, "compile": True})
+    assert len(compiled) == 1 and steps.count(True) == 16 // 4  # every training batch ran through it
+    torch.manual_seed(0)
+    plain = _fit(ToyModel(), tmp_path / "plain", train={"epochs": 1})
+    assert len(compiled) == 1 and steps.count(True) == 4  # off by default
+    assert with_compile.history[0]["train_loss"] == plain.history[0]["train_loss"]  # same computation
 
 
 def test_runtime_options_do_not_change_the_experiment() -> None:
@@ -117,5 +151,5 @@ def test_augment_seed_changes_the_cached_augmentations(monkeypatch) -> None:
     model = ToyModel()
     for seed in (0, 5):
         cfg = load_config([], ["train.augment_views=2", f"train.augment_seed={seed}", "data.val_seed=9"])
-        views.train_features(model, split, cfg, CPU, None)
+        views.train_features(model, split, feature_plan(cfg, model, CPU))
     assert seen == [None, 0, None, 5]

@@ -65,6 +65,7 @@ class GraphConfig:
     tau: float = 0.4  # co-occurrence graph binarisation threshold (ML-GCN)
     sparse: Optional[bool] = None  # keep the graph as a sparse matrix; null: above 2000 classes (docs/scale.md)
     chunk: int = 2048  # similarity rows per block when a sparse text graph is built (memory: chunk x C floats)
+    norm: str = "symmetric"  # after re-weighting: symmetric ((A + A^T)/2 then D^-1/2 A D^-1/2) | row (LT-GCN: the row-normalised x p matrix as it is)
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,25 @@ class GCNConfig:
     hidden: int = 1024  # width of hidden layers
     residual: float = 1.0  # weight of the GCN output added to the prompt embeddings
     dropout: float = 0.0  # dropout between layers
+    init: str = "zero_last"  # zero_last (the residual starts at the prompt embeddings) | uniform (LT-GCN / Kipf: U(-1/sqrt(out), 1/sqrt(out)) every layer)
 
 
 @dataclass(frozen=True)
 class PEFTConfig:
     method: str = "none"  # PEFT key: none | adaptformer | lora | vpt_shallow | vpt_deep | bitfit | conv_adapter
     options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of that method
+
+
+@dataclass(frozen=True)
+class TextBudgetConfig:
+    """The budgeted text branch (models/text_bank.py, docs/scale.md); ``model.text_budget=N`` sets ``classes``."""
+
+    classes: Optional[int] = None  # classes through the text tower per training step; null: auto; >= C: exact
+    exact_up_to: int = 100  # auto: every class every step up to this many classes (VOC 20, COCO 80, NUS-WIDE 81)
+    auto: int = 32  # auto: classes per step above exact_up_to
+    hard_fraction: float = 0.5  # share of the non-positive slots given to the top-scored negatives (rest random)
+    refresh_every: int = 0  # re-embed every class (no grad, in chunks) every N steps; 0: once per epoch
+    defer: bool = True  # carry the gradient of classes outside a step's subset to their next step (false: drop it)
 
 
 @dataclass(frozen=True)
@@ -95,12 +109,7 @@ class ModelConfig:
     class_residual: bool = False  # per-class residual on the text classifier (LIFT-style), zero-init
     residual_gate: Optional[float] = None  # scale class c's residual by min(1, n_c / this), n_c its training positives; null: 1
     center_features: bool = False  # subtract the training-set mean image feature before the cosine
-    text_budget: Optional[int] = None  # classes through the text tower per training step; null: auto (docs/scale.md); >= C: exact
-    text_exact_up_to: int = 100  # auto: every class every step up to this many classes (VOC 20, COCO 80, NUS-WIDE 81)
-    text_auto_budget: int = 32  # auto: classes per step above text_exact_up_to
-    text_hard_fraction: float = 0.5  # budgeted: share of the non-positive slots given to the top-scored negatives (rest random)
-    text_refresh_every: int = 0  # budgeted: re-embed every class (no grad, in chunks) every N steps; 0: only at the first step
-    text_defer: bool = True  # budgeted: carry the gradient of classes outside a step's subset to their next step (false: drop it)
+    text_budget: TextBudgetConfig = field(default_factory=TextBudgetConfig)  # classes per training step (large C)
     text_chunk: int = 1024  # classes per text-tower pass when all classes are embedded without grad (eval, bank refresh)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
@@ -116,13 +125,14 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd | adamw | adam (L2 added to the gradient, as LT-GCN's torch Adam)
     lr: float = 0.002  # base learning rate
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 / decoupled weight decay
     lr_scale: Dict[str, float] = field(default_factory=dict)  # per-group multipliers: prompts, gcn, peft, head
-    scheduler: str = "cosine"  # cosine | constant
-    warmup_epochs: int = 1  # linear warm-up epochs
+    scheduler: str = "cosine"  # cosine | constant | onecycle (torch OneCycleLR; its rise = warmup_epochs, LT-GCN)
+    warmup_epochs: int = 1  # linear warm-up epochs (onecycle: epochs to the peak lr)
+    schedule_epochs: Optional[int] = None  # epochs the lr schedule spans (null: train.epochs); LT-GCN's COCO-LT stops at 16 of 120
 
 
 @dataclass(frozen=True)
@@ -270,8 +280,8 @@ def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     merged: Dict[str, Any] = {}
     for base in raw.pop("base", []) or []:
-        merged = _deep_merge(merged, read_yaml(path.parent / base))
-    return _deep_merge(merged, raw)
+        merged = _deep_merge(merged, _upgrade(read_yaml(path.parent / base)))
+    return _deep_merge(merged, _upgrade(raw))
 
 
 def parse_override(text: str) -> Dict[str, Any]:
@@ -293,9 +303,31 @@ def parse_override(text: str) -> Dict[str, Any]:
     return node
 
 
+# Flat keys of the budgeted text branch before it became the ``model.text_budget`` section
+# (run directories saved then still load).
+_LEGACY_TEXT_KEYS = {"text_exact_up_to": "exact_up_to", "text_auto_budget": "auto", "text_hard_fraction": "hard_fraction",
+                     "text_refresh_every": "refresh_every", "text_defer": "defer"}
+
+
+def _upgrade(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``model.text_budget: N`` (or null) is short for ``{classes: N}``; legacy flat keys move in."""
+    model = raw.get("model")
+    if not isinstance(model, Mapping):
+        return raw
+    model = dict(model)
+    budget = model.get("text_budget", {})
+    budget = dict(budget) if isinstance(budget, Mapping) else {"classes": budget}
+    for old, new in _LEGACY_TEXT_KEYS.items():
+        if old in model:
+            budget[new] = model.pop(old)
+    if budget or "text_budget" in model:
+        model["text_budget"] = budget
+    return {**raw, "model": model}
+
+
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
     """Validate a plain dict into a frozen Config."""
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, _upgrade(raw), "")
     validate(cfg)
     return cfg
 
@@ -304,9 +336,9 @@ def load_config(paths: Sequence[Union[str, Path]] = (), overrides: Sequence[str]
     """Merge YAML files then ``key=value`` overrides (the order in the module docstring)."""
     merged: Dict[str, Any] = {}
     for p in paths:
-        merged = _deep_merge(merged, read_yaml(p))
+        merged = _deep_merge(merged, _upgrade(read_yaml(p)))
     for o in overrides:
-        merged = _deep_merge(merged, parse_override(o))
+        merged = _deep_merge(merged, _upgrade(parse_override(o)))
     try:
         return config_from_dict(merged)
     except ConfigError as err:
@@ -328,7 +360,7 @@ SERVING_KEYS = RUNTIME_KEYS + ("model.weights", "data.batch_size", "data.eval_ba
                                "data.reader_options", "data.max_image_pixels")
 # Keys added after runs were recorded: left out of the hash while at their default, so old runs keep theirs.
 _HASH_DEFAULTS = {"data.exclude_classes": [], "data.reader_options": {}, "data.subset": None,
-                  "data.max_image_pixels": None}
+                  "data.max_image_pixels": None, "optim.schedule_epochs": None}
 
 
 def is_key_under(key: str, keys: Sequence[str]) -> bool:
@@ -337,8 +369,9 @@ def is_key_under(key: str, keys: Sequence[str]) -> bool:
 
 
 _LATER_DEFAULTS = {
-    "model": {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("text_") or f.name == "residual_gate"},
-    "graph": {"sparse": None, "chunk": 2048},
+    "model": {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k.startswith("text_") or k == "residual_gate"},
+    "graph": {"sparse": None, "chunk": 2048, "norm": "symmetric"},
+    "gcn": {"init": "zero_last"},
 }
 
 
@@ -353,7 +386,7 @@ def config_hash(cfg: Config) -> str:
         if raw[section].get(key, default) == default:
             raw[section].pop(key, None)
     for section, defaults in _LATER_DEFAULTS.items():  # likewise for keys added with the class-count scaling
-        node = raw["model"] if section == "model" else raw["model"]["graph"]
+        node = raw["model"] if section == "model" else raw["model"][section]
         for key, default in defaults.items():
             if node.get(key) == default:
                 node.pop(key)
@@ -375,10 +408,14 @@ _CHOICES = {
     "train.extract_amp": ("auto", "none", "bf16", "fp16"),
     "train.select": ("val", "last"),
     "train.device": ("auto", "cpu", "cuda"),
-    "optim.optimizer": ("sgd", "adamw"),
-    "optim.scheduler": ("cosine", "constant"),
+    "optim.optimizer": ("sgd", "adamw", "adam"),
+    "optim.scheduler": ("cosine", "constant", "onecycle"),
     "tte.views": ("single", "flip", "five_crop", "ten_crop"),
 }
+
+
+GRAPH_NORMS = ("symmetric", "row")  # model.graph.norm (label_graph.py)
+GCN_INITS = ("zero_last", "uniform")  # model.gcn.init (gcn.py)
 
 
 def validate(cfg: Config) -> None:
@@ -397,12 +434,13 @@ def validate(cfg: Config) -> None:
     if len(set(cfg.data.exclude_classes)) != len(cfg.data.exclude_classes):
         raise ConfigError(f"data.exclude_classes lists a class twice: {cfg.data.exclude_classes}")
     m = cfg.model
-    if (m.text_budget is not None and m.text_budget < 1) or m.text_auto_budget < 1 or m.text_chunk < 1 or m.graph.chunk < 1:
-        raise ConfigError("model.text_budget, model.text_auto_budget, model.text_chunk and model.graph.chunk must be >= 1")
+    b = m.text_budget
+    if (b.classes is not None and b.classes < 1) or b.auto < 1 or m.text_chunk < 1 or m.graph.chunk < 1:
+        raise ConfigError("model.text_budget.classes, model.text_budget.auto, model.text_chunk and model.graph.chunk must be >= 1")
     if m.residual_gate is not None and not m.residual_gate > 0:
         raise ConfigError(f"model.residual_gate={m.residual_gate} must be > 0 (or null for no gate)")
-    if not 0.0 <= m.text_hard_fraction <= 1.0 or m.text_refresh_every < 0:
-        raise ConfigError("model.text_hard_fraction must be in [0, 1] and model.text_refresh_every >= 0")
+    if not 0.0 <= b.hard_fraction <= 1.0 or b.refresh_every < 0:
+        raise ConfigError("model.text_budget.hard_fraction must be in [0, 1] and model.text_budget.refresh_every >= 0")
     subset = cfg.data.subset
     if subset is not None and not (0.0 < subset < 1.0 or (subset >= 1 and float(subset).is_integer())):
         raise ConfigError(f"data.subset={subset} must be a whole number of images >= 1 or a fraction in (0, 1)")
@@ -414,6 +452,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.augment_views must be >= 0")
     if cfg.train.refit and cfg.train.select != "val":
         raise ConfigError("train.refit=true refits for the epoch chosen on validation: it needs train.select=val")
+    if m.graph.norm not in GRAPH_NORMS or m.gcn.init not in GCN_INITS:
+        raise ConfigError(f"model.graph.norm={m.graph.norm!r} must be one of {', '.join(GRAPH_NORMS)} and "
+                          f"model.gcn.init={m.gcn.init!r} one of {', '.join(GCN_INITS)}")
+    if cfg.optim.schedule_epochs is not None and cfg.optim.schedule_epochs < cfg.train.epochs:
+        raise ConfigError(f"optim.schedule_epochs={cfg.optim.schedule_epochs} must be >= train.epochs={cfg.train.epochs} (null: equal)")
     if cfg.train.grad_accum < 1 or cfg.train.epochs < 1:
         raise ConfigError("train.grad_accum and train.epochs must be >= 1")
     for t in cfg.model.templates:

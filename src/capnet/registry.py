@@ -79,6 +79,7 @@ PEFT = Registry("PEFT method")
 LOSSES = Registry("loss")
 DATASETS = Registry("dataset reader")
 GRAPHS = Registry("label graph")
+FEATURE_FITS = Registry("feature fit")  # model kinds fitted in closed loop on cached final features, by kind name
 
 
 def unknown_options_message(owner: str, options: Iterable[str], valid: List[str]) -> Optional[str]:
