@@ -95,13 +95,16 @@ def _infer(model: Callable[[torch.Tensor], Any], images: torch.Tensor, amp: str)
 def _cached_step(capnet: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
                  images: torch.Tensor, targets: torch.Tensor, amp: str) -> Callable[[], None]:
     """capnet's step on cached image features (frozen image tower: the feature cache's training step)."""
+    from capnet.models.heads import StepInputs
+
     with torch.no_grad(), autocast(images.device, amp):
         feats = capnet.image_features(images).float()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(images.device, amp):
-            logits = capnet.logits_from_image_features(feats, capnet.text_step(targets))
+            emb = capnet.step_class_embeddings(StepInputs(targets))
+            logits = capnet.logits_from_image_features(feats, emb)
         loss_fn(logits.float(), targets).backward()
         optimizer.step()
 
