@@ -419,3 +419,16 @@ def validate(cfg: Config) -> None:
     for t in cfg.model.templates:
         if "{}" not in t:
             raise ConfigError(f"model.templates entry {t!r} has no '{{}}' placeholder for the class name")
+    check_backbone(cfg.model.backbone, cfg.model.weights)
+
+
+def check_backbone(name: str, weights: Optional[str] = None) -> None:
+    """A misspelt backbone or weights tag fails with the config, before any data is read: one
+    line with the closest accepted names (registered, family.tag, arch.tag, hf-hub:org/repo)."""
+    from capnet.registry import BACKBONES
+
+    try:
+        BACKBONES.check(name, weights=weights)
+    except KeyError as err:
+        message = str(err.args[0])
+        raise ConfigError(f"model.backbone={name!r}: {message}" if message.startswith("unknown") else message) from None
