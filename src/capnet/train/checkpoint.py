@@ -99,11 +99,14 @@ def load_weights(model: Any, path: PathLike) -> Dict[str, Any]:
 
 
 def model_identity(model: Any) -> Dict[str, Any]:
-    """Backbone name and weights checksum, recorded so a checkpoint is not paired with another."""
+    """Backbone name, weights file and checksum (so a checkpoint is not paired with another) and
+    the weights' provenance (``spec.extra``: origin, format, QuickGELU, ...; docs/weights.md)."""
     spec = getattr(getattr(model, "backbone", None), "spec", None)
     if spec is None:
         return {}
-    return {"backbone": spec.name, "backbone_sha256": spec.weights_sha256, "backbone_weights": spec.weights}
+    provenance = {k: v for k, v in (spec.extra or {}).items() if v is None or isinstance(v, (str, int, float, bool))}
+    return {"backbone": spec.name, "backbone_sha256": spec.weights_sha256, "backbone_weights": spec.weights,
+            "backbone_provenance": provenance}
 
 
 # ------------------------------------------------------------ optimizer state
