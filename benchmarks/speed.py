@@ -61,8 +61,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     mode.add_argument("--smoke", action="store_true", help="seconds: tiny random CLIPs, 1 repeat (CI proves it runs)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"folder for speed_*.json/.md (default: {RESULTS.relative_to(REPO)} for a full run; "
-                        f"{SCRATCH.relative_to(REPO)} for --quick / --smoke, so a trial never touches the committed results)")
+                   help="folder for speed_*.json/.md (default: benchmarks/results for a full run; the git-ignored "
+                        "runs/benchmarks for --quick / --smoke, so a trial never touches the committed results)")
     p.add_argument("--archs", nargs="+", help=f"backbones (default {' '.join(FULL_ARCHS)})")
     p.add_argument("--classes", nargs="+", type=int, help="class counts for the scaling study (default 20 80 1000)")
     p.add_argument("--batch-size", type=int, help="images per step (default CPU 8, GPU 64)")
