@@ -34,5 +34,6 @@ def go_on_without_cache(root: Union[str, Path], err: BaseException) -> None:
                           "or pass --no-cache (or --cache-dir on another disk)") from None
     if str(root) not in _WARNED:
         _WARNED.add(str(root))
-        log.warning("feature cache %s: no space left on the device to write %s; going on without the cache "
-                    "(same results, features are recomputed; free space or use --cache-dir elsewhere)", root, where)
+        log.warning("feature cache %s: no space left on the device%s; going on without the cache "
+                    "(same results, features are recomputed; free space or use --cache-dir elsewhere)", root,
+                    "" if str(where) == str(root) else f" to write {where}")
