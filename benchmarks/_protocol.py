@@ -110,12 +110,13 @@ def choose_bridge(scorer: BridgeScorer, ds: Any, cfg: Any, cache: Path) -> Dict[
 
     from capnet.features.views import eval_views, split_features
     from capnet.metrics import average_precision
-    from capnet.runtime.resources import runtime_config
+    from capnet.plans import feature_plan, tune_process
 
-    cfg = runtime_config(cfg)
+    cfg = tune_process(cfg)
     model = scorer.default_model(cfg, ds.classes)
     val = ds.splits["val"]
-    feats = split_features(model, val.image_paths, eval_views(model, cfg), cfg, torch.device("cpu"), cache)
+    plan = feature_plan(cfg, model, torch.device("cpu"), cache)
+    feats = split_features(model, val.image_paths, eval_views(model, plan), plan)
     f = F.normalize(feats.float(), dim=-1)  # (M, V, D)
     settings = bridge_settings(cfg)
     scores = []

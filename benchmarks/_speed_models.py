@@ -149,24 +149,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.M
 
 def capnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, images: torch.Tensor,
                 targets: torch.Tensor, amp: str, seed: int = 0) -> Callable[[], None]:
-    """``train_step`` the way the training loop drives CAPNET: ``model.text_step`` (exact, or the
-    budgeted subset ranked by the previous step's logits), then the logits on those embeddings;
-    a budgeted step keeps the rows outside its subset through the optimiser step (``KeepRows``)."""
+    """``train_step`` the way the training loop drives CAPNET: ``model.step_class_embeddings``
+    (exact, or the budgeted subset ranked by the previous step's logits), then the logits on those
+    embeddings; a budgeted step keeps the rows outside its subset through the optimiser step
+    (``KeepRows``, a no-op for the exact model)."""
+    from capnet.models.heads import StepInputs
     from capnet.train.loop import KeepRows
 
     device, state = images.device, {"scores": None}
-    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad(), autocast(device, amp):
+        model.start_epoch(seed)  # the epoch's class-sampling generator (and, budgeted, a full bank)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            emb = model.text_step(targets, state["scores"], gen)
+            emb = model.step_class_embeddings(StepInputs(targets, state["scores"]))
             logits = model(images, emb)
         loss_fn(logits.float(), targets).backward()
-        keep = KeepRows(model, optimizer) if getattr(model, "text_budget", None) is not None else None
+        keep = KeepRows(model, optimizer)
         optimizer.step()
-        if keep is not None:
-            keep.restore(optimizer)
+        keep.restore(optimizer)
         state["scores"] = logits.detach()
 
     return step

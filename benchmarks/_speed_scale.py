@@ -2,7 +2,7 @@
 
 Rows: for each backbone, the bare encoder (visual tower + the recipe's PEFT + linear head) and
 CAPNET at each class count, in the mode ``model.text_budget`` picks by default (``auto``: exact
-up to ``model.text_exact_up_to`` classes, budgeted above) and, up to ``--text-limit`` classes,
+up to ``model.text_budget.exact_up_to`` classes, budgeted above) and, up to ``--text-limit`` classes,
 forced exact as well. Class names: the shipped VOC/COCO lists, ImageNet's for 1,000, otherwise
 synthetic "class i" (``_speed_models.class_set``). Weights are random (speed depends on shapes).
 
@@ -84,8 +84,8 @@ def _graph_facts(capnet: Any) -> Dict[str, Any]:
         return {}
     adj = capnet.adjacency
     out: Dict[str, Any] = {"nonzeros": int(adj._nnz() if adj.is_sparse else (adj != 0).sum())}
-    if capnet.text_budget is not None:
-        rows = torch.randperm(capnet.num_classes, generator=torch.Generator().manual_seed(0))[: capnet.text_budget]
+    if getattr(capnet, "text_budget", None) is not None:
+        rows = torch.randperm(capnet.num_classes, generator=torch.Generator().manual_seed(0))[: getattr(capnet, "text_budget", None)]
         out["gcn_inputs_for_budget"] = len(receptive_field(adj, rows, len(capnet.gcn.layers))[0])
     return out
 
@@ -103,7 +103,7 @@ def _capnet_row(spec: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     pair.bare.train()
     images, targets = batch(spec["batch"], spec["classes"], capnet.backbone.spec.image_size, device)
     refresh_s = None
-    if capnet.text_budget is not None:
+    if getattr(capnet, "text_budget", None) is not None:
         tic = time.perf_counter()
         with autocast(device, spec["amp"]):
             capnet.refresh_text_bank()
@@ -113,7 +113,7 @@ def _capnet_row(spec: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
              "bare_step": train_step(pair.bare, pair.optimizers["bare"], pair.loss, images, targets, spec["amp"])}
     times = measure(cases, spec["repeats"], spec["warmup"], device)
     return {"times": {k: summarize(v) for k, v in times.items()}, "ratio": paired_ratio(times["capnet_step"], times["bare_step"]),
-            "text_budget": capnet.text_budget, "sparse_graph": bool(capnet.adjacency is not None and capnet.adjacency.is_sparse),
+            "text_budget": getattr(capnet, "text_budget", None), "sparse_graph": bool(capnet.adjacency is not None and capnet.adjacency.is_sparse),
             "build_s": build_s, "bank_refresh_s": refresh_s, "graph": graph, "image_size": capnet.backbone.spec.image_size}
 
 
@@ -157,7 +157,7 @@ def run_scale(s: Any, notes: List[str]) -> List[Dict[str, Any]]:
 
     base = {"device": str(s.device), "image_size": s.image_size, "batch": s.batch, "amp": s.amp,
             "repeats": s.repeats, "warmup": max(1, s.warmup)}
-    exact_up_to = ModelConfig().text_exact_up_to
+    exact_up_to = ModelConfig().text_budget.exact_up_to
     rows: List[Dict[str, Any]] = []
     for arch in s.archs:
         bare = _in_subprocess({**base, "arch": arch, "classes": max(s.classes), "mode": "bare"}, notes)

@@ -37,7 +37,7 @@ def measure_parity(run_dir: Path, work: Path) -> Dict[str, Any]:
     import torch
 
     from capnet.metrics import map_report
-    from capnet.runtime.precision import extraction_amp
+    from capnet.runtime.precision import resolve_amp
     from capnet.serving.export import export_run
     from capnet.serving.exported import load_exported
     from capnet.serving.run import load_eval_dataset, load_run, predict_images
@@ -57,7 +57,7 @@ def measure_parity(run_dir: Path, work: Path) -> Dict[str, Any]:
                    if k in ("mAP", "head", "medium", "tail")} for name, s in (("predict", eager), ("onnx", onnx))}
     return {
         "run": str(run_dir), "images": len(paths), "classes": len(run.classes),
-        "extraction_precision": str(extraction_amp(run.cfg, torch.device("cpu"))),
+        "extraction_precision": str(resolve_amp(run.cfg.train.extract_amp, torch.device("cpu"))),
         "abs_score_diff": {"max": float(diff.max()), "mean": float(diff.mean()),
                            "p99": float(np.quantile(diff, 0.99))},
         "label_decisions": {"total": int(flips.size), "flipped": int(flips.sum()),

@@ -57,14 +57,14 @@ def _best_f1(probs: np.ndarray, target: np.ndarray) -> float:
 def _score(run: Any, ds: Any) -> Dict[str, Any]:
     """Test logits of ``run`` on the columns of ``ds`` it knows: per-class AP, probabilities, targets."""
     from capnet.data.class_match import match_classes
-    from capnet.evaluation.scores import set_test_time_templates
     from capnet.experiment import default_cache_dir
     from capnet.evaluation.scores import split_scores
+    from capnet.plans import feature_plan
     from capnet.metrics import average_precision
 
     match = match_classes(run.classes, ds.classes, None, where=str(ds.root))
-    set_test_time_templates(run.model, run.cfg)
-    logits, targets = split_scores(run.model, ds.splits["test"], run.cfg, run.device, default_cache_dir())
+    run.model.set_test_time(run.cfg.tte.templates)
+    logits, targets = split_scores(run.model, ds.splits["test"], feature_plan(run.cfg, run.model, run.device, default_cache_dir()))
     logits, targets = logits[:, match.run_index], targets[:, match.data_index]
     names = [run.classes[i] for i in match.run_index]
     ap = average_precision(logits, targets) * 100.0

@@ -41,11 +41,11 @@ def run_variant(config: List[str], overrides: List[str], seed: int, cache: Path)
 
     from capnet.config import load_config
     from capnet.experiment import fit_and_select, prepare_dataset
-    from capnet.runtime.resources import runtime_config
+    from capnet.plans import tune_process
     from capnet.runtime.seed import seed_everything
     from capnet.models.build import build_model
 
-    cfg = runtime_config(load_config(config, overrides + [f"train.seed={seed}", "train.refit=false"]))
+    cfg = tune_process(load_config(config, overrides + [f"train.seed={seed}", "train.refit=false"]))
     seed_everything(seed)
     ds = prepare_dataset(cfg.data)
     model = build_model(cfg, ds.classes, ds.splits["train"].labels)
@@ -62,12 +62,12 @@ def frozen_val_metrics(model, ds, cfg, cache: Path) -> Dict[str, float]:
     """Validation mAP of a model with nothing to fit, test-time templates and views as configured."""
     import torch
 
-    from capnet.evaluation.scores import set_test_time_templates
     from capnet.evaluation.scores import split_scores
+    from capnet.plans import feature_plan
     from capnet.metrics import map_report
 
-    set_test_time_templates(model, cfg)
-    logits, targets = split_scores(model, ds.splits["val"], cfg, torch.device("cpu"), cache, {})
+    model.set_test_time(cfg.tte.templates)
+    logits, targets = split_scores(model, ds.splits["val"], feature_plan(cfg, model, torch.device("cpu"), cache))
     report = map_report(logits, targets, ds.groups(), list(ds.classes))
     return {k: report[k] for k in KEYS}
 

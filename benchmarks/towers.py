@@ -50,17 +50,17 @@ def extract(name: str) -> Dict[str, Any]:
     from capnet.data import load_dataset
     from capnet.features.cache import compute_features
     from capnet.runtime.resources import apply_budget
-    from capnet.runtime.precision import extraction_amp
+    from capnet.runtime.precision import resolve_amp
     from capnet.registry import BACKBONES
 
     backbone_name, options, amp = TOWERS[name]
     cfg = load_config([], [f"train.extract_amp={amp}"])
-    plan = apply_budget(cfg)
+    plan = apply_budget(cfg.data.num_workers, cfg.train.threads, cfg.train.keep_freed_memory)
     ds = load_dataset("folder", DATA)
     paths = ds.splits["train"].image_paths + ds.splits["test"].image_paths
     backbone = BACKBONES.build(backbone_name, **options).eval()
     device = torch.device("cpu")
-    precision = extraction_amp(cfg, device)
+    precision = resolve_amp(cfg.train.extract_amp, device)
     tic = time.perf_counter()
     feats = compute_features(backbone, paths, backbone.transform(train=False), backbone.num_image_stages,
                              batch_size=64, num_workers=plan.workers, device=device, progress=False, amp=precision)

@@ -11,6 +11,7 @@ from torchvision import transforms as T
 
 from capnet.config import config_from_dict
 from capnet.models.backbones.base import BackboneSpec
+from capnet.models.heads import ModelHooks
 
 NUM_CLASSES = 4
 FEAT = 12
@@ -35,8 +36,9 @@ class ToyBackbone(nn.Module):
         return T.Compose(([T.RandomHorizontalFlip()] if train else []) + ops)
 
 
-class ToyModel(nn.Module):
-    """Frozen backbone + dropout + linear head + 'prompt' matrix and a scalar logit scale."""
+class ToyModel(ModelHooks, nn.Module):
+    """Frozen backbone + dropout + linear head + 'prompt' matrix and a scalar logit scale (the
+    engine's hooks, ``ModelHooks``, at their no-op defaults)."""
 
     def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = 0.2, cache_depth: int = 1) -> None:
         super().__init__()
@@ -47,6 +49,9 @@ class ToyModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(1.0))
         self.cache_depth = cache_depth
         self.calls: List[str] = []
+
+    def backbone_identity(self) -> Dict[str, object]:
+        return {"backbone": self.backbone.spec.name, "backbone_sha256": None, "backbone_weights": None}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.calls.append("images")

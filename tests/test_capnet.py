@@ -432,7 +432,7 @@ def test_logit_scale_parameter_never_exceeds_the_cap_under_sgd():
         opt.zero_grad()
         (-m.logit_scale()).backward()  # a loss that only wants a larger scale
         opt.step()
-        m.clamp_parameters_()
+        m.after_optimizer_step()
         assert m.log_logit_scale.item() <= math.log(100.0) + 1e-7
     assert m.logit_scale().item() == pytest.approx(100.0)
     assert m.log_logit_scale.grad.item() == pytest.approx(-100.0)  # at the cap the gradient still flows

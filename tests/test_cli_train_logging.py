@@ -121,4 +121,5 @@ def test_missing_tensorboard_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     with pytest.raises(CapnetError, match=r'pip install "capnet\[log\]"'):
-        EpochLog(load_config([], ["train.log.tensorboard=true"]), tmp_path, main=True)
+        cfg = load_config([], ["train.log.tensorboard=true"])
+        EpochLog(cfg.train.epochs, cfg.train.log, {}, tmp_path, main=True)

@@ -14,6 +14,7 @@ from torchvision import transforms as T
 
 from capnet.data import load_image
 from capnet.errors import DataError
+from capnet.runtime.stopwatch import Stopwatch
 from capnet.features.cache import (
     FeatureCache,
     cache_key,
@@ -200,11 +201,11 @@ def test_interrupted_fill_resumes_with_only_the_missing_rows(tmp_path, images):
     entry = RowFile.open(_entry(cache, stopped, images, upto=1).stem, _entry(cache, stopped, images, 1).key,
                          _entry(cache, stopped, images, 1).ids)
     assert entry.filled.tolist() == [True, True, False, False]  # the rows written before the stop
-    timings = {}
+    stopwatch = Stopwatch()
     resumed_model = StubBackbone()
     resumed = compute_features(resumed_model, images, transform(), upto=1, batch_size=1, cache=cache,
-                               progress=False, timings=timings)
-    assert timings["images"] == 2 and resumed_model.calls == 2
+                               progress=False, stopwatch=stopwatch)
+    assert stopwatch.images == 2 and resumed_model.calls == 2
     assert torch.equal(resumed, compute_features(StubBackbone(), images, transform(), upto=1, progress=False))
 
 

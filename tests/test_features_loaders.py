@@ -7,6 +7,7 @@ from torch.utils.data import DistributedSampler
 
 from capnet.data import ImageDataset, MultiLabelDataset, Split
 from capnet.evaluation.predict import predict_scores
+from capnet.plans import feature_plan
 from capnet.features.loaders import FeatureDataset, feature_start, make_loaders
 from capnet.runtime.seed import EpochSampler, reseed_loader
 
@@ -31,7 +32,7 @@ def test_feature_cache_loaders(tmp_path, write_jpeg):
     torch.manual_seed(0)
     model = ToyModel(dropout=0.0)
     cfg = toy_config(data={"batch_size": 4, "eval_batch_size": 2})
-    loaders = make_loaders(ds, model, cfg, cache_dir=tmp_path / "cache", device=CPU)
+    loaders = make_loaders(ds, model, feature_plan(cfg, model, CPU, tmp_path / "cache"))
     assert set(loaders) == {"train", "val", "test"}
     for name, loader in loaders.items():
         assert isinstance(loader.dataset, FeatureDataset) and feature_start(loader) == 1
@@ -45,7 +46,7 @@ def test_feature_cache_loaders(tmp_path, write_jpeg):
     model.calls.clear()
     cached, _ = predict_scores(model, loaders["test"], CPU)
     assert model.calls and all(c == "features@1" for c in model.calls)
-    images = make_loaders(ds, model, toy_config(train={"feature_cache": False}), cache_dir=None, device=CPU)
+    images = make_loaders(ds, model, feature_plan(toy_config(train={"feature_cache": False}), model, CPU, None))
     direct, targets = predict_scores(model, images["test"], CPU)
     np.testing.assert_allclose(cached, direct, atol=2e-3)
     np.testing.assert_array_equal(targets, ds.splits["test"].labels)
@@ -54,11 +55,11 @@ def test_feature_cache_loaders(tmp_path, write_jpeg):
 def test_image_loaders_and_split_selection(tmp_path, write_jpeg):
     ds = _dataset(tmp_path, write_jpeg)
     model = ToyModel(cache_depth=0)  # nothing cacheable: images even with feature_cache on
-    loaders = make_loaders(ds, model, toy_config(), cache_dir=None, device=CPU)
+    loaders = make_loaders(ds, model, feature_plan(toy_config(), model, CPU, None))
     assert all(isinstance(l.dataset, ImageDataset) and feature_start(l) is None for l in loaders.values())
     x, _, _ = next(iter(loaders["val"]))
     assert x.shape == (3, 1, 3, 8, 8)  # (batch, test-time views, C, H, W)
-    fit_only = make_loaders(ds, model, toy_config(), cache_dir=None, device=CPU, splits=("train", "val"))
+    fit_only = make_loaders(ds, model, feature_plan(toy_config(), model, CPU, None), splits=("train", "val"))
     assert set(fit_only) == {"train", "val"}  # test is never loaded for fitting
 
 
@@ -68,7 +69,7 @@ def test_train_order_depends_only_on_seed_and_epoch(tmp_path, write_jpeg):
     cfg = toy_config(data={"batch_size": 2})
 
     def order(epoch, warm_epochs):
-        loader = make_loaders(ds, model, cfg, cache_dir=None, device=CPU)["train"]
+        loader = make_loaders(ds, model, feature_plan(cfg, model, CPU, None))["train"]
         for e in range(warm_epochs):  # consume other epochs first
             reseed_loader(loader, cfg.train.seed, e)
             list(loader)
@@ -77,4 +78,4 @@ def test_train_order_depends_only_on_seed_and_epoch(tmp_path, write_jpeg):
 
     assert order(3, 0) == order(3, 2)
     assert sorted(order(3, 0)) == list(range(6)) and order(3, 0) != order(4, 0)
-    assert not isinstance(make_loaders(ds, model, cfg, cache_dir=None, device=CPU)["val"].sampler, DistributedSampler)
+    assert not isinstance(make_loaders(ds, model, feature_plan(cfg, model, CPU, None))["val"].sampler, DistributedSampler)

@@ -8,6 +8,7 @@ from PIL import Image
 from capnet.config import load_config
 from capnet.features.views import AugmentedViews, eval_views, single_view
 from capnet.models.build import build_model
+from capnet.plans import feature_plan
 
 
 def image() -> Image.Image:
@@ -21,7 +22,8 @@ def test_view_sets_stack_every_view_of_one_decoded_image(views: str, n: int) -> 
     cfg = load_config([], ["model.backbone=clip_tiny_vit.random", "model.prompts.n_ctx=4",
                            "model.gcn.hidden=8", f"tte.views={views}"])
     model = build_model(cfg, ["cat", "dog"], None)
-    stack = eval_views(model, cfg)(image())
+    plan = feature_plan(cfg, model, torch.device("cpu"))
+    stack = eval_views(model, plan)(image())
     assert stack.shape[0] == n
     eval_tf = model.backbone.transform(train=False)
     if views != "ten_crop":  # single / flip reuse the backbone's own eval transform
@@ -29,7 +31,7 @@ def test_view_sets_stack_every_view_of_one_decoded_image(views: str, n: int) -> 
     if views == "flip":
         assert torch.equal(stack[1], eval_tf(image()).flip(-1))  # mirrored after the crop, as exported graphs do
     assert torch.equal(single_view(model)(image())[0], eval_tf(image()))
-    assert repr(eval_views(model, cfg)) == repr(eval_views(model, cfg))  # a stable feature-cache key
+    assert repr(eval_views(model, plan)) == repr(eval_views(model, plan))  # a stable feature-cache key
 
 
 def test_augmented_views_depend_on_the_image_and_seed_only() -> None:

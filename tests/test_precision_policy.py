@@ -8,7 +8,8 @@ import pytest
 
 from capnet.cli import main
 from capnet.data import load_image
-from capnet.evaluation.scores import set_test_time_templates, split_scores
+from capnet.evaluation.scores import split_scores
+from capnet.plans import feature_plan
 from capnet.experiment import prepare_dataset
 from capnet.serving.run import load_run, predict_images
 
@@ -28,8 +29,8 @@ def test_predict_scores_what_eval_scored_from_the_cache(small_real: Path, tmp_pa
                  "--cache-dir", str(cache), *args]) == 0
     run = load_run(run_dir, device="cpu")
     test = prepare_dataset(run.cfg.data).splits["test"]
-    set_test_time_templates(run.model, run.cfg)
-    logits, _ = split_scores(run.model, test, run.cfg, run.device, cache)
+    run.model.set_test_time(run.cfg.tte.templates)
+    logits, _ = split_scores(run.model, test, feature_plan(run.cfg, run.model, run.device, cache))
     rows = list(predict_images(run, test.image_paths, batch_size=4))
     got = np.array([[r["scores"][c] for c in run.classes] for r in rows])
     # Batch composition moves float32 conv outputs by rounding-level amounts, which can flip a float16 rounding:
@@ -41,7 +42,7 @@ def test_predict_scores_what_eval_scored_from_the_cache(small_real: Path, tmp_pa
 
         from capnet.features.views import eval_views
 
-        views = torch.stack([eval_views(run.model, run.cfg)(load_image(p)) for p in test.image_paths])
+        views = torch.stack([eval_views(run.model, feature_plan(run.cfg, run.model, run.device))(load_image(p)) for p in test.image_paths])
         with torch.inference_mode():
             fp32 = run.model(views.flatten(0, 1)).float().view(*views.shape[:2], -1).mean(dim=1)
         assert np.abs(torch.sigmoid(fp32.double()).numpy() - want).max() > 5e-5

@@ -141,8 +141,8 @@ def test_native_bf16_is_detected_from_cpu_flags(monkeypatch):
     monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")
     assert precision.native_bf16(cpu)
     cfg = load_config([], ["train.extract_amp=auto"])
-    assert precision.extraction_amp(cfg, cpu) == "bf16"
-    assert precision.extraction_amp(load_config([], ["train.extract_amp=none"]), cpu) == "none"
+    assert precision.resolve_amp(cfg.train.extract_amp, cpu) == "bf16"
+    assert precision.resolve_amp(load_config([], ["train.extract_amp=none"]).train.extract_amp, cpu) == "none"
 
 
 def test_keep_freed_memory_applies_on_glibc_and_is_a_noop_elsewhere(monkeypatch):

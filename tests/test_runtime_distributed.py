@@ -14,6 +14,7 @@ from capnet.train import checkpoint
 from capnet.runtime import distributed
 from capnet.evaluation.predict import predict_scores
 from capnet.features.loaders import build_loader
+from capnet.plans import fit_plan
 from capnet.train.loop import fit
 
 import pytest
@@ -48,7 +49,7 @@ def _run(run_dir, text=False):
     per_rank = cfg.data.batch_size // distributed.world_size()
     train = build_loader(toy_data(16, seed=1), per_rank, True, cfg.train.seed, 0, CPU)
     val = build_loader(toy_data(7, seed=2), cfg.data.eval_batch_size, False, cfg.train.seed, 0, CPU)
-    result = fit(model, nn.BCEWithLogitsLoss(), train, val, cfg, run_dir, groups=GROUPS, class_names=CLASS_NAMES, device=CPU)
+    result = fit(model, nn.BCEWithLogitsLoss(), train, val, fit_plan(cfg), run_dir, groups=GROUPS, class_names=CLASS_NAMES, device=CPU)
     scores, targets = predict_scores(model, val, CPU)
     return model.trainable_state_dict(), scores, targets, result
 

@@ -11,7 +11,8 @@ from capnet.models.capnet import CAPNET
 from capnet.models.gcn import GCN, receptive_field
 from capnet.models.label_graph import GraphInputs, sparse_text_graph
 from capnet.models.prompts import PromptLearner
-from capnet.models.text_bank import resolve_text_budget, select_classes
+from capnet.models.heads import StepInputs
+from capnet.models.text_bank import BudgetedCAPNET, resolve_text_budget, select_classes
 from capnet.registry import GRAPHS
 
 NAMES = ["dog", "cat", "car", "person", "potted plant", "bus", "horse", "sheep", "sofa"]
@@ -80,9 +81,10 @@ def _make(class_specific=True, ensemble=True, budget=None, chunk=1024, seed=0, g
     gcn = GCN(bb.text_dim, 16, 2)
     with torch.no_grad():
         gcn.layers[-1].weight.normal_(0, gcn_weight)
-    return CAPNET(bb, C, prompt_learner=PromptLearner(bb, NAMES, n_ctx=4, class_specific=class_specific, init="a photo of a"),
-                  template_embeddings=templ, adjacency=_dense_text_graph(templ, 2, None), gcn=gcn if with_gcn else None,
-                  ensemble_templates=ensemble, text_budget=budget, text_chunk=chunk, class_residual=residual)
+    cls, extra = (CAPNET, {}) if budget is None else (BudgetedCAPNET, {"budget": budget})
+    return cls(bb, C, prompt_learner=PromptLearner(bb, NAMES, n_ctx=4, class_specific=class_specific, init="a photo of a"),
+               template_embeddings=templ, adjacency=_dense_text_graph(templ, 2, None), gcn=gcn if with_gcn else None,
+               ensemble_templates=ensemble, text_chunk=chunk, class_residual=residual, **extra)
 
 
 def _grads(model):
@@ -95,7 +97,7 @@ def test_budgeted_with_every_class_equals_exact(class_specific):
     w = torch.randn(C, 32, generator=torch.Generator().manual_seed(3))
     a = exact.class_embeddings()
     (a * w).sum().backward()
-    b = budgeted.class_embeddings(torch.arange(C))
+    b = budgeted.budgeted_embeddings(torch.arange(C))
     (b * w).sum().backward()
     assert torch.allclose(a, b, atol=1e-5)
     ga, gb = _grads(exact), _grads(budgeted)
@@ -112,7 +114,7 @@ def test_small_budget_trains_only_the_subset_and_updates_the_bank():
         m.prompt_learner.ctx.add_(torch.randn_like(m.prompt_learner.ctx))  # bank rows are now stale
     rows = torch.tensor([1, 4, 7])
     calls = m.backbone.text_calls
-    emb = m.class_embeddings(rows)
+    emb = m.budgeted_embeddings(rows)
     assert m.backbone.text_calls == calls + 1  # one text pass over the 3 rows, no refresh
     emb.sum().backward()
     grad = m.prompt_learner.ctx.grad
@@ -140,13 +142,13 @@ def test_gradient_outside_the_subset_is_owed_and_paid_when_the_class_runs():
     w1, w2 = torch.randn(C, 32, generator=gen), torch.randn(C, 32, generator=gen)
     ((exact.class_embeddings() * w1).sum() + (exact.class_embeddings() * w2).sum()).backward()
     first = torch.tensor([0, 1, 2])
-    (budgeted.class_embeddings(first) * w1).sum().backward()
+    (budgeted.budgeted_embeddings(first) * w1).sum().backward()
     owed = budgeted.text_bank.pending
     assert owed[first].abs().sum() == 0 and owed[3:].abs().sum(dim=1).gt(0).all()
     assert budgeted.prompt_learner.ctx.grad[3:].abs().sum() == 0  # not paid yet
     state = budgeted.resume_state()["text_bank.pending"]
     assert torch.equal(state, owed.cpu())
-    (budgeted.class_embeddings(torch.arange(C)) * w2).sum().backward()  # every class runs: all paid
+    (budgeted.budgeted_embeddings(torch.arange(C)) * w2).sum().backward()  # every class runs: all paid
     assert budgeted.text_bank.pending.abs().sum() == 0
     for name in ("prompt_learner.ctx", "class_residual"):
         a, b = dict(exact.named_parameters())[name].grad, dict(budgeted.named_parameters())[name].grad
@@ -158,10 +160,10 @@ def test_gradient_outside_the_subset_is_owed_and_paid_when_the_class_runs():
 def test_a_non_finite_gradient_is_not_owed():
     """A skipped fp16 step (inf / nan gradient) must not poison the classes' owed gradient."""
     m = _make(class_specific=True, ensemble=False, with_gcn=False, residual=True, budget=3)
-    emb = m.class_embeddings(torch.tensor([0, 1, 2]))
+    emb = m.budgeted_embeddings(torch.tensor([0, 1, 2]))
     (emb * torch.randn(C, 32)).sum().backward()
     owed = m.text_bank.pending.clone()
-    (m.class_embeddings(torch.tensor([3, 4, 5])) * float("inf")).sum().backward()
+    (m.budgeted_embeddings(torch.tensor([3, 4, 5])) * float("inf")).sum().backward()
     assert torch.isfinite(m.text_bank.pending).all()
     assert torch.equal(m.text_bank.pending[6:], owed[6:])  # rows outside both subsets: unchanged
 
@@ -170,7 +172,7 @@ def test_without_deferral_the_gradient_outside_the_subset_is_dropped():
     """model.text_defer=false (the ablation): nothing is owed, a later step pays nothing."""
     m = _make(class_specific=True, ensemble=False, with_gcn=False, residual=True, budget=3)
     m.text_defer = False
-    (m.class_embeddings(torch.tensor([0, 1, 2])) * torch.randn(C, 32)).sum().backward()
+    (m.budgeted_embeddings(torch.tensor([0, 1, 2])) * torch.randn(C, 32)).sum().backward()
     assert m.text_bank.pending.abs().sum() == 0
     assert m.prompt_learner.ctx.grad[3:].abs().sum() == 0 and m.class_residual.grad[3:].abs().sum() > 0
 
@@ -184,21 +186,20 @@ def test_eval_in_chunks_equals_unchunked():
         assert torch.allclose(whole.class_embeddings(), b, atol=1e-6)
 
 
-def test_text_step_selects_positives_and_is_exact_when_unbudgeted():
+def test_step_embeddings_select_positives_and_are_exact_when_unbudgeted():
     m = _make(budget=3).train()
     targets = torch.zeros(2, C)
     targets[0, 2] = targets[1, 6] = 1
     scores = torch.zeros(2, C)
     scores[1, 5] = 9.0
-    m.refresh_text_bank()
+    m.start_epoch(0)  # a full bank and the epoch's class-sampling generator
     before = m.text_bank.head.clone()
-    gen = torch.Generator().manual_seed(0)
-    m.text_step(targets, scores, gen).sum().backward()
+    m.step_class_embeddings(StepInputs(targets, scores)).sum().backward()
     changed = (m.prompt_learner.ctx.grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
     assert changed == [2, 5, 6]  # positives 2, 6, hardest negative 5 (budget 3, half of 1 slot rounds to 1)
     assert torch.equal(m.text_bank.head[0], before[0])
     exact = _make().train()
-    assert torch.equal(exact.text_step(targets, scores), exact.class_embeddings())
+    assert torch.equal(exact.step_class_embeddings(StepInputs(targets, scores)), exact.class_embeddings())
 
 
 def test_select_classes():
@@ -227,7 +228,8 @@ def test_config_forces_the_budget_and_the_sparse_graph():
     model = build_model(config_from_dict({"model": raw}), NAMES)
     assert model.text_budget == 4 and model.adjacency.is_sparse
     model.train()
-    emb = model.text_step(torch.eye(C)[:2], None, torch.Generator().manual_seed(0))
+    model.start_epoch(0)
+    emb = model.step_class_embeddings(StepInputs(torch.eye(C)[:2]))
     logits = model(torch.randn(2, 3, 32, 32), emb)
     logits.sum().backward()
     rows = (model.prompt_learner.ctx.grad.abs().sum(dim=(1, 2)) > 0).sum()
@@ -259,7 +261,7 @@ def test_budgeted_step_backward_under_bf16_autocast(sparse):
     if sparse:
         m.adjacency = m.adjacency.to_sparse().coalesce()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        emb = m.class_embeddings(torch.tensor([0, 4, 8]))
+        emb = m.budgeted_embeddings(torch.tensor([0, 4, 8]))
         logits = m(torch.randn(2, 3, 32, 32), emb)
     logits.float().sum().backward()
     assert m.gcn.layers[0].weight.grad.abs().sum() > 0 and m.prompt_learner.ctx.grad[[0, 4, 8]].abs().sum() > 0
@@ -279,7 +281,7 @@ def test_adamw_step_keeps_rows_outside_the_budgeted_subset():
         sel = rows if step != 1 else torch.tensor([0, 1, 2])
         before = m.prompt_learner.ctx.detach().clone()
         moments = {k: v.clone() for k, v in opt.state.get(m.prompt_learner.ctx, {}).items() if torch.is_tensor(v) and v.dim()}
-        m.class_embeddings(sel).pow(2).sum().backward()
+        m.budgeted_embeddings(sel).pow(2).sum().backward()
         keep = KeepRows(m, opt)
         opt.step()
         keep.restore(opt)
@@ -291,7 +293,7 @@ def test_adamw_step_keeps_rows_outside_the_budgeted_subset():
             assert torch.equal(opt.state[m.prompt_learner.ctx][k][rest], v[rest]), k
     # without the restore the same step moves the other rows (decay + stale moments): the guard matters
     before = m.prompt_learner.ctx.detach().clone()
-    m.class_embeddings(rows).pow(2).sum().backward()
+    m.budgeted_embeddings(rows).pow(2).sum().backward()
     opt.step()
     assert not torch.equal(m.prompt_learner.ctx.detach()[others], before[others])
 
@@ -307,7 +309,7 @@ def test_keep_rows_steps_only_the_subset_as_a_full_step_then_restore_would():
         gen = torch.Generator().manual_seed(0)
         for _ in range(5):
             rows = torch.randperm(C, generator=gen)[:3]
-            (m.class_embeddings(rows) * torch.randn(C, 32, generator=gen)).sum().backward()
+            (m.budgeted_embeddings(rows) * torch.randn(C, 32, generator=gen)).sum().backward()
             ctx = m.prompt_learner.ctx
             if proxy:
                 keep = KeepRows(m, opt)

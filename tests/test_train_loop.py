@@ -9,6 +9,7 @@ from torch import nn
 
 from capnet.train import checkpoint
 from capnet.features.loaders import build_loader
+from capnet.plans import fit_plan
 from capnet.train.loop import fit
 from capnet.errors import CapnetError, CheckpointError, TrainingError
 
@@ -28,7 +29,7 @@ def _setup(n_train=20, **sections):
 
 def _fit(run_dir, resume=False, callbacks=None, loss_fn=None, **sections):
     cfg, model, train, val = _setup(**sections)
-    result = fit(model, loss_fn or nn.BCEWithLogitsLoss(), train, val, cfg, run_dir, resume=resume,
+    result = fit(model, loss_fn or nn.BCEWithLogitsLoss(), train, val, fit_plan(cfg), run_dir, resume=resume,
                  callbacks=callbacks, groups=GROUPS, class_names=CLASS_NAMES, device=CPU)
     return model, result
 
@@ -111,12 +112,12 @@ def test_log_csv_and_selection(tmp_path):
 
 def test_select_last_without_val(tmp_path):
     cfg, model, train, _ = _setup(train={"epochs": 2, "select": "last"})
-    result = fit(model, nn.BCEWithLogitsLoss(), train, None, cfg, tmp_path, device=CPU)
+    result = fit(model, nn.BCEWithLogitsLoss(), train, None, fit_plan(cfg), tmp_path, device=CPU)
     assert result.best_epoch == 2 and result.best_val_map is None
     assert "val_mAP" not in result.history[0]
     cfg_val, model, train, _ = _setup(train={"epochs": 1})
     with pytest.raises(TrainingError, match="needs a validation loader"):
-        fit(model, nn.BCEWithLogitsLoss(), train, None, cfg_val, tmp_path, device=CPU)
+        fit(model, nn.BCEWithLogitsLoss(), train, None, fit_plan(cfg_val), tmp_path, device=CPU)
 
 
 def _big_batch_and_accumulated(tmp_path, model_cls, epochs, accum_batch, accum):
@@ -129,7 +130,7 @@ def _big_batch_and_accumulated(tmp_path, model_cls, epochs, accum_batch, accum):
                                   train={"epochs": epochs, "select": "last", "grad_accum": steps})
         torch.manual_seed(0)
         model = model_cls(dropout=0.0)
-        fit(model, nn.BCEWithLogitsLoss(), train, None, cfg, tmp_path / sub, device=CPU)
+        fit(model, nn.BCEWithLogitsLoss(), train, None, fit_plan(cfg), tmp_path / sub, device=CPU)
         models.append(model)
     return models
 
@@ -187,18 +188,18 @@ def _budgeted_capnet(budget):
 
 @pytest.mark.parametrize("budget", [2, None])
 def test_budgeted_text_branch_in_the_loop(tmp_path, budget):
-    """model.text_budget=2 of 4 classes: the loop drives text_step (each step runs 2 prompts
+    """model.text_budget=2 of 4 classes: the loop drives step_class_embeddings (each step runs 2 prompts
     through the text tower, after one full bank pass per epoch); resume reproduces the run exactly."""
     opts = dict(train={"epochs": 3, "grad_accum": 2}, optim={"lr": 0.2, "warmup_epochs": 1})
     runs = {}
     for name, resume in (("a", False), ("b", False), ("b", True)):
         cfg, _, train, val = _setup(**opts)
         model = _budgeted_capnet(budget)
-        assert model.text_budget == budget
+        assert getattr(model, "text_budget", None) == budget  # None: the exact CAPNET, no budget at all
         calls = model.backbone.text_calls
         callbacks = [_crash_after(2)] if name == "b" and not resume else None
         try:
-            result = fit(model, nn.BCEWithLogitsLoss(), train, val, cfg, tmp_path / name, resume=resume,
+            result = fit(model, nn.BCEWithLogitsLoss(), train, val, fit_plan(cfg), tmp_path / name, resume=resume,
                          callbacks=callbacks, groups=GROUPS, class_names=CLASS_NAMES, device=CPU)
         except Crash:
             continue
@@ -211,3 +212,60 @@ def test_budgeted_text_branch_in_the_loop(tmp_path, budget):
     for k, v in a.trainable_state_dict().items():
         assert torch.equal(b.trainable_state_dict()[k], v), k
     assert [r["train_loss"] for r in res_a.history] == [r["train_loss"] for r in res_b.history]
+
+
+class HookedToy(TextToyModel):
+    """Records every engine hook call (ClassifierBase's contract) and owes one resume tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log = []
+        self.steps_seen = torch.zeros(())
+
+    def start_epoch(self, seed):
+        self.log.append(("start_epoch", seed))
+
+    def step_class_embeddings(self, step):
+        assert step.targets.shape[1] == self.ctx.shape[0]
+        self.log.append(("step", step.scores is None))
+        return self.class_embeddings()
+
+    def step_rows(self):
+        self.log.append(("rows",))
+        return None
+
+    def after_optimizer_step(self):
+        self.log.append(("after",))
+        self.steps_seen += 1
+
+    def resume_state(self):
+        return {"steps_seen": self.steps_seen.clone()}
+
+    def load_resume_state(self, state):
+        self.steps_seen = state["steps_seen"].clone()
+
+
+def test_the_loop_calls_each_declared_hook_in_order_and_resume_restores_model_state(tmp_path):
+    """The loop's contract with a model, observed from the model: one start_epoch per epoch with a
+    seed fixed by (train.seed, epoch); per optimiser step one text pass (the first one without
+    previous scores), then step_rows and after_optimizer_step; resume_state survives a resume."""
+    cfg = toy_config(train={"epochs": 3, "grad_accum": 2})
+    train = build_loader(toy_data(16, seed=1), cfg.data.batch_size, True, cfg.train.seed, 0, CPU)  # 4 batches
+    val = build_loader(toy_data(8, seed=2), cfg.data.eval_batch_size, False, cfg.train.seed, 0, CPU)
+    torch.manual_seed(0)
+    straight = HookedToy()
+    fit(straight, nn.BCEWithLogitsLoss(), train, val, fit_plan(cfg), tmp_path / "a", device=CPU)
+    seeds = [e[1] for e in straight.log if e[0] == "start_epoch"]
+    assert len(seeds) == 3 and len(set(seeds)) == 3
+    per_epoch = straight.log[: straight.log.index(("start_epoch", seeds[1]))]
+    assert per_epoch == [("start_epoch", seeds[0]), ("step", True), ("rows",), ("after",), ("step", False), ("rows",), ("after",)]
+    assert int(straight.steps_seen) == 3 * 2
+    torch.manual_seed(0)
+    crashed = HookedToy()
+    with pytest.raises(Crash):
+        fit(crashed, nn.BCEWithLogitsLoss(), train, val, fit_plan(cfg), tmp_path / "b", device=CPU,
+            callbacks=[_crash_after(1)])
+    resumed = HookedToy()
+    fit(resumed, nn.BCEWithLogitsLoss(), train, val, fit_plan(cfg), tmp_path / "b", resume=True, device=CPU)
+    assert [e[1] for e in resumed.log if e[0] == "start_epoch"] == seeds[1:]  # the same seeds as uninterrupted
+    assert int(resumed.steps_seen) == 3 * 2  # 2 restored from last.safetensors + 4 stepped after the resume

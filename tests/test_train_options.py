@@ -12,6 +12,7 @@ import capnet.runtime.precision as precision
 from capnet.config import ConfigError, config_hash, load_config
 from capnet.errors import CapnetError
 from capnet.features.loaders import build_loader
+from capnet.plans import feature_plan, fit_plan
 from capnet.train.loop import fit
 
 from _toys import CLASS_NAMES, GROUPS, ToyModel, toy_config, toy_data
@@ -27,7 +28,7 @@ class ClampedToy(ToyModel):
         self.clamps = 0
 
     @torch.no_grad()
-    def clamp_parameters_(self) -> None:
+    def after_optimizer_step(self) -> None:
         self.clamps += 1
         self.logit_scale.clamp_(max=1.0)
 
@@ -36,7 +37,7 @@ def _fit(model, tmp_path, **sections):
     cfg = toy_config(**sections)
     train = build_loader(toy_data(16, seed=1), cfg.data.batch_size, True, cfg.train.seed, 0, CPU)
     val = build_loader(toy_data(8, seed=2), cfg.data.eval_batch_size, False, cfg.train.seed, 0, CPU)
-    return fit(model, nn.BCEWithLogitsLoss(), train, val, cfg, tmp_path, groups=GROUPS, class_names=CLASS_NAMES,
+    return fit(model, nn.BCEWithLogitsLoss(), train, val, fit_plan(cfg), tmp_path, groups=GROUPS, class_names=CLASS_NAMES,
                device=CPU)
 
 
@@ -52,10 +53,10 @@ def test_loop_clamps_after_every_optimiser_step(tmp_path) -> None:
 def test_amp_auto_follows_native_bf16(monkeypatch, native: bool, want: str) -> None:
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     cfg = load_config([], ["train.amp=auto"])
-    assert precision.train_amp(cfg, CPU) == want
+    assert precision.resolve_amp(cfg.train.amp, CPU) == want
     ctx = precision.autocast(CPU, "auto")
     assert isinstance(ctx, torch.autocast) == native
-    assert precision.train_amp(load_config([], ["train.amp=fp16"]), CPU) == "fp16"  # explicit values stay
+    assert precision.resolve_amp(load_config([], ["train.amp=fp16"]).train.amp, CPU) == "fp16"  # explicit values stay
     with pytest.raises(ConfigError, match="train.amp='bf32'"):
         load_config([], ["train.amp=bf32"])
 
@@ -117,5 +118,5 @@ def test_augment_seed_changes_the_cached_augmentations(monkeypatch) -> None:
     model = ToyModel()
     for seed in (0, 5):
         cfg = load_config([], ["train.augment_views=2", f"train.augment_seed={seed}", "data.val_seed=9"])
-        views.train_features(model, split, cfg, CPU, None)
+        views.train_features(model, split, feature_plan(cfg, model, CPU))
     assert seen == [None, 0, None, 5]

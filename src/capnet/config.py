@@ -83,6 +83,18 @@ class PEFTConfig:
 
 
 @dataclass(frozen=True)
+class TextBudgetConfig:
+    """The budgeted text branch (models/text_bank.py, docs/scale.md); ``model.text_budget=N`` sets ``classes``."""
+
+    classes: Optional[int] = None  # classes through the text tower per training step; null: auto; >= C: exact
+    exact_up_to: int = 100  # auto: every class every step up to this many classes (VOC 20, COCO 80, NUS-WIDE 81)
+    auto: int = 32  # auto: classes per step above exact_up_to
+    hard_fraction: float = 0.5  # share of the non-positive slots given to the top-scored negatives (rest random)
+    refresh_every: int = 0  # re-embed every class (no grad, in chunks) every N steps; 0: once per epoch
+    defer: bool = True  # carry the gradient of classes outside a step's subset to their next step (false: drop it)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     kind: str = "capnet"  # MODEL_KINDS key: capnet | linear_probe | zeroshot
     backbone: str = "vgg19_minilm.offline"  # BACKBONES key ("arch.tag")
@@ -95,12 +107,7 @@ class ModelConfig:
     class_residual: bool = False  # per-class residual on the text classifier (LIFT-style), zero-init
     residual_gate: Optional[float] = None  # scale class c's residual by min(1, n_c / this), n_c its training positives; null: 1
     center_features: bool = False  # subtract the training-set mean image feature before the cosine
-    text_budget: Optional[int] = None  # classes through the text tower per training step; null: auto (docs/scale.md); >= C: exact
-    text_exact_up_to: int = 100  # auto: every class every step up to this many classes (VOC 20, COCO 80, NUS-WIDE 81)
-    text_auto_budget: int = 32  # auto: classes per step above text_exact_up_to
-    text_hard_fraction: float = 0.5  # budgeted: share of the non-positive slots given to the top-scored negatives (rest random)
-    text_refresh_every: int = 0  # budgeted: re-embed every class (no grad, in chunks) every N steps; 0: only at the first step
-    text_defer: bool = True  # budgeted: carry the gradient of classes outside a step's subset to their next step (false: drop it)
+    text_budget: TextBudgetConfig = field(default_factory=TextBudgetConfig)  # classes per training step (large C)
     text_chunk: int = 1024  # classes per text-tower pass when all classes are embedded without grad (eval, bank refresh)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
@@ -270,8 +277,8 @@ def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     merged: Dict[str, Any] = {}
     for base in raw.pop("base", []) or []:
-        merged = _deep_merge(merged, read_yaml(path.parent / base))
-    return _deep_merge(merged, raw)
+        merged = _deep_merge(merged, _upgrade(read_yaml(path.parent / base)))
+    return _deep_merge(merged, _upgrade(raw))
 
 
 def parse_override(text: str) -> Dict[str, Any]:
@@ -293,9 +300,31 @@ def parse_override(text: str) -> Dict[str, Any]:
     return node
 
 
+# Flat keys of the budgeted text branch before it became the ``model.text_budget`` section
+# (run directories saved then still load).
+_LEGACY_TEXT_KEYS = {"text_exact_up_to": "exact_up_to", "text_auto_budget": "auto", "text_hard_fraction": "hard_fraction",
+                     "text_refresh_every": "refresh_every", "text_defer": "defer"}
+
+
+def _upgrade(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``model.text_budget: N`` (or null) is short for ``{classes: N}``; legacy flat keys move in."""
+    model = raw.get("model")
+    if not isinstance(model, Mapping):
+        return raw
+    model = dict(model)
+    budget = model.get("text_budget", {})
+    budget = dict(budget) if isinstance(budget, Mapping) else {"classes": budget}
+    for old, new in _LEGACY_TEXT_KEYS.items():
+        if old in model:
+            budget[new] = model.pop(old)
+    if budget or "text_budget" in model:
+        model["text_budget"] = budget
+    return {**raw, "model": model}
+
+
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
     """Validate a plain dict into a frozen Config."""
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, _upgrade(raw), "")
     validate(cfg)
     return cfg
 
@@ -304,9 +333,9 @@ def load_config(paths: Sequence[Union[str, Path]] = (), overrides: Sequence[str]
     """Merge YAML files then ``key=value`` overrides (the order in the module docstring)."""
     merged: Dict[str, Any] = {}
     for p in paths:
-        merged = _deep_merge(merged, read_yaml(p))
+        merged = _deep_merge(merged, _upgrade(read_yaml(p)))
     for o in overrides:
-        merged = _deep_merge(merged, parse_override(o))
+        merged = _deep_merge(merged, _upgrade(parse_override(o)))
     try:
         return config_from_dict(merged)
     except ConfigError as err:
@@ -337,7 +366,7 @@ def is_key_under(key: str, keys: Sequence[str]) -> bool:
 
 
 _LATER_DEFAULTS = {
-    "model": {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("text_") or f.name == "residual_gate"},
+    "model": {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k.startswith("text_") or k == "residual_gate"},
     "graph": {"sparse": None, "chunk": 2048},
 }
 
@@ -397,12 +426,13 @@ def validate(cfg: Config) -> None:
     if len(set(cfg.data.exclude_classes)) != len(cfg.data.exclude_classes):
         raise ConfigError(f"data.exclude_classes lists a class twice: {cfg.data.exclude_classes}")
     m = cfg.model
-    if (m.text_budget is not None and m.text_budget < 1) or m.text_auto_budget < 1 or m.text_chunk < 1 or m.graph.chunk < 1:
-        raise ConfigError("model.text_budget, model.text_auto_budget, model.text_chunk and model.graph.chunk must be >= 1")
+    b = m.text_budget
+    if (b.classes is not None and b.classes < 1) or b.auto < 1 or m.text_chunk < 1 or m.graph.chunk < 1:
+        raise ConfigError("model.text_budget.classes, model.text_budget.auto, model.text_chunk and model.graph.chunk must be >= 1")
     if m.residual_gate is not None and not m.residual_gate > 0:
         raise ConfigError(f"model.residual_gate={m.residual_gate} must be > 0 (or null for no gate)")
-    if not 0.0 <= m.text_hard_fraction <= 1.0 or m.text_refresh_every < 0:
-        raise ConfigError("model.text_hard_fraction must be in [0, 1] and model.text_refresh_every >= 0")
+    if not 0.0 <= b.hard_fraction <= 1.0 or b.refresh_every < 0:
+        raise ConfigError("model.text_budget.hard_fraction must be in [0, 1] and model.text_budget.refresh_every >= 0")
     subset = cfg.data.subset
     if subset is not None and not (0.0 < subset < 1.0 or (subset >= 1 and float(subset).is_integer())):
         raise ConfigError(f"data.subset={subset} must be a whole number of images >= 1 or a fraction in (0, 1)")

@@ -12,34 +12,35 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 
-from capnet.cache import capnet_cache_dir
 from capnet.config import Config, DataConfig, config_hash, replace, save_config
 from capnet.data import Split
 from capnet.errors import CapnetError, DataError
 from capnet.evaluation.records import write_run_record
-from capnet.evaluation.scores import set_test_time_templates, split_scores
+from capnet.evaluation.scores import split_scores
 from capnet.features.loaders import make_loaders
+from capnet.features.plan import FeaturePlan
 from capnet.features.preflight import (
     SKIPPED_FILE,
     preflight_images,
     skipped_summary,
     write_skipped,
 )
-from capnet.features.views import cache_depth, eval_views, single_view, split_features
-from capnet.fileio import write_json_atomic
+from capnet.features.views import eval_views, single_view, split_features
+from capnet.fileio import capnet_cache_dir, write_json_atomic
 from capnet.report import write_report
 from capnet.runtime import distributed
-from capnet.runtime.precision import extraction_amp, train_amp
-from capnet.runtime.resources import runtime_config
+from capnet.models.heads import ClassifierBase
+from capnet.plans import feature_plan, fit_plan, resolve_runtime
+from capnet.registry import FEATURE_FITS
+from capnet.runtime.precision import resolve_amp
 from capnet.runtime.seed import seed_everything
+from capnet.runtime.stopwatch import Stopwatch
 from capnet.train import checkpoint
 from capnet.train.loop import fit
 
@@ -94,128 +95,101 @@ def merged_train(ds: Any) -> Any:
     return dataclasses.replace(ds, splits={"train": both, **splits}, class_groups=ds.class_groups)
 
 
-class _Clock:
-    """Wall seconds per phase for the report; image-feature work is split out of every phase."""
-
-    def __init__(self, timings: Dict[str, float]) -> None:
-        self.seconds: Dict[str, float] = {}
-        self.timings = timings
-        self._t, self._features = time.perf_counter(), 0.0
-
-    def _feature_seconds(self) -> float:
-        return self.timings.get("decode_wait_s", 0.0) + self.timings.get("tower_s", 0.0)
-
-    def lap(self, phase: str) -> None:
-        now, features = time.perf_counter(), self._feature_seconds()
-        spent = features - self._features
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t - spent
-        self.seconds["image features"] = self.seconds.get("image features", 0.0) + spent
-        self._t, self._features = now, features
-
-
-def _center(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
-            timings: Dict[str, float]) -> None:
+def _center(model: ClassifierBase, ds: Any, plan: FeaturePlan) -> None:
     """Give a centring model the mean final image feature of the training split (eval view)."""
-    if getattr(model, "feature_mean", None) is None:
+    if not model.needs_feature_mean():
         return
-    depth = cache_depth(model, cfg)
+    depth, device = plan.cached_depth, plan.device
     split = ds.splits["train"]
     with torch.inference_mode():
         if depth > 0:
-            feats = split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)
+            feats = split_features(model, split.image_paths, single_view(model), plan)
             final = [model.backbone.image_suffix(feats[i:i + 256, 0].to(device), depth).float()
                      for i in range(0, len(feats), 256)]
         else:  # no cache: one pass of the (still zero-initialised) image branch over train
             from capnet.data import ImageDataset
             from capnet.features.loaders import build_loader
 
-            loader = build_loader(ImageDataset(split, model.backbone.transform(train=False)), cfg.data.eval_batch_size,
-                                  False, cfg.train.seed, cfg.data.num_workers, device)
+            loader = build_loader(ImageDataset(split, model.backbone.transform(train=False)), plan.eval_batch_size,
+                                  False, plan.seed, plan.num_workers, device)
             final = [model.image_features(x.to(device)).float() for x, _, _ in loader]
     model.set_feature_mean(torch.cat(final).mean(dim=0))
 
 
-def _fit_probe(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
-               timings: Dict[str, float]) -> Dict[str, Any]:
-    """Fit a head on cached final features (``evaluation.probe.FEATURE_FIT_KINDS``: the scikit-learn
-    probe, ZS-LP, CLAP), choosing on val under the test-time views; returns its selection record."""
+def _fit_on_features(model: ClassifierBase, ds: Any, kind: str, plan: FeaturePlan, refit: bool) -> Dict[str, Any]:
+    """Fit a head on cached final features (``FEATURE_FITS``: the scikit-learn probe, ZS-LP, CLAP),
+    choosing on val under the test-time views; returns its selection record."""
     from capnet.evaluation.probe import fit_feature_head
 
-    depth = cache_depth(model, cfg)
-    if depth != model.backbone.num_image_stages:
-        raise CapnetError(f"model.kind={cfg.model.kind} reads cached final features: set train.feature_cache=true "
+    if plan.cached_depth != model.backbone.num_image_stages:
+        raise CapnetError(f"model.kind={kind} reads cached final features: set train.feature_cache=true "
                           "and model.peft.method=none")
 
     def features(name: str, views: Any) -> Tuple[np.ndarray, np.ndarray]:
         split = ds.splits[name]
-        feats = split_features(model, split.image_paths, views, cfg, device, cache_dir, timings)
+        feats = split_features(model, split.image_paths, views, plan)
         return feats[:].numpy(), split.labels  # FeatureRows: read every row (final features are small)
 
     x, y = features("train", single_view(model))
-    val = features("val", eval_views(model, cfg)) if "val" in ds.splits else None
-    return fit_feature_head(model, cfg.model.kind, (x[:, 0], y), val, refit=cfg.train.refit, seed=cfg.train.seed)
+    val = features("val", eval_views(model, plan)) if "val" in ds.splits else None
+    return fit_feature_head(model, kind, (x[:, 0], y), val, refit=refit, seed=plan.seed)
 
 
-def _train(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device, cache_dir: Optional[Path],
-           resume: bool, timings: Dict[str, float]) -> Any:
+def _train(model: ClassifierBase, ds: Any, cfg: Config, run_dir: Path, plan: FeaturePlan, resume: bool) -> Any:
     """Gradient training with validation selection (``fit``); returns its FitResult."""
     from capnet.losses import build_loss
 
-    if hasattr(model, "ensemble_templates"):
-        model.ensemble_templates = False  # template ensembling is a test-time step
+    model.set_test_time(False)  # template ensembling is a test-time step
     loss_fn = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]),
                          class_names=ds.classes)
     # Only train/val here: test is scored once, after selection, with its test-time views.
-    loaders = make_loaders(ds, model, cfg, cache_dir=cache_dir, device=device, splits=("train", "val"), timings=timings)
-    _center(model, ds, cfg, device, cache_dir, timings)
-    return fit(model, loss_fn, loaders["train"], loaders.get("val"), cfg, run_dir, resume=resume,
-               groups=ds.groups(), class_names=ds.classes, device=device)
+    loaders = make_loaders(ds, model, plan, splits=("train", "val"))
+    _center(model, ds, plan)
+    return fit(model, loss_fn, loaders["train"], loaders.get("val"), fit_plan(cfg), run_dir, resume=resume,
+               groups=ds.groups(), class_names=ds.classes, device=plan.device)
 
 
-def fit_and_select(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device,
+def fit_and_select(model: ClassifierBase, ds: Any, cfg: Config, run_dir: Path, device: torch.device,
                    cache_dir: Optional[Path], resume: bool = False,
-                   timings: Optional[Dict[str, float]] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+                   stopwatch: Optional[Stopwatch] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Fit ``model`` on train and select on val: the probe's C, or the epoch of gradient training.
 
     Returns the per-epoch history and a record with ``val_mAP`` (of the selection) plus either
     ``probe`` or ``selected_epoch``. Test is not touched (``benchmarks/sweep_val.py`` relies on it).
     """
-    timings = {} if timings is None else timings
-    from capnet.evaluation.probe import FEATURE_FIT_KINDS
-
-    if cfg.model.kind in FEATURE_FIT_KINDS:
-        probe = _fit_probe(model, ds, cfg, device, cache_dir, timings)
+    plan = feature_plan(cfg, model, device, cache_dir, stopwatch)
+    if cfg.model.kind in FEATURE_FITS:
+        probe = _fit_on_features(model, ds, cfg.model.kind, plan, cfg.train.refit)
         return [], {"probe": probe, "val_mAP": probe.get("val_mAP")}
     if not any(p.requires_grad for p in model.parameters()):
         return [], {}
-    result = _train(model, ds, cfg, run_dir, device, cache_dir, resume, timings)
+    result = _train(model, ds, cfg, run_dir, plan, resume)
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
     record = {"selected_epoch": result.best_epoch, "val_mAP": result.best_val_map,
               "val": {k: best.get(f"val_{k}") for k in ("mAP", "head", "medium", "tail")}}
     return result.history, record
 
 
-def _thresholds(model: nn.Module, ds: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
-                timings: Dict[str, float]) -> np.ndarray:
+def _thresholds(model: ClassifierBase, ds: Any, plan: FeaturePlan, templates: bool) -> np.ndarray:
     """Per-class F1-optimal probability thresholds on val (0.5 without val), test-time views on."""
     from capnet.metrics import best_thresholds
 
     if "val" not in ds.splits:
         return np.full(ds.num_classes, 0.5)
-    set_test_time_templates(model, cfg)
-    logits, targets = split_scores(model, ds.splits["val"], cfg, device, cache_dir, timings)
+    model.set_test_time(templates)
+    logits, targets = split_scores(model, ds.splits["val"], plan)
     return 1.0 / (1.0 + np.exp(-best_thresholds(logits.astype(np.float64), targets, default=0.0)))
 
 
-def evaluate_and_write(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, device: torch.device,
-                       cache_dir: Optional[Path], history: List[Dict[str, float]], header: Dict[str, Any],
-                       thresholds: np.ndarray, timings: Dict[str, float]) -> Dict[str, Any]:
+def evaluate_and_write(model: ClassifierBase, ds: Any, plan: FeaturePlan, templates: bool, run_dir: Path,
+                       history: List[Dict[str, float]], header: Dict[str, Any],
+                       thresholds: np.ndarray) -> Dict[str, Any]:
     """Metrics on test (mAP on logits; F1 at the val thresholds), then metrics.json + report.md + plots."""
     from capnet.metrics import f1_report, map_report
 
-    set_test_time_templates(model, cfg)
+    model.set_test_time(templates)
     groups = ds.groups()
-    logits, targets = split_scores(model, ds.splits["test"], cfg, device, cache_dir, timings)
+    logits, targets = split_scores(model, ds.splits["test"], plan)
     metrics = map_report(logits, targets, groups, list(ds.classes))
     metrics["thresholds"] = {c: float(t) for c, t in zip(ds.classes, thresholds)}
     f1 = f1_report(1.0 / (1.0 + np.exp(-logits.astype(np.float64))), targets, thresholds)
@@ -239,12 +213,11 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
     """
     from capnet.models.build import build_model
 
-    timings: Dict[str, float] = {}
-    clock = _Clock(timings)
+    clock = Stopwatch()
     run_dir = Path(run_dir)
     seed_everything(cfg.train.seed)
     device = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s).device
-    run_cfg = runtime_config(cfg)
+    run_cfg = resolve_runtime(cfg)
     ds = prepare_dataset(cfg.data)
     ds, skipped = preflight_images(ds, skip_bad_images, cache_dir)
     clock.lap("read and check the data")
@@ -259,21 +232,22 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
             log.warning("the %s reader dropped %d image(s) (%s); listed in %s", cfg.data.reader, len(ds.dropped),
                         ds.dropped[0][1], run_dir / DROPPED_FILE)
     clock.lap("build the model")
-    history, extra = fit_and_select(model, ds, run_cfg, run_dir, device, cache_dir, resume, timings)
-    thresholds = _thresholds(model, ds, run_cfg, device, cache_dir, timings)
+    history, extra = fit_and_select(model, ds, run_cfg, run_dir, device, cache_dir, resume, clock)
+    thresholds = _thresholds(model, ds, feature_plan(run_cfg, model, device, cache_dir, clock), cfg.tte.templates)
     if cfg.train.refit and "selected_epoch" in extra and "val" in ds.splits:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, ds.classes, ds.splits["train"].labels).to(device)  # same graph as selection
         refit_cfg = replace(run_cfg, train=replace(run_cfg.train, epochs=max(1, extra["selected_epoch"]), select="last"))
-        refit = _train(model, merged_train(ds), refit_cfg, run_dir / "refit", device, cache_dir, resume, timings)
+        refit = _train(model, merged_train(ds), refit_cfg, run_dir / "refit",
+                       feature_plan(refit_cfg, model, device, cache_dir, clock), resume)
         history = history + [{**row, "refit": 1} for row in refit.history]
     clock.lap("train")
     if distributed.is_main():
         checkpoint.save_model(model, run_dir / "model.safetensors", ds.classes, train_statistics(ds))
     header = {"name": run_dir.name, "dataset": f"{ds.name} ({cfg.data.root})", "backbone": cfg.model.backbone,
               "model": cfg.model.kind, "loss": cfg.loss.name, "PEFT": cfg.model.peft.method,
-              "test-time views": cfg.tte.views, "feature precision": extraction_amp(cfg, device),
-              "training precision": train_amp(cfg, device),
+              "test-time views": cfg.tte.views, "feature precision": resolve_amp(cfg.train.extract_amp, device),
+              "training precision": resolve_amp(cfg.train.amp, device),
               "train/val/test images":
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}
     if cfg.data.resplit_folds:
@@ -284,11 +258,12 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         header["skipped images"] = skipped_summary(skipped)
     if ds.dropped:
         header["dropped by the reader"] = f"{len(ds.dropped)} (listed in {DROPPED_FILE})"
-    metrics = evaluate_and_write(model, ds, run_cfg, run_dir, device, cache_dir, history, header, thresholds, timings)
+    metrics = evaluate_and_write(model, ds, feature_plan(run_cfg, model, device, cache_dir, clock), cfg.tte.templates,
+                                 run_dir, history, header, thresholds)
     clock.lap("evaluate on test")
     metrics.update(extra)
-    metrics["seconds"] = sum(clock.seconds.values())
-    metrics["time_breakdown"] = time_breakdown(clock.seconds, timings)
+    metrics["seconds"] = clock.total()
+    metrics["time_breakdown"] = clock.breakdown()
     metrics["skipped_images"] = len(skipped)
     metrics["dropped_images"] = len(ds.dropped)
     metrics["config_sha256"] = config_hash(cfg)
@@ -299,15 +274,6 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         append_time_breakdown(run_dir / "report.md", metrics["time_breakdown"])
     distributed.cleanup()
     return metrics
-
-
-def time_breakdown(phases: Dict[str, float], timings: Dict[str, float]) -> Dict[str, float]:
-    """Seconds per phase; image features split into waiting for JPEG decoding and the tower itself."""
-    out = {k: round(v, 2) for k, v in phases.items()}
-    out["image features: images through the tower"] = int(timings.get("images", 0))
-    out["image features: waiting for decode"] = round(timings.get("decode_wait_s", 0.0), 2)
-    out["image features: in the tower"] = round(timings.get("tower_s", 0.0), 2)
-    return out
 
 
 def finished_run(run_dir: Path, cfg: Config) -> Optional[Dict[str, Any]]:

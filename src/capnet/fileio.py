@@ -1,4 +1,5 @@
-"""Atomic file writes: readers never see half a file, a crash leaves the old one intact."""
+"""Files: atomic writes (readers never see half a file, a crash leaves the old one intact) and
+where capnet keeps what it derives (``capnet_cache_dir``)."""
 from __future__ import annotations
 
 import errno
@@ -107,3 +108,13 @@ def sha256_of(files: Iterable[PathLike]) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def capnet_cache_dir() -> Path:
+    """``$CAPNET_CACHE`` (``~`` expanded) or ``~/.cache/capnet``.
+
+    Image features, the extracted MiniLM, weight digests, the text bridge's keys and stratified
+    split indices live under it; deleting it costs time, never results.
+    """
+    root = os.environ.get("CAPNET_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "capnet"

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     """Resolve the demo config and data inside the checkout, then train and report."""
     from capnet.config import load_config
     from capnet.experiment import default_cache_dir, train_run
+    from capnet.plans import tune_process
     from capnet.report import summary_table
 
     root = repo_root()
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config([config], overrides)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     t0 = time.perf_counter()
+    tune_process(cfg)  # threads and allocator, once per process
     metrics = train_run(cfg, Path(args.out), cache_dir=cache)
     if not is_rank_zero():
         return 0

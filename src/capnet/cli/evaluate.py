@@ -75,6 +75,7 @@ def check_split_images(ds: Any, split: str, skip: bool, cache: Optional[Path]) -
 def run(args: argparse.Namespace) -> int:
     """Evaluate a trained run on a dataset split; prints the table and optionally writes JSON."""
     from capnet.config import load_config
+    from capnet.plans import tune_process
     from capnet.serving.run import evaluate_run, load_eval_dataset, load_run
     from capnet.experiment import default_cache_dir
     from capnet.fileio import write_json_atomic
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     class_map = parse_class_map(args.class_map)
     run_obj = load_run(Path(args.run), device=args.device, overrides=run_overrides(args))
+    tune_process(run_obj.cfg)  # threads and allocator, once per process
     overrides = with_data_root(list(args.overrides), args.data_dir, args.reader, args.split_dir)
     if args.data_dir and not args.split_dir:
         overrides.append("data.split_dir=null")  # the run's split folder belongs to the run's data

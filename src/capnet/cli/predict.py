@@ -50,6 +50,7 @@ def parse_class_list(text: str) -> List[str]:
 def run(args: argparse.Namespace) -> int:
     """Print a JSON line per image: labels above the per-class (validation-chosen) thresholds."""
     from capnet.cli._common import run_overrides
+    from capnet.plans import tune_process
     from capnet.serving.run import load_run, predict_images
 
     images, skipped = collect_images(args.images)
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"no images to predict in {', '.join(args.images)}")
     added = parse_class_list(args.add_classes) if args.add_classes is not None else None
     loaded = load_run(Path(args.run), device=args.device, add_classes=added, overrides=run_overrides(args))
+    tune_process(loaded.cfg)  # threads and allocator, once per process
     failed = 0
     for row in predict_images(loaded, images, batch_size=args.batch_size):
         if "error" in row:

@@ -14,10 +14,12 @@ def run(args: argparse.Namespace) -> int:
     from capnet.data.check import BadImagesError
     from capnet.features.preflight import SKIPPED_FILE
     from capnet.experiment import default_cache_dir, train_run
+    from capnet.plans import tune_process
     from capnet.report import summary_table
 
     cfg = resolve_config(args.config, args.overrides)
     cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    tune_process(cfg)  # threads and allocator, once per process
     try:
         metrics = train_run(cfg, Path(args.out), resume=args.resume, cache_dir=cache,
                             skip_bad_images=args.skip_bad_images)

@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from capnet.cache import capnet_cache_dir
+from capnet.fileio import capnet_cache_dir
 from capnet.fileio import write_json_atomic
 
 Indices = Tuple[np.ndarray, np.ndarray]

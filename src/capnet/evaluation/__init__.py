@@ -1,5 +1,8 @@
 """Scores and metrics of a model over a loader or a whole split (views averaged in logit space),
-and the scikit-learn linear probe.
+and the baselines fitted in closed loop on cached final features (``FEATURE_FITS``: the
+scikit-learn linear probe, ZS-LP, CLAP), each registered by its model kind's name.
 
-May import ``capnet.features`` and ``capnet.runtime``; never training, serving or the CLI.
+May import ``capnet.features``, ``capnet.models`` (the contract) and ``capnet.runtime``; never
+training, serving or the CLI.
 """
+from capnet.evaluation import probe, zs_probe  # noqa: F401  (fill FEATURE_FITS)

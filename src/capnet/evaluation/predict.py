@@ -15,41 +15,47 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from capnet.errors import CapnetError
-from capnet.features.loaders import ModelForward, feature_start
+from capnet.features.loaders import FeatureDataset, feature_start
+from capnet.models.heads import ClassifierBase, ModelForward
 from capnet.runtime import distributed
 from capnet.runtime.precision import autocast
 
 
 def batch_logits(forward: nn.Module, inputs: torch.Tensor, start: Optional[int], tte: bool,
-                 feature_views: bool = False) -> torch.Tensor:
+                 feature_views: bool = False, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, C) float32 logits; a batch of views ((B, V, 3, H, W) images, or (B, V, ...) cached
     features when ``feature_views``) is averaged over V in logit space."""
     if (start is None and inputs.ndim == 5) or feature_views:
         b, v = inputs.shape[:2]
         if v > 1 and not tte:
             raise CapnetError(f"the loader yields {v} views per image but tte=False: enable TTE or use a single view")
-        return forward(inputs.flatten(0, 1), start).float().view(b, v, -1).mean(dim=1)
-    return forward(inputs, start).float()
+        return forward(inputs.flatten(0, 1), start, class_embeddings).float().view(b, v, -1).mean(dim=1)
+    return forward(inputs, start, class_embeddings).float()
 
 
-def predict_scores(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "none",
+def predict_scores(model: ClassifierBase, loader: DataLoader, device: torch.device, amp: str = "none",
                    tte: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Logits (float32) and targets (N, C), in dataset order, gathered over processes.
 
     The loader yields ``(images | views | cached features, target, index)``; rows are placed
     by ``index`` so padding added by a DistributedSampler is dropped and every sample appears
-    once. The model's train/eval mode is restored afterwards.
+    once. The class embeddings are computed once (float32, as the heads compute them) and shared
+    by every batch. The model's train/eval mode is restored afterwards.
     """
     start = feature_start(loader)
-    feature_views = bool(getattr(loader.dataset, "multi_view", False))
+    feature_views = isinstance(loader.dataset, FeatureDataset) and loader.dataset.multi_view
     forward = ModelForward(model)
     was_training = model.training
     model.eval()
+    device = torch.device(device)
     scores, targets, indices = [], [], []
     try:
-        with torch.inference_mode(), autocast(torch.device(device), amp):
+        with torch.inference_mode(), autocast(device, amp):
+            with torch.autocast(device.type, enabled=False):
+                class_embeddings = model.class_embeddings()
             for inputs, target, index in loader:
-                logits = batch_logits(forward, inputs.to(device, non_blocking=True), start, tte, feature_views)
+                logits = batch_logits(forward, inputs.to(device, non_blocking=True), start, tte, feature_views,
+                                      class_embeddings)
                 scores.append(logits.float().cpu().numpy())
                 targets.append(np.asarray(target, dtype=np.float32))
                 indices.append(np.asarray(index, dtype=np.int64))

@@ -19,8 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from capnet.registry import FEATURE_FITS
+
 DEFAULT_CS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # inverse L2 strengths tried on validation
-FEATURE_FIT_KINDS = ("linear_probe", "zs_linear_probe", "clap")  # model kinds fitted on cached final features
 
 
 @dataclass
@@ -94,22 +95,18 @@ def select_and_fit(train: Tuple[np.ndarray, np.ndarray], val: Optional[Tuple[np.
     return chosen
 
 
+@FEATURE_FITS.register("linear_probe")
+def fit_linear_probe(model: Any, train: Tuple[np.ndarray, np.ndarray], val: Optional[Tuple[np.ndarray, np.ndarray]],
+                     refit: bool = False, seed: int = 0) -> Dict[str, Any]:
+    """The scikit-learn probe: C chosen on val, optionally refitted on train + val; loaded into the head."""
+    fitted = select_and_fit(train, val, refit=refit)
+    model.load_fit(fitted.coef, fitted.intercept, fitted.mean, fitted.scale)
+    best = max(fitted.val_map.values()) if fitted.val_map else None
+    return {"C": fitted.C, "val_mAP_by_C": fitted.val_map, "refit": refit, "val_mAP": best}
+
+
 def fit_feature_head(model: Any, kind: str, train: Tuple[np.ndarray, np.ndarray],
                      val: Optional[Tuple[np.ndarray, np.ndarray]], refit: bool = False, seed: int = 0) -> Dict[str, Any]:
-    """Fit ``model``'s head for ``kind`` on (N, D) train features, choosing on (M, V, D) val
-    features; load the fit into the model and return the selection record (``val_mAP`` included)."""
-    if kind == "linear_probe":
-        fitted = select_and_fit(train, val, refit=refit)
-        model.load_fit(fitted.coef, fitted.intercept, fitted.mean, fitted.scale)
-        best = max(fitted.val_map.values()) if fitted.val_map else None
-        return {"C": fitted.C, "val_mAP_by_C": fitted.val_map, "refit": refit, "val_mAP": best}
-    if kind in ("zs_linear_probe", "clap"):
-        from capnet.evaluation.zs_probe import fit_zs_probe
-
-        if refit:
-            raise ValueError(f"model.kind={kind} chooses its step on validation and is not refitted: set train.refit=false")
-        fitted = fit_zs_probe(train, val, model.zeroshot_weight.cpu().numpy(), float(model.fixed_logit_scale),
-                              clap=kind == "clap", seed=seed)
-        model.load_fit(fitted.weight, fitted.bias)
-        return {**fitted.record(), "refit": False}
-    raise ValueError(f"model.kind={kind} is not fitted on features (kinds: {', '.join(FEATURE_FIT_KINDS)})")
+    """Fit ``model``'s head for ``kind`` (a ``FEATURE_FITS`` name) on (N, D) train features, choosing
+    on (M, V, D) val features; load the fit into the model and return the selection record."""
+    return FEATURE_FITS.build(kind, model, train, val, refit=refit, seed=seed)

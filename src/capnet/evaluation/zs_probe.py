@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capnet.registry import FEATURE_FITS
+
 ZS_LRS = (1e-4, 3e-4, 1e-3, 3e-3)  # Adam learning rates tried on validation
 ZS_DECAYS = (0.0, 0.01, 0.1)  # ZS-LP: L2 strength on w (mean over classes of |w_c|^2), tried on validation
 MAX_STEPS = 300  # full-batch steps; the step is chosen on validation every EVAL_EVERY
@@ -155,3 +157,22 @@ def fit_zs_probe(train: Tuple[np.ndarray, np.ndarray], val: Optional[Tuple[np.nd
     val_map, lr, decay, step, (weight, bias) = best
     return ZSFit(weight.numpy(), bias.numpy(), lr, decay, step, val_map,
                  None if lam is None else lam.numpy(), tried)
+
+
+def _fit_kind(clap: bool):
+    def fit(model: Any, train: Tuple[np.ndarray, np.ndarray], val: Optional[Tuple[np.ndarray, np.ndarray]],
+            refit: bool = False, seed: int = 0) -> Dict[str, Any]:
+        kind = "clap" if clap else "zs_linear_probe"
+        if refit:
+            raise ValueError(f"model.kind={kind} chooses its step on validation and is not refitted: set train.refit=false")
+        fitted = fit_zs_probe(train, val, model.zeroshot_weight.cpu().numpy(), float(model.fixed_logit_scale),
+                              clap=clap, seed=seed)
+        model.load_fit(fitted.weight, fitted.bias)
+        return {**fitted.record(), "refit": False}
+
+    fit.__doc__ = f"{'CLAP' if clap else 'ZS-LP'} on cached final features (``fit_zs_probe``), loaded into the head."
+    return fit
+
+
+FEATURE_FITS.register("zs_linear_probe")(_fit_kind(clap=False))
+FEATURE_FITS.register("clap")(_fit_kind(clap=True))

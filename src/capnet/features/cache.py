@@ -39,7 +39,6 @@ from typing import (
     Iterator,
     List,
     Mapping,
-    MutableMapping,
     Optional,
     Sequence,
     Tuple,
@@ -55,6 +54,7 @@ from capnet.features.full_disk import go_on_without_cache
 from capnet.features.store import FORMAT_VERSION, FeatureRows, RowFile
 from capnet.runtime import distributed
 from capnet.runtime.progress import on_terminal
+from capnet.runtime.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class _ImageFiles(torch.utils.data.Dataset):
 def _tower_batches(backbone: Any, paths: Sequence[Path], rows: np.ndarray, transform: Callable, upto: int,
                    batch_size: int, num_workers: int, device: torch.device,
                    autocast: contextlib.AbstractContextManager, progress: bool,
-                   timings: Optional[MutableMapping[str, float]]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+                   stopwatch: Optional[Stopwatch]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """(rows, stored prefix features) per batch of ``paths[rows]``, decoding in ``num_workers`` processes."""
     loader = torch.utils.data.DataLoader(_ImageFiles([paths[i] for i in rows], transform), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -300,10 +300,8 @@ def _tower_batches(backbone: Any, paths: Sequence[Path], rows: np.ndarray, trans
                 tic = time.perf_counter()
     finally:
         backbone.train(was_training)
-        if timings is not None:
-            timings["images"] = timings.get("images", 0) + start
-            timings["decode_wait_s"] = timings.get("decode_wait_s", 0.0) + waited
-            timings["tower_s"] = timings.get("tower_s", 0.0) + tower
+        if stopwatch is not None:
+            stopwatch.add_features(start, waited, tower)
 
 
 def feature_rows(
@@ -317,7 +315,7 @@ def feature_rows(
     cache: Optional[FeatureCache] = None,
     progress: bool = True,
     amp: str = "none",
-    timings: Optional[MutableMapping[str, float]] = None,
+    stopwatch: Optional[Stopwatch] = None,
 ) -> FeatureRows:
     """(N, ...) outputs of ``backbone.image_prefix(., upto)`` as rows read on demand (float32).
 
@@ -325,8 +323,8 @@ def feature_rows(
     ranks) and are read per batch; without, they are computed here and held in memory.
     ``amp`` ("none" | "bf16" | "fp16") runs the tower under autocast and is part of the cache
     key. ``backbone`` must already sit on ``device``; its train/eval mode is restored afterwards.
-    ``timings`` (if given) accumulates images computed, seconds waiting for decoding and
-    seconds in the tower.
+    ``stopwatch`` (if given) counts the images computed, the seconds waiting for decoding and
+    the seconds in the tower.
     """
     from capnet.runtime.precision import autocast as make_autocast
 
@@ -338,7 +336,7 @@ def feature_rows(
     def produce(rows: np.ndarray) -> Batches:
         log.info("feature cache: computing %d of %d images (stage %d)", len(rows), len(paths), upto)
         return _tower_batches(backbone, paths, rows, transform, upto, batch_size, num_workers, device,
-                              make_autocast(device, amp), progress, timings)
+                              make_autocast(device, amp), progress, stopwatch)
 
     if cache is None:
         chunks = [values for _, values in produce(np.arange(len(paths)))]
@@ -352,8 +350,8 @@ def feature_rows(
         entry = fill_missing(cache, entry, produce)
     except OSError as err:  # a full disk: warn once and compute without the cache (same values)
         go_on_without_cache(cache.root, err)
-        return feature_rows(backbone, paths, transform, upto, batch_size, num_workers, device, None, progress,
-                            amp, timings)
+        return feature_rows(backbone, paths, transform, upto, batch_size=batch_size, num_workers=num_workers,
+                            device=device, cache=None, progress=progress, amp=amp, stopwatch=stopwatch)
     rows = entry.rows()
     entry.close()
     return rows

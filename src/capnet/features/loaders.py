@@ -1,27 +1,24 @@
 """DataLoaders for train / val / test: image pipelines, or cached frozen-prefix features.
 
-When ``train.feature_cache`` is on and the model has a cacheable frozen visual prefix
-(``model.frozen_image_stages() > 0``), each split's prefix features are computed once per image
+When the plan caches a frozen visual prefix (``FeaturePlan.cached_depth > 0``: ``train.feature_cache``
+on and ``model.frozen_image_stages() > 0``), each split's prefix features are computed once per image
 (``src/capnet/features/views.py``; stored under ``cache_dir`` when given). Training features are (N, V, ...):
 the eval view plus ``train.augment_views`` cached augmentations, of which each epoch draws one per
 image (``FeatureDataset.set_epoch``), so cached training still sees augmentation.
 
 A feature loader's dataset carries the stage its features start at (``FeatureDataset.start``);
-:class:`ModelForward` routes a batch to ``model(images)`` or ``model.forward_features(x, start)``
-so ``fit`` / ``evaluate`` handle both kinds of loader transparently (and DDP still sees one
-``forward`` call).
+``models.heads.ModelForward`` routes a batch to ``model(images)`` or
+``model.forward_features(x, start)``, so ``fit`` / ``evaluate`` handle both kinds of loader.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from capnet.config import Config
+from capnet.features.plan import FeaturePlan
 from capnet.runtime import distributed
 from capnet.runtime.seed import EpochSampler, epoch_seed, make_generator, seed_worker
 
@@ -76,22 +73,7 @@ class FeatureDataset(Dataset):
 
 def feature_start(loader: DataLoader) -> Optional[int]:
     """The stage a loader's cached features start at, or None when it yields images."""
-    return getattr(loader.dataset, "start", None) if isinstance(loader.dataset, FeatureDataset) else None
-
-
-class ModelForward(nn.Module):
-    """``forward(inputs, start)``: images -> ``model(inputs)``; features -> ``forward_features``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor, start: Optional[int] = None,
-                class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        extra = {} if class_embeddings is None else {"class_embeddings": class_embeddings}
-        if start is None:
-            return self.model(inputs, **extra)
-        return self.model.forward_features(inputs, start, **extra)
+    return loader.dataset.start if isinstance(loader.dataset, FeatureDataset) else None
 
 
 def _sampler(size: int, train: bool, seed: int) -> Optional[Sampler]:
@@ -117,25 +99,18 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, num_
     )
 
 
-def make_loaders(dataset: Any, model: Any, cfg: Config, *, cache_dir: Optional[Path], device: torch.device,
-                 splits: Sequence[str] = SPLITS, timings: Optional[MutableMapping[str, float]] = None
-                 ) -> Dict[str, DataLoader]:
+def make_loaders(dataset: Any, model: Any, plan: FeaturePlan, splits: Sequence[str] = SPLITS) -> Dict[str, DataLoader]:
     """Loaders for those of ``splits`` that ``dataset`` has: train with its cached views (or the
     train transform on images), val/test with the test-time views, so model selection judges
     the model as it will be used (``capnet.evaluation.scores.split_scores`` scores test the same way).
 
-    ``data.batch_size`` is the global batch of one optimisation step: with N processes each
+    ``plan.batch_size`` is the global batch of one optimisation step: with N processes each
     loads ``batch_size // N``.
     """
     from capnet.data import ImageDataset
-    from capnet.features.views import (
-        cache_depth,
-        eval_views,
-        split_features,
-        train_features,
-    )
+    from capnet.features.views import eval_views, split_features, train_features
 
-    depth = cache_depth(model, cfg)
+    depth = plan.cached_depth
     world = distributed.world_size()
     loaders: Dict[str, DataLoader] = {}
     for name in splits:
@@ -144,15 +119,15 @@ def make_loaders(dataset: Any, model: Any, cfg: Config, *, cache_dir: Optional[P
         split, train = dataset.splits[name], name == "train"
         if depth > 0:
             if train:
-                feats = train_features(model, split, cfg, device, cache_dir, timings)
-                data: Dataset = FeatureDataset(feats, split.labels, depth, sample_views=True, seed=cfg.train.seed)
+                data: Dataset = FeatureDataset(train_features(model, split, plan), split.labels, depth,
+                                               sample_views=True, seed=plan.seed)
             else:
-                feats = split_features(model, split.image_paths, eval_views(model, cfg), cfg, device, cache_dir, timings)
+                feats = split_features(model, split.image_paths, eval_views(model, plan), plan)
                 data = FeatureDataset(feats, split.labels, depth, multi_view=True)
             workers = 0  # tensors already in memory
         else:
-            data = ImageDataset(split, model.backbone.transform(train=True) if train else eval_views(model, cfg))
-            workers = cfg.data.num_workers
-        batch = max(1, cfg.data.batch_size // world) if train else cfg.data.eval_batch_size
-        loaders[name] = build_loader(data, batch, train, cfg.train.seed, workers, device)
+            data = ImageDataset(split, model.backbone.transform(train=True) if train else eval_views(model, plan))
+            workers = plan.num_workers
+        batch = max(1, plan.batch_size // world) if train else plan.eval_batch_size
+        loaders[name] = build_loader(data, batch, train, plan.seed, workers, plan.device)
     return loaders

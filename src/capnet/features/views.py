@@ -10,16 +10,20 @@ the test-time views.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-from typing import Any, Callable, MutableMapping, Optional, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
 
-from capnet.config import Config
 from capnet.features.cache import FeatureCache, feature_rows
+from capnet.features.plan import FeaturePlan
 from capnet.features.store import ConcatViews, FeatureRows
 from capnet.runtime import distributed
+
+
+# The single view ignores the resize scale, but its description (part of the feature-cache key)
+# records it: the value tte.resize_scale defaults to, so existing caches stay valid.
+SINGLE_RESIZE_SCALE = 1.15
 
 
 class AugmentedViews:
@@ -45,52 +49,38 @@ class AugmentedViews:
         return f"AugmentedViews(k={self.k}, seed={self.seed}, transform={inner})"
 
 
-def eval_views(model: nn.Module, cfg: Config) -> Callable:
-    """The (V, 3, H, W) test-time view set of ``cfg.tte.views`` on the backbone's eval transform."""
-    from capnet.models.tte import build_view_transform
+def eval_views(model: nn.Module, plan: FeaturePlan) -> Callable:
+    """The (V, 3, H, W) test-time view set of ``plan.views`` on the backbone's eval transform."""
+    from capnet.models.tte import view_set
 
-    backbone = model.backbone
-    return build_view_transform(cfg.tte, backbone.spec, backbone.transform(train=False))
+    return view_set(plan.views, plan.resize_scale, model.backbone.spec, model.backbone.transform(train=False))
 
 
 def single_view(model: nn.Module) -> Callable:
     """The backbone's eval transform as a one-view stack (what training validates with)."""
-    from capnet.config import TTEConfig
-    from capnet.models.tte import build_view_transform
+    from capnet.models.tte import view_set
 
-    backbone = model.backbone
-    return build_view_transform(TTEConfig(views="single"), backbone.spec, backbone.transform(train=False))
+    return view_set("single", SINGLE_RESIZE_SCALE, model.backbone.spec, model.backbone.transform(train=False))
 
 
-def cache_depth(model: nn.Module, cfg: Config) -> int:
-    """How deep the frozen prefix is cached (0: no cache, images every time)."""
-    return model.frozen_image_stages() if cfg.train.feature_cache else 0
-
-
-def split_features(model: nn.Module, paths: Any, transform: Callable, cfg: Config, device: torch.device,
-                   cache_dir: Optional[Path], timings: Optional[MutableMapping[str, float]] = None) -> FeatureRows:
+def split_features(model: nn.Module, paths: Any, transform: Callable, plan: FeaturePlan) -> FeatureRows:
     """(N, V, ...) cached prefix features of ``paths`` under a stacked-view ``transform``.
 
     Rows are read from the on-disk cache per batch (``FeatureRows``): ``feats[i]`` and
     ``feats[a:b, 0]`` give float32 tensors. Under DDP every rank extracts its shard of the
     missing images (``capnet.features.cache.fill_missing``) and then reads the whole array.
     """
-    from capnet.runtime.precision import extraction_amp
-
-    cache = FeatureCache(cache_dir) if cache_dir is not None else None
-    return feature_rows(model.backbone, paths, transform, cache_depth(model, cfg),
-                        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-                        device=device, cache=cache, progress=distributed.is_main(),
-                        amp=extraction_amp(cfg, device), timings=timings)
+    cache = FeatureCache(plan.cache_dir) if plan.cache_dir is not None else None
+    return feature_rows(model.backbone, paths, transform, plan.cached_depth,
+                        batch_size=plan.eval_batch_size, num_workers=plan.num_workers,
+                        device=plan.device, cache=cache, progress=distributed.is_main(),
+                        amp=plan.extract_amp, stopwatch=plan.stopwatch)
 
 
-def train_features(model: nn.Module, split: Any, cfg: Config, device: torch.device, cache_dir: Optional[Path],
-                   timings: Optional[MutableMapping[str, float]] = None) -> Union[FeatureRows, ConcatViews]:
-    """(N, 1 + K, ...): the eval view, then ``train.augment_views`` cached augmentations (read lazily)."""
-    eval_view = split_features(model, split.image_paths, single_view(model), cfg, device, cache_dir, timings)
-    if cfg.train.augment_views == 0:
+def train_features(model: nn.Module, split: Any, plan: FeaturePlan) -> Union[FeatureRows, ConcatViews]:
+    """(N, 1 + K, ...): the eval view, then ``plan.augment_views`` cached augmentations (read lazily)."""
+    eval_view = split_features(model, split.image_paths, single_view(model), plan)
+    if plan.augment_views == 0:
         return eval_view
-    aug = AugmentedViews(model.backbone.transform(train=True), cfg.train.augment_views, cfg.train.augment_seed)
-    return ConcatViews([eval_view, split_features(model, split.image_paths, aug, cfg, device, cache_dir, timings)])
-
-
+    aug = AugmentedViews(model.backbone.transform(train=True), plan.augment_views, plan.augment_seed)
+    return ConcatViews([eval_view, split_features(model, split.image_paths, aug, plan)])

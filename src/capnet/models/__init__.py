@@ -1,4 +1,10 @@
-"""CAPNET and its parts. Importing this package fills BACKBONES, PEFT, GRAPHS and MODEL_KINDS."""
+"""CAPNET and its parts. Importing this package fills BACKBONES, PEFT, GRAPHS and MODEL_KINDS.
+
+``heads.ClassifierBase`` is the contract with the engine: every hook the training loop,
+evaluation, the feature cache and serving call is declared there with a no-op default.
+``text_bank.BudgetedCAPNET`` is CAPNET with a per-step class budget (large class counts only).
+A model knows no training loop and no config beyond what ``build.py`` hands it.
+"""
 from capnet.models import backbones, peft  # noqa: F401  (register backbones and PEFT methods)
 from capnet.models import label_graph  # noqa: F401  (registers the GRAPHS sources)
 from capnet.models.build import MODEL_KINDS, build_model

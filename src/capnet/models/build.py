@@ -20,7 +20,7 @@ from capnet.models.gcn import GCN
 from capnet.models.heads import ClassifierBase, LinearProbe, ZeroShot, ZeroShotLinearProbe, backbone_logit_scale
 from capnet.models.label_graph import GraphInputs
 from capnet.models.prompts import PromptLearner
-from capnet.models.text_bank import resolve_text_budget
+from capnet.models.text_bank import BudgetedCAPNET, resolve_text_budget
 from capnet.registry import BACKBONES, GRAPHS, Registry
 
 MODEL_KINDS = Registry("model kind")
@@ -97,7 +97,11 @@ def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_
 
         peft = apply_peft(m.peft.method, backbone.visual, **m.peft.options)
     need_templates = prompts is None or cfg.tte.templates
-    return CAPNET(
+    b = m.text_budget
+    budget = resolve_text_budget(len(class_names), b.classes, b.exact_up_to, b.auto)
+    budgeted = {} if budget is None else {"budget": budget, "hard_fraction": b.hard_fraction,
+                                          "refresh_every": b.refresh_every, "defer": b.defer}
+    return (CAPNET if budget is None else BudgetedCAPNET)(
         backbone,
         len(class_names),
         prompt_learner=prompts,
@@ -113,11 +117,8 @@ def build_capnet(cfg: Config, backbone: Backbone, class_names: List[str], train_
         class_residual=m.class_residual,
         residual_gate=residual_gate(train_labels, len(class_names), m.residual_gate) if m.class_residual else None,
         center_features=m.center_features,
-        text_budget=resolve_text_budget(len(class_names), m.text_budget, m.text_exact_up_to, m.text_auto_budget),
-        text_hard_fraction=m.text_hard_fraction,
-        text_refresh_every=m.text_refresh_every,
-        text_defer=m.text_defer,
         text_chunk=m.text_chunk,
+        **budgeted,
     )
 
 

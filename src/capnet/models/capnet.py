@@ -1,8 +1,8 @@
 """CAPNET: the correlation adaptation prompt network (arXiv 2511.20641, Sec. 3).
 
 Text branch (once per call, for all C classes; cached in eval mode under no_grad; without grad
-the text tower runs in chunks of ``text_chunk`` classes; with ``text_budget`` a training step runs
-only a subset of classes and reads the rest from a bank, ``text_bank.py``, ``text_step``):
+the text tower runs in chunks of ``text_chunk`` classes; ``text_bank.BudgetedCAPNET`` runs only
+a subset of classes per training step and reads the rest from a bank):
     E_prompt = PromptLearner()                      (or fixed template-ensemble embeddings)
     E        = E_prompt + residual * GCN(A, E_prompt)  (Sec. 3.3; zero-init => E = E_prompt)
     W        = normalize(text_proj(E))               (text_proj only for unaligned towers)
@@ -27,7 +27,7 @@ logits (the same logit-space averaging as the image views in tte.py).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,6 @@ from capnet.models.backbones.base import Backbone
 from capnet.models.gcn import GCN
 from capnet.models.heads import ClassifierBase, cosine_logits
 from capnet.models.prompts import EvalCache, PromptLearner
-from capnet.models.text_bank import TextBank, select_classes
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learned temperature
 LOG_MAX_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)  # the cap on the parameter (open_clip clamps the log)
@@ -75,11 +74,7 @@ class CAPNET(ClassifierBase):
         class_residual: bool = False,
         residual_gate: Optional[torch.Tensor] = None,
         center_features: bool = False,
-        text_budget: Optional[int] = None,
-        text_hard_fraction: float = 0.5,
-        text_refresh_every: int = 0,
         text_chunk: int = 1024,
-        text_defer: bool = True,
     ) -> None:
         super().__init__(backbone, peft)
         if prompt_learner is None and template_embeddings is None:
@@ -117,13 +112,9 @@ class CAPNET(ClassifierBase):
         self.register_buffer("feature_mean", torch.zeros(backbone.image_dim) if center_features else None)
         self._ensemble_templates = ensemble_templates
         self._cache = EvalCache()
-        # Budgeted text branch (text_bank.py): None = every class every step (exact).
-        if text_budget is not None and text_budget < 1 or text_chunk < 1:
-            raise CapnetError(f"CAPNET: text_budget ({text_budget}) and text_chunk ({text_chunk}) must be >= 1")
-        self.text_budget = text_budget
-        self.text_hard_fraction, self.text_refresh_every, self.text_chunk = text_hard_fraction, text_refresh_every, text_chunk
-        self.text_defer = bool(text_defer)
-        self.text_bank = TextBank()
+        if text_chunk < 1:
+            raise CapnetError(f"CAPNET: text_chunk ({text_chunk}) must be >= 1")
+        self.text_chunk = text_chunk
 
     # ---------------------------------------------------------------- text branch
     @property
@@ -151,13 +142,41 @@ class CAPNET(ClassifierBase):
         """Load as the base class does, then cap the scale (runs saved before the in-place clamp
         could hold a log scale above log(100); their forward capped its value at 100)."""
         super().load_trainable_state_dict(state)
-        self.clamp_parameters_()
+        self.after_optimizer_step()
 
     @torch.no_grad()
-    def clamp_parameters_(self) -> None:
+    def after_optimizer_step(self) -> None:
         """Project the learned log logit scale back to <= log(100) (called after each optimiser step)."""
         if isinstance(self.log_logit_scale, nn.Parameter):
             self.log_logit_scale.clamp_(max=LOG_MAX_LOGIT_SCALE)
+
+    def set_test_time(self, templates: bool) -> bool:
+        """Template ensembling on (``tte.templates``, when the model has prompts and templates) or off."""
+        before = self.ensemble_templates
+        self.ensemble_templates = bool(templates and self.prompt_learner is not None and self.template_embeddings is not None)
+        return before
+
+    def needs_feature_mean(self) -> bool:
+        """Built with ``center_features``: the engine passes the training set's mean feature."""
+        return self.feature_mean is not None
+
+    def run_state(self) -> Dict[str, torch.Tensor]:
+        """The label graph (dense or sparse), the feature mean and the residual gate, when present."""
+        named = {"graph.adjacency": self.adjacency, "model.feature_mean": self.feature_mean,
+                 "model.residual_gate": self.residual_gate}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def load_run_state(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """Restore ``run_state``'s tensors into the slots this model was built with."""
+        if "graph.adjacency" in tensors and self.adjacency is not None:
+            adj = tensors["graph.adjacency"]
+            self.adjacency = adj.coalesce() if adj.is_sparse else adj.float()
+            self._cache.clear()
+        if "model.feature_mean" in tensors and self.feature_mean is not None:
+            self.set_feature_mean(tensors["model.feature_mean"])
+        if "model.residual_gate" in tensors and self.residual_gate is not None:
+            with torch.no_grad():
+                self.residual_gate.copy_(tensors["model.residual_gate"].to(self.residual_gate))
 
     def set_feature_mean(self, mean: torch.Tensor) -> None:
         """Centre image features on ``mean`` (the training set's, from the engine)."""
@@ -222,90 +241,18 @@ class CAPNET(ClassifierBase):
             residual = residual * gate.unsqueeze(-1)
         return F.normalize(F.normalize(out, dim=-1) + residual.float(), dim=-1)
 
-    def class_embeddings(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def class_embeddings(self) -> torch.Tensor:
         """(C, D) class embeddings, unit-norm (a mean of two unit-norm rows when ensembling).
 
-        ``rows`` (1-D class indices): the budgeted branch (``text_bank.py``): only those classes
-        run, with grad; every other row is the bank's, detached; the bank takes the new rows.
+        Cached in eval mode without grad, keyed on the versions of every tensor the text branch
+        reads: an evaluation runs the text tower once, however many batches or ``eval()`` calls.
         """
-        if rows is not None:
-            return self._budgeted(rows)
         key = self._text_tensors()
         cached = self._cache.get(self.training, key)
         if cached is not None:
             return cached
         out = self._embed(None if self.prompt_learner is None else self._all_prompts())
         return self._cache.put(self.training, key, out)
-
-    def refresh_text_bank(self) -> None:
-        """Recompute every bank row without grad (text tower in chunks of ``text_chunk`` classes)."""
-        with torch.no_grad():
-            prompt = None if self.prompt_learner is None else self._all_prompts()
-            self.text_bank.fill(prompt, self._embed_head(prompt))
-
-    def _budgeted(self, rows: torch.Tensor) -> torch.Tensor:
-        """Every class's embedding: ``rows`` recomputed with grad, the rest from the bank (``text_bank.py``)."""
-        bank = self.text_bank
-        if not bank.ready or (self.text_refresh_every and bank.steps >= self.text_refresh_every):
-            self.refresh_text_bank()
-        rows = torch.unique(rows.long()).to(bank.head.device)
-        fresh_prompt = None if self.prompt_learner is None else self.prompt_learner(rows).float()
-        prompt = None if fresh_prompt is None else bank.prompt.index_copy(0, rows, fresh_prompt)
-        fresh = self._embed_head(prompt, rows).float()
-        bank.update(rows, fresh_prompt, fresh)
-        self._step_rows = rows
-        if self.text_defer:
-            head = bank.leaf().index_copy(0, rows, bank.settle(rows, fresh))
-        else:  # the ablation: the gradient of classes outside the subset is dropped
-            head = bank.head.index_copy(0, rows, fresh)
-        return self._with_residual(head)
-
-    def resume_state(self) -> Dict[str, torch.Tensor]:
-        """Training state outside the weights and the optimiser: the budgeted branch's owed gradient."""
-        pending = self.text_bank.pending
-        return {} if pending is None else {"text_bank.pending": pending.detach().cpu()}
-
-    def load_resume_state(self, state: Dict[str, torch.Tensor]) -> None:
-        """Restore what ``resume_state`` returned (the bank's rows are recomputed at the next step)."""
-        if "text_bank.pending" in state:
-            self.text_bank.pending = state["text_bank.pending"].float().to(self.log_logit_scale.device)
-
-    def budgeted_rows(self) -> Optional[Tuple[torch.Tensor, List[nn.Parameter]]]:
-        """The last budgeted step's class rows and the per-class parameters only they train.
-
-        The training loop keeps every other row of these parameters (and their optimiser moments)
-        as they were: with Adam-style moments and decoupled weight decay, a row outside the subset
-        would otherwise keep moving without a gradient (``train.loop.KeepRows``), and its owed
-        gradient (``text_bank.py``) would no longer match its prompt. The class residual gets its
-        gradient on every row, every step, so it is not among them.
-        """
-        rows = getattr(self, "_step_rows", None)
-        if rows is None:
-            return None
-        params = [p for p in (getattr(self.prompt_learner, "ctx", None),)
-                  if isinstance(p, nn.Parameter) and p.requires_grad and p.dim() >= 1 and p.shape[0] == self.num_classes]
-        return (rows, params) if params else None
-
-    def text_step(self, targets: torch.Tensor, scores: Optional[torch.Tensor] = None,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The class embeddings of one optimiser step (the training loop's hook).
-
-        Exact branch, eval mode or no grad: ``class_embeddings()``. Budgeted: ``text_budget``
-        classes chosen from ``targets`` (N, C) (positives), ``scores`` (M, C) (their max over
-        rows ranks the negatives; e.g. the last step's logits) and ``generator`` (random fill).
-        Under DDP pass the same (all-reduced) inputs and generator on every rank.
-        """
-        if self.text_budget is None or not self.training or not torch.is_grad_enabled():
-            return self.class_embeddings()
-        positives = targets.detach().reshape(-1, self.num_classes).gt(0).any(0)
-        hardness = None if scores is None else scores.detach().float().reshape(-1, self.num_classes).amax(0)
-        rows = select_classes(positives, hardness, self.text_budget, self.text_hard_fraction, generator)
-        return self.class_embeddings(rows)
-
-    def train(self, mode: bool = True) -> "CAPNET":
-        """Switch modes and drop the cached class embeddings."""
-        self._cache.clear()
-        return super().train(mode)
 
     # --------------------------------------------------------------------- logits
     def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:

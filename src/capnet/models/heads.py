@@ -1,13 +1,27 @@
-"""The model contract shared by CAPNET and its baselines, and the two baseline heads.
+"""The model contract shared by CAPNET and its baselines, and the baseline heads.
 
-Every model kind (``capnet``, ``linear_probe``, ``zeroshot``) is a ``ClassifierBase``: the
-engine calls forward / forward_features / frozen_image_stages / param_groups /
-trainable_state_dict and never needs to know which one it holds. The backbone stays frozen
-and in eval mode (BatchNorm statistics of RN50/VGG never drift, so cached features stay valid).
+Every model kind (``capnet``, ``linear_probe``, ``zeroshot``, ...) is a ``ClassifierBase``. The
+engine (train/, evaluation/, features/, serving/) calls only what this class declares, and
+never probes a model for optional attributes: every hook below has a no-op default, so a kind
+overrides what it uses. The hooks, in the order a run calls them:
+
+- ``needs_feature_mean`` / ``set_feature_mean``: centring on the training set's mean feature;
+- ``set_test_time``: switch the text side between its training and its deployed form;
+- ``frozen_image_stages`` / ``forward_features`` / ``forward``: where image work may be cached;
+- ``param_groups`` / ``text_parameter_names``: what the optimiser and DDP see;
+- per epoch ``start_epoch``; per optimiser step ``step_class_embeddings`` (the text pass all
+  micro-batches share), ``step_rows`` (rows the optimiser step must leave as they are) and
+  ``after_optimizer_step`` (project parameters back into range);
+- ``resume_state`` / ``load_resume_state``: training state beyond weights and optimiser;
+- ``run_state`` / ``load_run_state``: non-trainable tensors a saved run needs.
+
+The backbone stays frozen and in eval mode (BatchNorm statistics of RN50/VGG never drift, so
+cached features stay valid).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +32,30 @@ from capnet.errors import CapnetError, CheckpointError
 from capnet.models.backbones.base import Backbone
 
 GROUP_NAMES = ("prompts", "gcn", "peft", "head")  # keys param_groups() may return
+
+
+@dataclass
+class StepInputs:
+    """What one optimiser step knows before its text pass: the first micro-batch's targets and
+    the previous step's logits. Reductions over processes happen only when a model asks, so a
+    model that ignores them costs nothing (and under DDP every rank gets the same answers)."""
+
+    targets: torch.Tensor  # (B, C) this step's first micro-batch
+    scores: Optional[torch.Tensor] = None  # (B', C) the last step's logits, None at the first step
+
+    def positives(self) -> torch.Tensor:
+        """(1, C) positives per class, summed over processes."""
+        from capnet.runtime import distributed
+
+        return distributed.all_reduce_sum(self.targets.detach().float().sum(0, keepdim=True))
+
+    def hardness(self) -> Optional[torch.Tensor]:
+        """(1, C) the last step's max logit per class, averaged over processes (None at the first step)."""
+        from capnet.runtime import distributed
+
+        if self.scores is None:
+            return None
+        return distributed.all_reduce_sum(self.scores.detach().float().amax(0, keepdim=True)) / distributed.world_size()
 
 
 def cosine_logits(image_features: torch.Tensor, class_embeddings: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -34,7 +72,70 @@ def backbone_logit_scale(backbone: Backbone, default: float) -> float:
     return float(default)
 
 
-class ClassifierBase(nn.Module):
+class ModelHooks:
+    """The hooks the engine may call on a model, each a no-op by default (module docstring).
+
+    ``ClassifierBase`` inherits them; a model that is not built on a capnet backbone (a test's
+    toy) can inherit them too and still meet the engine's contract.
+    """
+
+    def class_embeddings(self) -> Optional[torch.Tensor]:
+        """(C, D) unit-norm class embeddings of the text branch (None: no text branch)."""
+        return None
+
+    def backbone_identity(self) -> Dict[str, object]:
+        """Backbone name and weights checksum, recorded with every checkpoint so it is not paired with another."""
+        return {}
+
+    def text_parameter_names(self) -> List[str]:
+        """Trainable parameters used only by ``class_embeddings`` (the text branch), by name."""
+        return []
+
+    def needs_feature_mean(self) -> bool:
+        """Whether the engine must call ``set_feature_mean`` with the training set's mean feature."""
+        return False
+
+    def set_feature_mean(self, mean: torch.Tensor) -> None:
+        """Centre image features on ``mean`` (only models whose ``needs_feature_mean`` is true)."""
+        raise CapnetError(f"{type(self).__name__} does not centre its image features")
+
+    def set_test_time(self, templates: bool) -> bool:
+        """Switch the text side to its deployed form (``tte.templates``) or back; returns the
+        previous setting so a caller can restore it. Models without a text side ignore it."""
+        return False
+
+    def start_epoch(self, seed: int) -> None:
+        """Called before an epoch's first step with a seed that depends only on (train.seed, epoch)."""
+
+    def step_class_embeddings(self, step: StepInputs) -> Optional[torch.Tensor]:
+        """The class embeddings of one optimiser step, shared by its micro-batches."""
+        return self.class_embeddings()
+
+    def step_rows(self) -> Optional[Tuple[torch.Tensor, List[nn.Parameter]]]:
+        """(rows, parameters) whose other rows the last optimiser step must leave untouched
+        (values and optimiser moments), or None: every row steps."""
+        return None
+
+    def after_optimizer_step(self) -> None:
+        """Project parameters back into their range after an optimiser step (no-op by default)."""
+
+    def resume_state(self) -> Dict[str, torch.Tensor]:
+        """Training state outside the weights and the optimiser that an exact resume needs."""
+        return {}
+
+    def load_resume_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restore what ``resume_state`` returned."""
+
+    def run_state(self) -> Dict[str, torch.Tensor]:
+        """Non-trainable tensors a saved run needs to be rebuilt anywhere, by file key."""
+        return {}
+
+    def load_run_state(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """Restore the tensors of ``run_state`` (keys this model does not use are ignored)."""
+
+
+
+class ClassifierBase(ModelHooks, nn.Module):
     """Frozen backbone + a head; subclasses define the logits and the trainable groups."""
 
     def __init__(self, backbone: Backbone, peft: Optional[nn.Module] = None) -> None:
@@ -47,11 +148,15 @@ class ClassifierBase(nn.Module):
             p.requires_grad_(id(p) in trainable)
         self.backbone.train(False)
 
-    # ------------------------------------------------------------------ forward paths
-    def class_embeddings(self) -> Optional[torch.Tensor]:
-        """(C, D) unit-norm class embeddings of the text branch (None for a linear probe)."""
-        return None
+    def backbone_identity(self) -> Dict[str, object]:
+        """The backbone's name, weights and their sha256 (``BackboneSpec``), and the weights' provenance
+        (``spec.extra``: origin, format, QuickGELU, open_clip version; docs/weights.md#provenance)."""
+        spec = self.backbone.spec
+        provenance = {k: v for k, v in (spec.extra or {}).items() if v is None or isinstance(v, (str, int, float, bool))}
+        return {"backbone": spec.name, "backbone_sha256": spec.weights_sha256, "backbone_weights": spec.weights,
+                "backbone_provenance": provenance}
 
+    # ------------------------------------------------------------------ forward paths
     def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, image_dim) final image features -> (B, C) logits."""
         raise NotImplementedError
@@ -70,10 +175,6 @@ class ClassifierBase(nn.Module):
         if start > self.frozen_image_stages():
             raise CapnetError(f"cannot start at stage {start}: only {self.frozen_image_stages()} stages are frozen")
         return self.logits_from_image_features(self.backbone.image_suffix(features, start), class_embeddings)
-
-    def text_parameter_names(self) -> List[str]:
-        """Trainable parameters used only by ``class_embeddings`` (the text branch), by name."""
-        return []
 
     def frozen_image_stages(self) -> int:
         """Depth of the frozen visual prefix whose output may be cached."""
@@ -122,6 +223,22 @@ class ClassifierBase(nn.Module):
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(state[k].to(device=p.device, dtype=p.dtype))
+
+
+class ModelForward(nn.Module):
+    """``forward(inputs, start)``: images -> ``model(inputs)``; cached prefix features from stage
+    ``start`` -> ``model.forward_features``. One module, so DDP and torch.compile see one forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, start: Optional[int] = None,
+                class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        extra = {} if class_embeddings is None else {"class_embeddings": class_embeddings}
+        if start is None:
+            return self.model(inputs, **extra)
+        return self.model.forward_features(inputs, start, **extra)
 
 
 class LinearProbe(ClassifierBase):

@@ -7,7 +7,11 @@ the top-scored negatives, then random classes), and keeps a :class:`TextBank` of
 rows: the GCN inputs (prompt-tower outputs) and the head outputs (GCN + projection, before the
 per-class residual).
 
-One step (``CAPNET.class_embeddings(rows)``):
+``BudgetedCAPNET`` is CAPNET with this branch: ``model.kind=capnet`` builds it when the
+``model.text_budget`` section resolves to a budget below the class count (never below 100
+classes by default), so the exact model and the training loop carry no budget code.
+
+One step (``BudgetedCAPNET.step_class_embeddings``):
   fresh = prompts(rows)                              (text tower on len(rows) sequences, with grad)
   P     = bank.prompt with rows <- fresh             (neighbours' GCN inputs from the bank, detached)
   H_s   = head(P)[rows] + owed gradient              (GCN on the receptive field of rows only, gcn.py)
@@ -29,12 +33,14 @@ again every ``refresh_every`` steps when asked. With rows = all classes this is 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from capnet.errors import CapnetError
+from capnet.models.capnet import CAPNET
+from capnet.models.heads import StepInputs
 
 
 def resolve_text_budget(num_classes: int, budget: Optional[int], exact_up_to: int, auto_budget: int) -> Optional[int]:
@@ -153,3 +159,89 @@ class TextBank(nn.Module):
         if self.pending is not None:
             grad = grad.to(self.pending.dtype)
             self.pending.add_(torch.where(torch.isfinite(grad).all(), grad, torch.zeros_like(grad)))
+
+
+class BudgetedCAPNET(CAPNET):
+    """CAPNET whose training steps run ``budget`` classes through the text tower (module docstring).
+
+    Evaluation, export and every saved tensor are the exact model's: only training steps differ.
+    """
+
+    def __init__(self, *args, budget: int, hard_fraction: float = 0.5, refresh_every: int = 0,
+                 defer: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if budget < 1:
+            raise CapnetError(f"CAPNET: text budget ({budget}) must be >= 1")
+        self.text_budget = int(budget)
+        self.text_hard_fraction, self.text_refresh_every = float(hard_fraction), int(refresh_every)
+        self.text_defer = bool(defer)
+        self.text_bank = TextBank()
+        self._generator: Optional[torch.Generator] = None
+        self._step_rows: Optional[torch.Tensor] = None
+
+    def start_epoch(self, seed: int) -> None:
+        """A full bank and a fresh class-sampling generator: a resumed run starts each epoch from
+        the same bank and draws as an uninterrupted one."""
+        self._generator = torch.Generator().manual_seed(seed)
+        self.refresh_text_bank()
+
+    def refresh_text_bank(self) -> None:
+        """Recompute every bank row without grad (text tower in chunks of ``text_chunk`` classes)."""
+        with torch.no_grad():
+            prompt = None if self.prompt_learner is None else self._all_prompts()
+            self.text_bank.fill(prompt, self._embed_head(prompt))
+
+    def step_class_embeddings(self, step: StepInputs) -> torch.Tensor:
+        """Budgeted: ``text_budget`` classes chosen from the step's positives, the last step's
+        scores (their max ranks the negatives) and the epoch's generator (random fill); every
+        other row from the bank. Eval mode or no grad: the exact ``class_embeddings()``."""
+        if not self.training or not torch.is_grad_enabled():
+            return self.class_embeddings()
+        positives = step.positives().reshape(-1, self.num_classes).gt(0).any(0)
+        hardness = step.hardness()
+        hardness = None if hardness is None else hardness.reshape(-1, self.num_classes).amax(0)
+        rows = select_classes(positives, hardness, self.text_budget, self.text_hard_fraction, self._generator)
+        return self.budgeted_embeddings(rows)
+
+    def budgeted_embeddings(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every class's embedding: ``rows`` recomputed with grad, the rest from the bank."""
+        bank = self.text_bank
+        if not bank.ready or (self.text_refresh_every and bank.steps >= self.text_refresh_every):
+            self.refresh_text_bank()
+        rows = torch.unique(rows.long()).to(bank.head.device)
+        fresh_prompt = None if self.prompt_learner is None else self.prompt_learner(rows).float()
+        prompt = None if fresh_prompt is None else bank.prompt.index_copy(0, rows, fresh_prompt)
+        fresh = self._embed_head(prompt, rows).float()
+        bank.update(rows, fresh_prompt, fresh)
+        self._step_rows = rows
+        if self.text_defer:
+            head = bank.leaf().index_copy(0, rows, bank.settle(rows, fresh))
+        else:  # the ablation: the gradient of classes outside the subset is dropped
+            head = bank.head.index_copy(0, rows, fresh)
+        return self._with_residual(head)
+
+    def step_rows(self) -> Optional[Tuple[torch.Tensor, List[nn.Parameter]]]:
+        """The last budgeted step's class rows and the per-class parameters only they train.
+
+        The training loop keeps every other row of these parameters (and their optimiser moments)
+        as they were: with Adam-style moments and decoupled weight decay, a row outside the subset
+        would otherwise keep moving without a gradient (``train.loop.KeepRows``), and its owed
+        gradient would no longer match its prompt. The class residual gets its gradient on every
+        row, every step, so it is not among them.
+        """
+        if self._step_rows is None or self.prompt_learner is None:
+            return None
+        ctx = self.prompt_learner.ctx
+        params = [ctx] if (isinstance(ctx, nn.Parameter) and ctx.requires_grad and ctx.dim() >= 1
+                           and ctx.shape[0] == self.num_classes) else []
+        return (self._step_rows, params) if params else None
+
+    def resume_state(self) -> Dict[str, torch.Tensor]:
+        """The owed gradient (the bank's rows are recomputed at the next epoch's start)."""
+        pending = self.text_bank.pending
+        return {} if pending is None else {"text_bank.pending": pending.detach().cpu()}
+
+    def load_resume_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restore what ``resume_state`` returned."""
+        if "text_bank.pending" in state:
+            self.text_bank.pending = state["text_bank.pending"].float().to(self.log_logit_scale.device)

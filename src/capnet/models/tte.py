@@ -121,10 +121,14 @@ def view_transform(
     return StackViews(VIEWS.build(views, image_size, resize_scale, mode), to_tensor, desc.replace("\n", " "))
 
 
+def view_set(views: str, resize_scale: float, spec: BackboneSpec, eval_transform: Optional[Callable] = None) -> StackViews:
+    """The named view set on the backbone's preprocessing spec and eval transform."""
+    return view_transform(views, spec.image_size, resize_scale, spec.mean, spec.std, spec.interpolation, eval_transform)
+
+
 def build_view_transform(tte: TTEConfig, spec: BackboneSpec, eval_transform: Optional[Callable] = None) -> StackViews:
     """The TTE transform from the config, the backbone's preprocessing spec and its eval transform."""
-    return view_transform(tte.views, spec.image_size, tte.resize_scale, spec.mean, spec.std, spec.interpolation,
-                          eval_transform)
+    return view_set(tte.views, tte.resize_scale, spec, eval_transform)
 
 
 def num_views(views: str) -> int:

@@ -1,6 +1,6 @@
 """What the process runs on: precision policy (autocast, native bf16), the core / worker budget,
-seeding and the distributed helpers.
+seeding, the distributed helpers and the run's stopwatch.
 
-The lowest layer under training and serving: it may import ``capnet.config``, ``capnet.errors`` and the
-standard libraries, nothing else of capnet.
+The lowest layer under training and serving: it takes plain values (never a config) and imports
+only ``capnet.errors`` of capnet.
 """

@@ -59,18 +59,9 @@ def native_bf16(device: torch.device) -> bool:
     return any(f in flags for f in (BF16_ARM_FLAGS if arm else BF16_CPU_FLAGS))
 
 
-def extraction_amp(cfg, device: torch.device) -> str:
-    """Precision of frozen-tower feature extraction: ``train.extract_amp`` with ``auto`` resolved."""
-    choice = cfg.train.extract_amp
-    if choice == "auto":
-        return "bf16" if native_bf16(device) else "none"
-    return choice
-
-
-def train_amp(cfg, device: torch.device) -> str:
-    """Autocast of the trained forward / backward and of scoring: ``train.amp`` with ``auto`` resolved
-    (bf16 where ``device`` computes it natively, else none: emulated bf16 is slower than float32)."""
-    choice = cfg.train.amp
+def resolve_amp(choice: str, device: torch.device) -> str:
+    """``train.amp`` / ``train.extract_amp`` with ``auto`` resolved: bf16 where ``device`` computes
+    it natively, else none (emulated bf16 is slower than float32)."""
     if choice == "auto":
         return "bf16" if native_bf16(device) else "none"
     return choice

@@ -23,7 +23,6 @@ from typing import Optional
 
 import torch
 
-from capnet.config import Config, replace
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 KEEP_TRIM_THRESHOLD = 1 << 30  # give memory back to the system only above 1 GiB of free heap top
@@ -79,29 +78,22 @@ def budget(cores: Optional[int] = None, workers: Optional[int] = None, threads: 
     return Budget(workers=int(workers), threads=int(threads))
 
 
-def apply_budget(cfg) -> Budget:
-    """Resolve ``data.num_workers`` / ``train.threads`` and set torch's thread count.
+def apply_budget(workers: Optional[int] = None, threads: Optional[int] = None,
+                 keep_freed: bool = False) -> Budget:
+    """Resolve the decode workers / torch threads (``data.num_workers`` / ``train.threads``; None:
+    the machine's budget) and apply them to this process, with glibc's allocator setting.
 
-    An explicit ``train.threads`` is applied as given; the automatic budget only ever lowers
-    torch's count (a process that already chose fewer threads, e.g. through OMP_NUM_THREADS or a
-    test harness, keeps its choice).
+    An explicit ``threads`` is applied as given; the automatic budget only ever lowers torch's
+    count (a process that already chose fewer threads, e.g. through OMP_NUM_THREADS or a test
+    harness, keeps its choice). The CLI calls this once per process (``capnet.plans.tune_process``).
     """
-    plan = budget(workers=cfg.data.num_workers, threads=cfg.train.threads)
-    if cfg.train.keep_freed_memory:
+    plan = budget(workers=workers, threads=threads)
+    if keep_freed:
         keep_freed_memory()
-    threads = plan.threads if cfg.train.threads is not None else min(plan.threads, torch.get_num_threads())
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return Budget(workers=plan.workers, threads=threads)
-
-
-def runtime_config(cfg: Config) -> Config:
-    """``cfg`` with the decode workers / torch threads resolved for this machine (and applied).
-
-    Saved configs keep ``null`` (the run is portable); every path that runs a model resolves them.
-    """
-    plan = apply_budget(cfg)
-    return replace(cfg, data=replace(cfg.data, num_workers=plan.workers), train=replace(cfg.train, threads=plan.threads))
+    chosen = plan.threads if threads is not None else min(plan.threads, torch.get_num_threads())
+    if torch.get_num_threads() != chosen:
+        torch.set_num_threads(chosen)
+    return Budget(workers=plan.workers, threads=chosen)
 
 
 def keep_freed_memory() -> bool:

@@ -29,8 +29,7 @@ from torch import nn
 from capnet import __version__
 from capnet.config import config_hash
 from capnet.errors import CapnetError
-from capnet.evaluation.scores import set_test_time_templates
-from capnet.features.views import cache_depth
+from capnet.plans import feature_plan
 from capnet.fileio import atomic_write_bytes
 from capnet.registry import Registry
 from capnet.serving.exported import METADATA_KEY
@@ -126,11 +125,11 @@ def build_graph(run: LoadedRun, tte: str) -> ExportGraph:
     (``train.extract_amp``) scores slightly differently in predict, which follows the run's own
     precision (``runtime.precision``): export such a run from ``train.extract_amp=none`` for parity.
     """
-    set_test_time_templates(run.model, run.cfg)
+    run.model.set_test_time(run.cfg.tte.templates)
     model = run.model.to("cpu").float().eval()
     spec = model.backbone.spec
     return ExportGraph(model, list(spec.mean), list(spec.std), flip=(tte == "flip"),
-                       depth=cache_depth(model, run.cfg)).eval()
+                       depth=feature_plan(run.cfg, model, run.device).cached_depth).eval()
 
 
 @contextlib.contextmanager

@@ -22,12 +22,12 @@ from torch import nn
 from capnet.config import SERVING_KEYS, Config, ConfigError, DataConfig, config_hash, is_key_under, load_config
 from capnet.data.lt_stats import GROUP_NAMES
 from capnet.errors import CheckpointError, DataError
-from capnet.evaluation.scores import set_test_time_templates, split_scores
+from capnet.evaluation.scores import split_scores
 from capnet.features.cache import prefix_features
-from capnet.features.views import cache_depth, eval_views
+from capnet.features.views import eval_views
+from capnet.plans import feature_plan, resolve_runtime
 from capnet.runtime import distributed
-from capnet.runtime.precision import autocast, extraction_amp
-from capnet.runtime.resources import runtime_config
+from capnet.runtime.precision import autocast
 from capnet.train import checkpoint
 from capnet.train.checkpoint import EXTRA_STATE_KEYS, load_extra_state
 
@@ -76,7 +76,7 @@ class LoadedRun:
 
         if self.added_classes:
             raise CheckpointError("this run already has added classes; add all names in one call")
-        set_test_time_templates(self.model, self.cfg)
+        self.model.set_test_time(self.cfg.tte.templates)
         model = extend_model(self.cfg, self.model, self.classes, names, keep_old=keep_old)
         added = list(model.added)
         thr = np.concatenate([self.thresholds, np.full(len(added), added_threshold(self.thresholds))])
@@ -154,7 +154,7 @@ def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence
     tensors, meta = checkpoint.load_file(run_dir / "model.safetensors")
     repointed = any(o.split("=", 1)[0].strip() == "model.weights" for o in overrides)
     cfg = relocate_weights(load_config([run_dir / "config.yaml"], list(overrides)), meta, run_dir, repointed)
-    cfg = runtime_config(cfg)  # a saved null worker count would reach DataLoader
+    cfg = resolve_runtime(cfg)  # a saved null worker count would reach DataLoader
     classes = list(meta.get("classes", []))
     dev = distributed.resolve_device(device if device != "auto" else cfg.train.device)
     labels = np.eye(len(classes), dtype=np.float32)  # placeholder: the saved graph replaces it
@@ -200,8 +200,8 @@ def evaluate_run(run: LoadedRun, ds: Any, split: str, cache_dir: Optional[Path],
     match = match_classes(run.classes, ds.classes, class_map, where=str(ds.root))
     if split not in ds.splits:
         raise DataError(f"{ds.root}: no split '{split}' (have {', '.join(ds.splits)})")
-    set_test_time_templates(run.model, run.cfg)
-    scores, targets = split_scores(run.model, ds.splits[split], run.cfg, run.device, cache_dir)
+    run.model.set_test_time(run.cfg.tte.templates)
+    scores, targets = split_scores(run.model, ds.splits[split], feature_plan(run.cfg, run.model, run.device, cache_dir))
     names = [run.classes[i] for i in match.run_index]
     metrics = map_report(scores[:, match.run_index], targets[:, match.data_index], _eval_groups(run, ds, match), names)
     metrics["classes"] = {"scored": len(names), "absent_from_data": match.absent,
@@ -238,10 +238,11 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
     """
     from capnet.data import load_image
 
-    depth = cache_depth(run.model, run.cfg)
-    prefix_amp = autocast(run.device, extraction_amp(run.cfg, run.device))
-    views_of = eval_views(run.model, run.cfg)
-    set_test_time_templates(run.model, run.cfg)
+    plan = feature_plan(run.cfg, run.model, run.device)
+    depth = plan.cached_depth
+    prefix_amp = autocast(run.device, plan.extract_amp)
+    views_of = eval_views(run.model, plan)
+    run.model.set_test_time(run.cfg.tte.templates)
     added = {"classes": run.added_classes, "threshold": round(float(run.thresholds[-1]), 6),
              "threshold_policy": ADDED_THRESHOLD_POLICY} if run.added_classes else None
     for start in range(0, len(paths), batch_size):

@@ -2,5 +2,8 @@
 safetensors checkpoints (training state and the run's ``model.safetensors``), and where each
 epoch's scalars go (``tracking``: the log line, TensorBoard, W&B).
 
-May import ``capnet.evaluation``, ``capnet.features`` and ``capnet.runtime``; never serving or the CLI.
+``fit`` reads a ``FitPlan`` (the train and optim sections, the deployed text side, the config
+record saved with checkpoints) and calls only the hooks ``models.heads.ClassifierBase`` declares.
+May import ``capnet.evaluation``, ``capnet.features``, ``capnet.runtime`` and the model contract;
+never serving or the CLI.
 """

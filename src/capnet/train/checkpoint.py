@@ -99,14 +99,8 @@ def load_weights(model: Any, path: PathLike) -> Dict[str, Any]:
 
 
 def model_identity(model: Any) -> Dict[str, Any]:
-    """Backbone name, weights file and checksum (so a checkpoint is not paired with another) and
-    the weights' provenance (``spec.extra``: origin, format, QuickGELU, ...; docs/weights.md)."""
-    spec = getattr(getattr(model, "backbone", None), "spec", None)
-    if spec is None:
-        return {}
-    provenance = {k: v for k, v in (spec.extra or {}).items() if v is None or isinstance(v, (str, int, float, bool))}
-    return {"backbone": spec.name, "backbone_sha256": spec.weights_sha256, "backbone_weights": spec.weights,
-            "backbone_provenance": provenance}
+    """Backbone name and weights checksum, recorded so a checkpoint is not paired with another."""
+    return dict(model.backbone_identity())
 
 
 # ------------------------------------------------------------ optimizer state
@@ -149,9 +143,7 @@ def save_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
     tensors = {**with_prefix(model.trainable_state_dict(), "model."), **opt_tensors, **rng_tensors}
     if ema is not None:
         tensors.update(with_prefix(ema.state_dict(), "ema."))
-    resume_state = getattr(model, "resume_state", None)  # e.g. a budgeted text branch's owed gradient
-    if resume_state is not None:
-        tensors.update(with_prefix(resume_state(), "resume."))
+    tensors.update(with_prefix(model.resume_state(), "resume."))  # e.g. a budgeted text branch's owed gradient
     meta = {
         **model_identity(model),
         "optimizer": opt_meta,
@@ -186,31 +178,31 @@ def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
         scheduler.load_state_dict(meta["scheduler"])
     if scaler is not None and meta.get("scaler") is not None:
         scaler.load_state_dict(meta["scaler"])
-    if hasattr(model, "load_resume_state"):
-        model.load_resume_state(split_prefix(tensors, "resume."))
+    model.load_resume_state(split_prefix(tensors, "resume."))
     set_rng_state(split_prefix(tensors, ""), meta["rng"])
     return meta["progress"]
 
 
-# Non-trainable tensors saved beside the trained ones: (model attribute, key in model.safetensors).
-EXTRA_STATE = (("adjacency", "graph.adjacency"), ("feature_mean", "model.feature_mean"),
-               ("residual_gate", "model.residual_gate"))
 SPARSE_PARTS = (".indices", ".values", ".shape")  # a sparse tensor (the label graph above 2,000 classes) is saved as these
-EXTRA_STATE_KEYS = tuple(key for _, key in EXTRA_STATE) + tuple(key + part for _, key in EXTRA_STATE for part in SPARSE_PARTS)
 
 
-def extra_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Non-trainable tensors a run needs to be rebuilt anywhere (label graph, feature mean, residual gate)."""
+def extra_state(model: Any) -> Dict[str, torch.Tensor]:
+    """The model's ``run_state`` as dense tensors (safetensors holds dense tensors only)."""
     out = {}
-    for name, key in EXTRA_STATE:
-        tensor = getattr(model, name, None)
-        if tensor is not None and tensor.is_sparse:  # safetensors holds dense tensors only
+    for key, tensor in model.run_state().items():
+        if tensor.is_sparse:
             tensor = tensor.detach().cpu().coalesce()
             out.update({key + ".indices": tensor.indices().contiguous(), key + ".values": tensor.values().contiguous(),
                         key + ".shape": torch.tensor(tensor.shape)})
-        elif tensor is not None:
+        else:
             out[key] = tensor.detach().cpu().contiguous()
     return out
+
+
+# The keys of run state a model.safetensors may hold beside the trained ``model.*`` weights
+# (``ClassifierBase.run_state``: label graph, feature mean, residual gate).
+RUN_STATE = ("graph.adjacency", "model.feature_mean", "model.residual_gate")
+EXTRA_STATE_KEYS = RUN_STATE + tuple(key + part for key in RUN_STATE for part in SPARSE_PARTS)
 
 
 def save_model(model: nn.Module, path: Path, classes: Sequence[str],
@@ -223,15 +215,14 @@ def save_model(model: nn.Module, path: Path, classes: Sequence[str],
     save_file(tensors, meta, path)
 
 
-def load_extra_state(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
-    """Restore the non-trainable tensors ``extra_state`` saved (label graph, feature mean, residual gate)."""
-    if "graph.adjacency" in tensors and getattr(model, "adjacency", None) is not None:
-        model.adjacency = tensors["graph.adjacency"].float()
-    elif "graph.adjacency.indices" in tensors and getattr(model, "adjacency", None) is not None:
-        shape = tuple(int(n) for n in tensors["graph.adjacency.shape"])
-        model.adjacency = torch.sparse_coo_tensor(tensors["graph.adjacency.indices"], tensors["graph.adjacency.values"].float(),
-                                                  shape).coalesce()
-    if "model.feature_mean" in tensors and getattr(model, "feature_mean", None) is not None:
-        model.set_feature_mean(tensors["model.feature_mean"])
-    if "model.residual_gate" in tensors and getattr(model, "residual_gate", None) is not None:
-        model.residual_gate.copy_(tensors["model.residual_gate"].to(model.residual_gate))
+def load_extra_state(model: Any, tensors: Dict[str, torch.Tensor]) -> None:
+    """Restore what ``extra_state`` saved (sparse tensors reassembled) through ``load_run_state``."""
+    state: Dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith(".indices") and key[: -len(".indices")] + ".values" in tensors:
+            base = key[: -len(".indices")]
+            shape = tuple(int(n) for n in tensors[base + ".shape"])
+            state[base] = torch.sparse_coo_tensor(value, tensors[base + ".values"].float(), shape).coalesce()
+        elif not key.endswith(SPARSE_PARTS):
+            state[key] = value
+    model.load_run_state(state)

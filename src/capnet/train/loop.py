@@ -11,8 +11,9 @@ Files in ``run_dir`` (written by rank 0 only, each atomically):
   ``tb/``               the same scalars as TensorBoard events (``train.log.tensorboard``)
 Each epoch is also one log line (``capnet.train.tracking``), and W&B gets the scalars when
 ``train.log.wandb`` is set. ``train.compile`` / ``train.grad_checkpointing`` change how the
-forward runs, not what it computes. After every optimiser step the model may clamp its
-parameters (``clamp_parameters_``: CLIP's cap on the logit scale).
+forward runs, not what it computes. The loop calls only the hooks ``ClassifierBase`` declares
+(models/heads.py): ``start_epoch``, ``step_class_embeddings``, ``step_rows`` and
+``after_optimizer_step`` (CLIP's cap on the logit scale) around every optimiser step.
 Model selection only ever sees the validation loader; the test split is never passed here.
 On return the model holds the selected weights.
 """
@@ -27,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,14 +36,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from capnet.config import RUNTIME_KEYS, Config, is_key_under, to_dict
+from capnet.config import RUNTIME_KEYS, OptimConfig, TrainConfig, is_key_under
 from capnet.errors import CapnetError, CheckpointError, Interrupted, TrainingError
 from capnet.evaluation.predict import evaluate
 from capnet.evaluation.scores import test_time_templates
-from capnet.features.loaders import ModelForward, feature_start
+from capnet.features.loaders import feature_start
+from capnet.models.heads import ClassifierBase, ModelForward, StepInputs
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
-from capnet.runtime.precision import SCORE_AMP, autocast, train_amp
+from capnet.runtime.precision import SCORE_AMP, autocast, resolve_amp
 from capnet.runtime.progress import on_terminal
 from capnet.runtime.seed import epoch_seed, reseed_loader, seed_everything
 from capnet.train import checkpoint
@@ -64,6 +66,16 @@ class FitResult:
     history: List[Dict[str, Any]] = field(default_factory=list)
     best_path: Optional[Path] = None  # file holding the selected trainable weights
     last_path: Optional[Path] = None  # full training state of the last finished epoch
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What ``fit`` reads of a run's config (built by ``capnet.plans.fit_plan``)."""
+
+    train: TrainConfig  # epochs, seed, precision, accumulation, EMA, selection, logging
+    optim: OptimConfig  # optimiser, learning-rate groups, schedule
+    test_time_templates: bool = False  # validate the deployed text side (tte.templates)
+    record: Mapping[str, Any] = field(default_factory=dict)  # the resolved config saved with checkpoints; resume compares it
 
 
 @dataclass
@@ -92,9 +104,9 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _check_same_config(saved: Dict[str, Any], cfg: Config, path: Path) -> None:
+def _check_same_config(saved: Dict[str, Any], record: Mapping[str, Any], path: Path) -> None:
     """Resuming under another config would not reproduce anything: refuse, naming the keys."""
-    now, before = _flat(to_dict(cfg)), _flat(saved)
+    now, before = _flat(dict(record)), _flat(saved)
     diff = sorted(k for k in set(now) | set(before)
                   if not is_key_under(k, RUNTIME_KEYS) and now.get(k) != before.get(k))
     if diff:
@@ -132,21 +144,12 @@ class _TextPass:
     Micro-batches read a detached leaf copy; their backward passes accumulate its gradient, and
     ``backward`` sends the summed gradient through the text branch once (averaged over
     processes, since DDP ignores the text parameters). Models without a text branch skip it.
-    A budgeted text branch (``model.text_budget``, models/text_bank.py) runs only the classes
-    that ``model.text_step`` picks from the step's first targets and the previous step's scores,
-    both reduced over processes (and one seeded generator) so every rank picks the same classes.
+    What the step's text pass runs is the model's choice (``step_class_embeddings``; e.g. the
+    budgeted CAPNET picks classes from ``StepInputs``, reduced over processes so every rank agrees).
     """
 
-    def __init__(self, model: nn.Module, targets: Optional[torch.Tensor] = None, scores: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> None:
-        fn = getattr(model, "class_embeddings", None)
-        if getattr(model, "text_budget", None) is not None and targets is not None:
-            positives = distributed.all_reduce_sum(targets.detach().float().sum(0, keepdim=True))
-            if scores is not None:
-                scores = distributed.all_reduce_sum(scores.detach().float().amax(0, keepdim=True)) / distributed.world_size()
-            self.output = model.text_step(positives, scores, generator)
-        else:
-            self.output = fn() if fn is not None else None
+    def __init__(self, model: ClassifierBase, step: StepInputs) -> None:
+        self.output = model.step_class_embeddings(step)
         self.leaf = None
         if self.output is not None:
             self.leaf = self.output.detach().requires_grad_(self.output.requires_grad)
@@ -171,9 +174,9 @@ class KeepRows:
     state tensors have the parameter's shape (SGD momentum, Adam, AdamW) is handled.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: ClassifierBase, optimizer: torch.optim.Optimizer) -> None:
         self.swapped: List[Tuple[nn.Parameter, torch.Tensor, torch.Tensor, Dict[str, Any], Dict[str, Any], int]] = []
-        got = getattr(model, "budgeted_rows", lambda: None)()
+        got = model.step_rows()  # None: every row steps (nothing to keep)
         if got is None:
             return
         rows, params = got
@@ -211,24 +214,21 @@ class KeepRows:
                 optimizer.state[p] = state
 
 
-def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, last_path: Path) -> float:
+def train_one_epoch(parts: _Parts, loader: DataLoader, plan: FitPlan, epoch: int, last_path: Path) -> float:
     """One pass over ``loader`` with gradient accumulation; returns the mean batch loss.
 
     The text branch (prompts through the text tower, GCN) runs once per optimiser step, not once
     per micro-batch: its input does not depend on the images.
     """
     parts.forward.train()
-    start, accum, n = feature_start(loader), cfg.train.grad_accum, len(loader)
+    start, accum, n = feature_start(loader), plan.train.grad_accum, len(loader)
     total, seen = 0.0, 0
     text: Optional[_TextPass] = None
-    scores: Optional[torch.Tensor] = None  # last logits: rank a budgeted text branch's negatives
-    budgeted = getattr(parts.model, "text_budget", None) is not None
-    text_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, epoch, stream=3)) if budgeted else None
-    if budgeted:  # a full bank each epoch: a resumed run starts from the same bank as an uninterrupted one
-        with torch.no_grad(), autocast(parts.device, parts.amp):
-            parts.model.refresh_text_bank()
+    scores: Optional[torch.Tensor] = None  # the last step's logits (StepInputs)
+    with torch.no_grad(), autocast(parts.device, parts.amp):
+        parts.model.start_epoch(epoch_seed(plan.train.seed, epoch, stream=3))
     parts.optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, miniters=cfg.train.log_every,
+    bar = tqdm(loader, desc=f"epoch {epoch}/{plan.train.epochs}", leave=False, miniters=plan.train.log_every,
                disable=not (distributed.is_main() and on_terminal()))
     for step, (inputs, target, _) in enumerate(bar, start=1):
         group_start = (step - 1) // accum * accum
@@ -236,7 +236,7 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
         boundary = step - group_start == group_size
         with autocast(parts.device, parts.amp):
             if step - 1 == group_start:
-                text = _TextPass(parts.model, target.to(parts.device), scores, text_gen)
+                text = _TextPass(parts.model, StepInputs(target.to(parts.device), scores))
         with distributed.no_sync(parts.sync, skip=not boundary):
             with autocast(parts.device, parts.amp):
                 logits = parts.forward(inputs.to(parts.device, non_blocking=True), start, text.leaf)
@@ -245,26 +245,25 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, cfg: Config, epoch: int, 
             if not math.isfinite(mean_loss):
                 raise _non_finite(epoch, step, mean_loss, last_path)
             parts.scaler.scale(loss / group_size).backward()
-            scores = logits.detach() if budgeted else None
+            scores = logits.detach()
         if boundary:
             text.backward()
-            keep = KeepRows(parts.model, parts.optimizer) if budgeted else None
+            keep = KeepRows(parts.model, parts.optimizer)
             parts.scaler.step(parts.optimizer)
             parts.scaler.update()
-            if keep is not None:
-                keep.restore(parts.optimizer)
-            _clamp_parameters(parts.model)
+            keep.restore(parts.optimizer)
+            parts.model.after_optimizer_step()
             parts.optimizer.zero_grad(set_to_none=True)
             parts.scheduler.step()
             if parts.ema is not None:
                 parts.ema.update(parts.model.trainable_state_dict())
         total, seen = total + mean_loss, seen + 1
-        if step % cfg.train.log_every == 0:
+        if step % plan.train.log_every == 0:
             bar.set_postfix(loss=f"{total / seen:.4f}")
     return total / max(seen, 1)
 
 
-def _validate(parts: _Parts, loader: Optional[DataLoader], cfg: Config, groups: Optional[Dict[str, np.ndarray]],
+def _validate(parts: _Parts, loader: Optional[DataLoader], plan: FitPlan, groups: Optional[Dict[str, np.ndarray]],
               class_names: Optional[Sequence[str]]) -> Dict[str, float]:
     """Val mAP overall/head/medium/tail of the classifier that ships: EMA weights when enabled,
     test-time templates on, float32 scores (``SCORE_AMP``); empty without a loader."""
@@ -274,7 +273,7 @@ def _validate(parts: _Parts, loader: Optional[DataLoader], cfg: Config, groups: 
     if names is None:
         names = [f"class_{i}" for i in range(len(loader.dataset[0][1]))]
     ema = parts.ema.applied(parts.model) if parts.ema is not None else contextlib.nullcontext()
-    with ema, test_time_templates(parts.model, cfg):
+    with ema, test_time_templates(parts.model, plan.test_time_templates):
         report = evaluate(parts.model, loader, groups or {}, names, device=parts.device, amp=SCORE_AMP, tte=True)
     return {f"val_{k}": float(report[k]) for k in ("mAP", "head", "medium", "tail") if k in report}
 
@@ -284,21 +283,13 @@ def _selected_weights(parts: _Parts) -> Dict[str, torch.Tensor]:
     return parts.ema.state_dict() if parts.ema is not None else parts.model.trainable_state_dict()
 
 
-def _clamp_parameters(model: nn.Module) -> None:
-    """Let the model project its parameters back into range after a step (open_clip clamps its
-    logit scale in place the same way); models without ``clamp_parameters_`` are left alone."""
-    clamp = getattr(model, "clamp_parameters_", None)
-    if clamp is not None:
-        clamp()
-
-
-def enable_grad_checkpointing(model: nn.Module) -> None:
+def enable_grad_checkpointing(model: ClassifierBase) -> None:
     """Switch on activation checkpointing in the image tower (open_clip and timm towers implement
     ``set_grad_checkpointing``); a tower without it is a one-line error, one that ignores it a warning."""
-    visual = getattr(getattr(model, "backbone", None), "visual", None)
-    setters = [m for m in (visual.modules() if visual is not None else ()) if hasattr(m, "set_grad_checkpointing")]
+    visual = model.backbone.visual
+    setters = [m for m in visual.modules() if hasattr(m, "set_grad_checkpointing")]  # open_clip / timm towers
     if not setters:
-        name = getattr(getattr(getattr(model, "backbone", None), "spec", None), "name", type(model).__name__)
+        name = model.backbone.spec.name
         raise CapnetError(f"train.grad_checkpointing=true: the image tower of {name} has no set_grad_checkpointing")
     setters[0].set_grad_checkpointing(True)
     if not any(getattr(m, "grad_checkpointing", False) or getattr(m, "grad_checkpoint", False) for m in visual.modules()):
@@ -306,27 +297,27 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
                     "e.g. open_clip's ModifiedResNet)", type(setters[0]).__name__)
 
 
-def _build_parts(model: nn.Module, loss_fn: Any, cfg: Config, steps_per_epoch: int, device: torch.device) -> _Parts:
+def _build_parts(model: ClassifierBase, loss_fn: Any, plan: FitPlan, steps_per_epoch: int, device: torch.device) -> _Parts:
     """Optimizer, scheduler, scaler, EMA and the (DDP-wrapped, optionally compiled) forward for ``model``."""
-    amp = train_amp(cfg, device)
+    amp = resolve_amp(plan.train.amp, device)
     autocast(device, amp)  # fail now, not at the first step, on e.g. fp16 without CUDA
     model.to(device)
     if isinstance(loss_fn, nn.Module):
         loss_fn.to(device)
-    optimizer = build_optimizer(model.param_groups(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
-    ema = EMA(model.trainable_state_dict(), cfg.train.ema) if cfg.train.ema is not None else None
-    text_names = [f"model.{n}" for n in getattr(model, "text_parameter_names", lambda: [])()]
-    if cfg.train.grad_checkpointing:
+    optimizer = build_optimizer(model.param_groups(), plan.optim)
+    scheduler = build_scheduler(optimizer, plan.optim, steps_per_epoch, plan.train.epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=plan.train.amp == "fp16")
+    ema = EMA(model.trainable_state_dict(), plan.train.ema) if plan.train.ema is not None else None
+    text_names = [f"model.{n}" for n in model.text_parameter_names()]
+    if plan.train.grad_checkpointing:
         enable_grad_checkpointing(model)
     sync = distributed.wrap_ddp(ModelForward(model), device, ignore=text_names)
-    forward = torch.compile(sync) if cfg.train.compile else sync  # after DDP: compile sees its buckets
+    forward = torch.compile(sync) if plan.train.compile else sync  # after DDP: compile sees its buckets
     return _Parts(forward, model, loss_fn, optimizer, scheduler, scaler, ema, device, amp, sync)
 
 
-def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], train_loader: DataLoader,
-        val_loader: Optional[DataLoader], cfg: Config, run_dir: Path, *, resume: bool = False,
+def fit(model: ClassifierBase, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], train_loader: DataLoader,
+        val_loader: Optional[DataLoader], plan: FitPlan, run_dir: Path, *, resume: bool = False,
         callbacks: Optional[Sequence[Callback]] = None, groups: Optional[Dict[str, np.ndarray]] = None,
         class_names: Optional[Sequence[str]] = None, device: Optional[torch.device] = None) -> FitResult:
     """Train ``model``'s trainable parameters; select on validation mAP; checkpoint every epoch.
@@ -335,32 +326,32 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
     ``dataset.classes``). ``device`` defaults to ``train.device`` (this rank's GPU under
     torchrun). ``callbacks`` get each epoch's log row, on every process, after its checkpoint.
     """
-    if cfg.train.select == "val" and val_loader is None:
+    if plan.train.select == "val" and val_loader is None:
         raise TrainingError("train.select=val needs a validation loader (data.val_fraction > 0)")
     run_dir = Path(run_dir)
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
     if device is None:
-        device = distributed.resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
-    parts = _build_parts(model, loss_fn, cfg, steps_per_epoch, device)
+        device = distributed.resolve_device(plan.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    steps_per_epoch = math.ceil(len(train_loader) / plan.train.grad_accum)
+    parts = _build_parts(model, loss_fn, plan, steps_per_epoch, device)
     progress: Dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best_val_map": None, "history": []}
     if resume and last_path.is_file():
         saved = checkpoint.load_training_state(last_path, model=model, optimizer=parts.optimizer,
                                                scheduler=parts.scheduler, scaler=parts.scaler, ema=parts.ema)
-        _check_same_config(saved["config"], cfg, last_path)
+        _check_same_config(saved["config"], plan.record, last_path)
         progress = {k: saved[k] for k in progress}
         if distributed.is_main():
-            log.info("resumed from %s after epoch %d of %d", last_path, progress["epoch"], cfg.train.epochs)
+            log.info("resumed from %s after epoch %d of %d", last_path, progress["epoch"], plan.train.epochs)
     else:
         if resume:
             log.warning("resume requested but %s does not exist: starting from epoch 1", last_path)
-        seed_everything(cfg.train.seed)
+        seed_everything(plan.train.seed)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-    epoch_log = EpochLog(cfg, run_dir, distributed.is_main())
+    epoch_log = EpochLog(plan.train.epochs, plan.train.log, plan.record, run_dir, distributed.is_main())
     try:
-        for epoch in range(progress["epoch"] + 1, cfg.train.epochs + 1):
-            _run_epoch(parts, train_loader, val_loader, cfg, epoch, progress, run_dir, groups, class_names)
+        for epoch in range(progress["epoch"] + 1, plan.train.epochs + 1):
+            _run_epoch(parts, train_loader, val_loader, plan, epoch, progress, run_dir, groups, class_names)
             if distributed.is_main():
                 epoch_log.epoch(progress["history"][-1], progress["best_epoch"], progress["best_val_map"])
             for callback in callbacks or ():
@@ -377,33 +368,33 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.
     return FitResult(progress["best_epoch"], progress["best_val_map"], progress["history"], best_path, last_path)
 
 
-def _run_epoch(parts: _Parts, train_loader: DataLoader, val_loader: Optional[DataLoader], cfg: Config, epoch: int,
+def _run_epoch(parts: _Parts, train_loader: DataLoader, val_loader: Optional[DataLoader], plan: FitPlan, epoch: int,
                progress: Dict[str, Any], run_dir: Path, groups: Optional[Dict[str, np.ndarray]],
                class_names: Optional[Sequence[str]]) -> None:
     """Train, validate, select, then write best / last / log.csv (rank 0) and update ``progress``."""
     tic = time.perf_counter()
-    reseed_loader(train_loader, cfg.train.seed, epoch)
+    reseed_loader(train_loader, plan.train.seed, epoch)
     lrs = {f"lr_{name}": lr for name, lr in group_lrs(parts.optimizer).items()}
-    train_loss = train_one_epoch(parts, train_loader, cfg, epoch, run_dir / "last.safetensors")
-    metrics = _validate(parts, val_loader, cfg, groups, class_names)
+    train_loss = train_one_epoch(parts, train_loader, plan, epoch, run_dir / "last.safetensors")
+    metrics = _validate(parts, val_loader, plan, groups, class_names)
     val_map = metrics.get("val_mAP")
-    if cfg.train.select == "val":
+    if plan.train.select == "val":
         best = progress["best_val_map"]
         improved = val_map is not None and not math.isnan(val_map) and (best is None or val_map > best)
     else:
-        improved = epoch == cfg.train.epochs
+        improved = epoch == plan.train.epochs
     if improved:
         progress["best_epoch"], progress["best_val_map"] = epoch, val_map
     row = {"epoch": epoch, **lrs, "train_loss": train_loss, **metrics, "seconds": round(time.perf_counter() - tic, 3)}
     progress["history"].append(row)
     progress["epoch"] = epoch
     if distributed.is_main():
-        meta = {"epoch": epoch, "val_mAP": val_map, "select": cfg.train.select, "config": to_dict(cfg)}
+        meta = {"epoch": epoch, "val_mAP": val_map, "select": plan.train.select, "config": dict(plan.record)}
         if improved:  # best before last: a crash in between just repeats this epoch on resume
             checkpoint.save_weights(parts.model, run_dir / "best.safetensors", meta, state=_selected_weights(parts))
         checkpoint.save_training_state(
             run_dir / "last.safetensors", model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
-            scaler=parts.scaler, ema=parts.ema, progress={**progress, "config": to_dict(cfg)},
+            scaler=parts.scaler, ema=parts.ema, progress={**progress, "config": dict(plan.record)},
         )
         _write_log(progress["history"], run_dir / "log.csv")
     distributed.barrier()

@@ -11,9 +11,9 @@ import importlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
-from capnet.config import Config, to_dict
+from capnet.config import LogConfig
 from capnet.errors import CapnetError
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,13 @@ class _TensorBoard:
 
 
 class _WandB:
-    def __init__(self, options: Dict[str, Any], cfg: Config, run_dir: Path) -> None:
+    def __init__(self, options: Dict[str, Any], record: Mapping[str, Any], run_dir: Path) -> None:
         try:
             wandb = importlib.import_module("wandb")
         except ImportError:
             raise CapnetError("train.log.wandb is set but wandb is not installed: pip install wandb "
                               "(or set train.log.wandb=null)") from None
-        kwargs = {"dir": str(run_dir), "config": to_dict(cfg), "name": run_dir.name, **options}
+        kwargs = {"dir": str(run_dir), "config": dict(record), "name": run_dir.name, **options}
         self.run = wandb.init(**kwargs)
 
     def write(self, values: Dict[str, float], step: int) -> None:
@@ -87,15 +87,15 @@ class _WandB:
 class EpochLog:
     """The epoch sinks of one ``fit``: the console line (``logging``), TensorBoard and W&B."""
 
-    def __init__(self, cfg: Config, run_dir: Path, main: bool) -> None:
-        self.total = cfg.train.epochs
+    def __init__(self, epochs: int, options: LogConfig, record: Mapping[str, Any], run_dir: Path, main: bool) -> None:
+        self.total = epochs
         self.sinks: List[Any] = []
         if not main:
             return
-        if cfg.train.log.tensorboard:
+        if options.tensorboard:
             self.sinks.append(_TensorBoard(Path(run_dir) / TB_DIR))
-        if cfg.train.log.wandb is not None:
-            self.sinks.append(_WandB(dict(cfg.train.log.wandb), cfg, Path(run_dir)))
+        if options.wandb is not None:
+            self.sinks.append(_WandB(dict(options.wandb), record, Path(run_dir)))
 
     def epoch(self, row: Dict[str, Any], best_epoch: int, best_val_map: Optional[float]) -> None:
         """Log one finished epoch everywhere (main rank only)."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capnet.cache import capnet_cache_dir
+from capnet.fileio import capnet_cache_dir
 from capnet.errors import CheckpointError
 from capnet.models.backbones.package_files import package_file
 
