@@ -87,10 +87,14 @@ def _commands(code: str) -> List[str]:
     return commands
 
 
+# Snippets that load the real offline backbone (EfficientNet-Lite0 + MiniLM: a minute on 2 cores): `slow`.
+SLOW_NAMES = ("efficientnet_lite0_minilm.offline", "efficientnet_lite2_minilm.offline", "vgg19_minilm.offline")
+
 CASES = []
 for _where, _lang, _code in _blocks():
     if _lang == "python":
-        CASES.append(pytest.param("python", _code, id=f"{_where} python"))
+        marks = [pytest.mark.slow] if any(n in _code for n in SLOW_NAMES) else []
+        CASES.append(pytest.param("python", _code, id=f"{_where} python", marks=marks))
     else:
         CASES += [pytest.param("bash", c, id=f"{_where} {c[:60]}") for c in _commands(_code)]
 
