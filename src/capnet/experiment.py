@@ -233,13 +233,13 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
                         ds.dropped[0][1], run_dir / DROPPED_FILE)
     clock.lap("build the model")
     history, extra = fit_and_select(model, ds, run_cfg, run_dir, device, cache_dir, resume, clock)
-    thresholds = _thresholds(model, ds, feature_plan(run_cfg, model, device, cache_dir, clock), cfg.tte.templates)
+    plan = feature_plan(run_cfg, model, device, cache_dir, clock)  # what scoring reads (the refit's features are the same)
+    thresholds = _thresholds(model, ds, plan, cfg.tte.templates)
     if cfg.train.refit and "selected_epoch" in extra and "val" in ds.splits:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, ds.classes, ds.splits["train"].labels).to(device)  # same graph as selection
         refit_cfg = replace(run_cfg, train=replace(run_cfg.train, epochs=max(1, extra["selected_epoch"]), select="last"))
-        refit = _train(model, merged_train(ds), refit_cfg, run_dir / "refit",
-                       feature_plan(refit_cfg, model, device, cache_dir, clock), resume)
+        refit = _train(model, merged_train(ds), refit_cfg, run_dir / "refit", plan, resume)
         history = history + [{**row, "refit": 1} for row in refit.history]
     clock.lap("train")
     if distributed.is_main():
@@ -258,7 +258,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         header["skipped images"] = skipped_summary(skipped)
     if ds.dropped:
         header["dropped by the reader"] = f"{len(ds.dropped)} (listed in {DROPPED_FILE})"
-    metrics = evaluate_and_write(model, ds, feature_plan(run_cfg, model, device, cache_dir, clock), cfg.tte.templates,
+    metrics = evaluate_and_write(model, ds, plan, cfg.tte.templates,
                                  run_dir, history, header, thresholds)
     clock.lap("evaluate on test")
     metrics.update(extra)
