@@ -54,6 +54,7 @@ from capnet.features.full_disk import go_on_without_cache
 from capnet.features.store import FORMAT_VERSION, FeatureRows, RowFile
 from capnet.runtime import distributed
 from capnet.runtime.progress import on_terminal
+from capnet.runtime.workers import quiet_worker
 from capnet.runtime.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,8 @@ def _tower_batches(backbone: Any, paths: Sequence[Path], rows: np.ndarray, trans
                    stopwatch: Optional[Stopwatch]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """(rows, stored prefix features) per batch of ``paths[rows]``, decoding in ``num_workers`` processes."""
     loader = torch.utils.data.DataLoader(_ImageFiles([paths[i] for i in rows], transform), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+                                         shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=quiet_worker)
     was_training = backbone.training
     backbone.eval()
     waited = tower = 0.0
