@@ -90,13 +90,13 @@ def build_capnet(m: ModelConfig, backbone: Backbone, class_names: List[str], tra
         inputs = GraphInputs(len(class_names), text_emb, train_labels)
         g = m.graph
         adjacency = GRAPHS.build(g.source, inputs, topk=g.topk, threshold=g.threshold, p=g.p, tau=g.tau,
-                                 sparse=g.sparse, chunk=g.chunk)
-        gcn = GCN(backbone.text_dim, m.gcn.hidden, m.gcn.layers, m.gcn.dropout)
+                                 sparse=g.sparse, chunk=g.chunk, norm=g.norm)
+        gcn = GCN(backbone.text_dim, m.gcn.hidden, m.gcn.layers, m.gcn.dropout, init=m.gcn.init)
     peft = None
     if m.peft.method != "none":
         from capnet.models.peft import apply_peft  # sibling package, imported late
 
-        peft = apply_peft(m.peft.method, backbone.visual, **m.peft.options)
+        peft = apply_peft(m.peft.method, backbone.visual, num_classes=len(class_names), **m.peft.options)
     need_templates = prompts is None or tte_templates
     b = m.text_budget
     budget = resolve_text_budget(len(class_names), b.classes, b.exact_up_to, b.auto)
@@ -173,5 +173,5 @@ def extend_model(m: ModelConfig, model: ClassifierBase, old_names: Sequence[str]
     from capnet.models.open_vocab import extend_classes, text_graph_fn  # sibling module, imported late
 
     g = m.graph
-    graph = text_graph_fn(g.topk, g.threshold, g.p) if g.source == "text" else None
+    graph = text_graph_fn(g.topk, g.threshold, g.p, g.norm) if g.source == "text" else None
     return extend_classes(model, old_names, new_names, templates=m.templates, graph=graph, keep_old=keep_old)

@@ -29,6 +29,11 @@ LOG_MAX_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)  # the cap on the parameter (ope
 _LEGACY_PREFIXES = (("prompt_learner.", "text.prompt_learner."), ("gcn.", "text.gcn."), ("text_proj.", "text.proj."))
 
 
+def _text_part(name: str, doc: str) -> property:
+    """A read-only view of ``self.text.<name>`` (open_vocab, export and tests read the parts by these names)."""
+    return property(lambda self: getattr(self.text, name), doc=doc)
+
+
 def projection(in_dim: int, out_dim: int) -> nn.Module:
     """Map an unaligned tower into the shared space: LayerNorm then a bias-free linear map.
 
@@ -83,25 +88,11 @@ class CAPNET(ClassifierBase):
         self.register_buffer("feature_mean", torch.zeros(backbone.image_dim) if center_features else None)
 
     # ------------------------------------------------- the text branch's parts, by their old names
-    @property
-    def prompt_learner(self) -> Optional[PromptLearner]:
-        return self.text.prompt_learner
-
-    @property
-    def gcn(self) -> Optional[GCN]:
-        return self.text.gcn
-
-    @property
-    def template_embeddings(self) -> Optional[torch.Tensor]:
-        return self.text.template_embeddings
-
-    @property
-    def class_residual(self) -> Optional[nn.Parameter]:
-        return self.text.class_residual
-
-    @property
-    def residual_gate(self) -> Optional[torch.Tensor]:
-        return self.text.residual_gate
+    prompt_learner = _text_part("prompt_learner", "The soft prompts (None: the fixed template classifier).")
+    gcn = _text_part("gcn", "The residual GCN over the label graph (None: off).")
+    template_embeddings = _text_part("template_embeddings", "(C, text_dim) template-ensemble embeddings, or None.")
+    class_residual = _text_part("class_residual", "(C, D) per-class residual on the text classifier, or None.")
+    residual_gate = _text_part("residual_gate", "(C,) scale of each class's residual, or None.")
 
     @property
     def adjacency(self) -> Optional[torch.Tensor]:

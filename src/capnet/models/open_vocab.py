@@ -60,9 +60,9 @@ def check_new_names(old_names: Sequence[str], new_names: Sequence[str]) -> List[
     return names
 
 
-def text_graph_fn(topk: Optional[int], threshold: Optional[float], p: float) -> GraphFn:
+def text_graph_fn(topk: Optional[int], threshold: Optional[float], p: float, norm: str = "symmetric") -> GraphFn:
     """The ``text`` label graph (label_graph.text_graph) with these settings, as a GraphFn."""
-    return lambda emb: text_graph(GraphInputs(emb.shape[0], lambda: emb), topk, threshold, p, 0.0)
+    return lambda emb: text_graph(GraphInputs(emb.shape[0], lambda: emb), topk, threshold, p, 0.0, norm=norm)
 
 
 class OpenVocabModel(ClassifierBase):
