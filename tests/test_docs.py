@@ -21,6 +21,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 from conftest import _write_jpeg, write_folder_tree
+import capnet
 from capnet.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ def _tiny(argv: List[str]) -> List[str]:
 
 
 def _python_env(workspace: Path) -> Dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(capnet.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
             "CAPNET_CACHE": str(workspace / ".cache")}
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+import capnet
 from _faults import fill_disk, needs_proc_fd
 from capnet.cli import main
 from capnet.train.checkpoint import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+SRC = str(Path(capnet.__file__).resolve().parents[1])  # subprocesses run the capnet under test
 CLASSES = ["cat", "dog", "person"]
 ROWS = {
     "train": [(f"{k:04d}", labels) for k, labels in enumerate(
@@ -131,7 +133,7 @@ def test_ctrl_c_during_training_is_one_line_status_130_and_no_workers_left(tmp_p
     sets += ["data.num_workers=2", "train.epochs=50", "model.peft.method=bitfit", "data.batch_size=1",
              "data.val_fraction=0", "train.select=last"]
     log = tmp_path / "stderr.txt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "capnet", *_train_args(data, out, sets, "--no-cache")],
                                 stdout=subprocess.DEVNULL, stderr=fh, env=env, start_new_session=True)
@@ -235,7 +237,7 @@ def test_registries_are_complete_after_import_capnet() -> None:
     code = ("from capnet import BACKBONES, DATASETS, GRAPHS, LOSSES, PEFT\n"
             "BACKBONES.get('clip_vit_b16.laion2b_s34b_b88k')\n"  # the docs/weights.md command, without the download
             "print(len(BACKBONES), sorted(LOSSES), sorted(DATASETS), sorted(GRAPHS), len(PEFT))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(REPO / "tests"))
     assert done.returncode == 0, done.stderr
     count, rest = done.stdout.split(" ", 1)
@@ -273,7 +275,7 @@ def test_a_local_weights_file_records_format_origin_and_sha256(data, tmp_path, c
 
 def test_no_progress_bars_when_stderr_is_a_file(data, tmp_path) -> None:
     log = tmp_path / "log.txt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     with open(log, "wb") as fh:
         done = subprocess.run([sys.executable, "-m", "capnet", *_train_args(data, tmp_path / "run", TRAINED,
                                                                            "--cache-dir", str(tmp_path / "c"))],
