@@ -1,4 +1,5 @@
-"""Tiny fake trees of the native layouts (reader and CLI tests) and one per DATASETS reader."""
+"""Tiny fake trees of the native layouts (reader, CLI and reproduce tests: VOC, COCO, NUS-WIDE) and one
+per DATASETS reader."""
 from __future__ import annotations
 
 import json
@@ -57,6 +58,59 @@ def coco_val_only(root: Path, write_jpeg: Callable[..., Path]) -> Path:
     coco_file(root, "val2017", {139: None, 285: None, 632: None}, [(139, 1), (285, 3), (632, 1), (632, 10)],
               write_jpeg)
     return root
+
+
+def nus_wide_tree(root: Path, concepts: Sequence[str], lists: Dict[str, List[str]],
+                  labels: Dict[str, Dict[str, List[int]]], write_jpeg: Callable[..., Path]) -> Path:
+    """root/{Concepts81.txt, ImageList/<Tag>Imagelist.txt (CRLF, backslashes), Groundtruth/TrainTestLabels/
+    Labels_<concept>_<Tag>.txt, Flickr/<folder>/<file>.jpg}; ``lists``/``labels`` keyed by Train/Test."""
+    (root / "ImageList").mkdir(parents=True)
+    (root / "Concepts81.txt").write_text("\n".join(concepts) + "\n")
+    gt = root / "Groundtruth" / "TrainTestLabels"
+    gt.mkdir(parents=True)
+    k = 0
+    for tag, items in lists.items():
+        (root / "ImageList" / f"{tag}Imagelist.txt").write_text("\r\n".join(items) + "\r\n")
+        for item in items:
+            write_jpeg(root / "Flickr" / item.replace("\\", "/"), seed=k)
+            k += 1
+        for concept in concepts:
+            (gt / f"Labels_{concept}_{tag}.txt").write_text("\n".join(str(v) for v in labels[tag][concept]) + "\n")
+    return root
+
+
+def random_label_rows(n: int, num_classes: int, seed: int, rate: float = 0.4) -> List[List[int]]:
+    """n rows of class indices, each class present with probability ``rate`` / (1 + index) (a long tail)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [[c for c in range(num_classes) if rng.random() < rate / (1 + c)] for _ in range(n)]
+    return [r or [0] for r in rows]
+
+
+def native_trees(base: Path, write_jpeg: Callable[..., Path], n_train: int = 12, n_test: int = 8) -> Dict[str, Path]:
+    """A VOCdevkit (VOC2007 trainval + test), a COCO root (train2017 + val2017) and a NUS-WIDE root
+    (3 concepts), each with ``n_train`` / ``n_test`` tiny images and long-tailed random labels."""
+    voc_names = ["person", "car", "dog", "chair"]
+    ids = {"trainval": [f"{i:06d}" for i in range(1, n_train + 1)],
+           "test": [f"{i:06d}" for i in range(101, 101 + n_test)]}
+    rows = random_label_rows(n_train + n_test, len(voc_names), seed=1)
+    annotations = {i: [(voc_names[c], 0) for c in r] for i, r in zip(ids["trainval"] + ids["test"], rows)}
+    voc_year(base / "VOCdevkit", "2007", ids, annotations, write_jpeg)
+    rows = random_label_rows(n_train + n_test, len(COCO_CATS), seed=2)
+    cats = [c["id"] for c in COCO_CATS]
+    train_ids, val_ids = list(range(1, n_train + 1)), list(range(1001, 1001 + n_test))
+    anns = [(i, cats[c]) for i, r in zip(train_ids + val_ids, rows) for c in r]
+    coco_file(base / "coco", "train2017", dict.fromkeys(train_ids), [a for a in anns if a[0] < 1000], write_jpeg)
+    coco_file(base / "coco", "val2017", dict.fromkeys(val_ids), [a for a in anns if a[0] >= 1000], write_jpeg)
+    concepts = ["sky", "water", "animal"]
+    lists = {"Train": [f"sky\\{i:04d}_{i}.jpg" for i in range(n_train)],
+             "Test": [f"water\\{i:04d}_{i}.jpg" for i in range(100, 100 + n_test)]}
+    rows = random_label_rows(n_train + n_test, len(concepts), seed=3)
+    split_rows = {"Train": rows[:n_train], "Test": rows[n_train:]}
+    labels = {tag: {c: [int(k in r) for r in split_rows[tag]] for k, c in enumerate(concepts)} for tag in lists}
+    nus_wide_tree(base / "nus_wide", concepts, lists, labels, write_jpeg)
+    return {"voc": base / "VOCdevkit", "coco": base / "coco", "nus_wide": base / "nus_wide"}
 
 
 # ------------------------------------------------------------- one fake tree per DATASETS reader

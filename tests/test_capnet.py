@@ -260,7 +260,7 @@ def run_step(model, size=32):
 
 
 def test_model_kinds_registered():
-    assert MODEL_KINDS.names() == ["capnet", "clap", "linear_probe", "zeroshot", "zs_linear_probe"]
+    assert MODEL_KINDS.names() == ["capnet", "clap", "clap_authors", "linear_probe", "zeroshot", "zs_linear_probe"]
 
 
 @pytest.mark.parametrize("source", ["text", "cooccurrence", "none"])

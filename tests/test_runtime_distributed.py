@@ -90,7 +90,7 @@ def test_ddp_two_processes_match_each_other_and_one_process(tmp_path, text):
 
         start = _budgeted_capnet(2)
         assert start.text_budget == 2
-        assert not torch.equal(r0["model.prompt_learner.ctx"], start.prompt_learner.ctx.detach())
+        assert not torch.equal(r0["model.text.prompt_learner.ctx"], start.prompt_learner.ctx.detach())
         return
 
     weights, scores, targets, result = _run(tmp_path / "single", text)  # same global batches, one process

@@ -31,7 +31,7 @@ from capnet.features.preflight import (
     skipped_summary,
     write_skipped,
 )
-from capnet.features.views import eval_views, single_view, split_features
+from capnet.features.views import eval_views, single_view, split_features, train_features
 from capnet.fileio import capnet_cache_dir, write_json_atomic
 from capnet.report import write_report
 from capnet.runtime import distributed
@@ -131,8 +131,11 @@ def _fit_on_features(model: ClassifierBase, ds: Any, kind: str, plan: FeaturePla
         return feats[:].numpy(), split.labels  # FeatureRows: read every row (final features are small)
 
     x, y = features("train", single_view(model))
+    x = x[:, 0]
+    if plan.augment_views and getattr(FEATURE_FITS.get(kind), "fits_train_views", False):  # e.g. clap_authors
+        x = train_features(model, ds.splits["train"], plan)[:].numpy()  # eval view + cached augmentations
     val = features("val", eval_views(model, plan)) if "val" in ds.splits else None
-    return fit_feature_head(model, kind, (x[:, 0], y), val, refit=refit, seed=plan.seed)
+    return fit_feature_head(model, kind, (x, y), val, refit=refit, seed=plan.seed)
 
 
 def _train(model: ClassifierBase, ds: Any, cfg: Config, run_dir: Path, plan: FeaturePlan, resume: bool) -> Any:
