@@ -60,7 +60,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores (small inputs, 3 repeats)")
     mode.add_argument("--smoke", action="store_true", help="seconds: tiny random CLIPs, 1 repeat (CI proves it runs)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for speed_*.json/.md")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for speed_*.json/.md (default: benchmarks/results for a full run; the git-ignored "
+                        "runs/benchmarks for --quick / --smoke, so a trial never touches the committed results)")
     p.add_argument("--archs", nargs="+", help=f"backbones (default {' '.join(FULL_ARCHS)})")
     p.add_argument("--classes", nargs="+", type=int, help="class counts for the scaling study (default 20 80 1000)")
     p.add_argument("--batch-size", type=int, help="images per step (default CPU 8, GPU 64)")
@@ -153,6 +155,17 @@ def merge_results(old: Dict[str, Any], new: Dict[str, Any], ran: Sequence[str]) 
     return out
 
 
+RESULTS = REPO / "benchmarks" / "results"  # committed numbers
+SCRATCH = REPO / "runs" / "benchmarks"  # trial runs (git-ignored)
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """--out, else the committed results folder for a full run and a scratch folder for the presets."""
+    if args.out is not None:
+        return args.out
+    return SCRATCH if args.quick or args.smoke else RESULTS
+
+
 def output_stem(args: argparse.Namespace, device: torch.device) -> str:
     """speed_cpu / speed_gpu, with _quick or _smoke so a trial never overwrites final numbers."""
     stem = "speed_gpu" if device.type == "cuda" else "speed_cpu"
@@ -183,6 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results["demo"] = merge_demo_times(args.demo_times)
     results["machine"]["load_average_end"] = load_average()
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
+    args.out = output_dir(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = output_stem(args, device)
     if args.merge and (args.out / f"{stem}.json").is_file():

@@ -120,7 +120,9 @@ def test_a_bad_image_met_during_eval_is_one_line(zs_run: Path, tmp_path: Path, c
     assert "Traceback" not in err and "DataLoader worker" not in err
     lines = [line for line in err.split("\n") if line.strip() and "\r" not in line  # "\r": progress bars
              and not line.startswith("capnet: feature cache:")]  # the CLI's INFO progress line
-    assert len(lines) == 1 and lines[0].startswith(f"capnet: error: {bad}: "), err
+    # checked before scoring, as train does (issue 30): the file named on its own line, then one error
+    assert len(lines) == 2 and lines[0].startswith(f"capnet: bad image: {bad}: "), err
+    assert lines[1].startswith("capnet: error: 1 image(s) cannot be decoded") and "--skip-bad-images" in lines[1]
     assert ("truncated" in err.lower()) if damage == "truncate" else ("empty file (0 bytes)" in err)
 
 

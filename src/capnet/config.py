@@ -341,7 +341,9 @@ def load_config(paths: Sequence[Union[str, Path]] = (), overrides: Sequence[str]
     for o in overrides:
         merged = _deep_merge(merged, _upgrade(parse_override(o)))
     try:
-        return config_from_dict(merged)
+        cfg = config_from_dict(merged)
+        check_backbone(cfg.model.backbone, cfg.model.weights)  # a user's name: checked before any data is read
+        return cfg
     except ConfigError as err:
         src = ", ".join(str(p) for p in paths) or "<defaults>"
         raise ConfigError(f"{err} (from {src})") from None
@@ -463,3 +465,18 @@ def validate(cfg: Config) -> None:
     for t in cfg.model.templates:
         if "{}" not in t:
             raise ConfigError(f"model.templates entry {t!r} has no '{{}}' placeholder for the class name")
+
+
+def check_backbone(name: str, weights: Optional[str] = None) -> None:
+    """A misspelt backbone or weights tag fails with the config, before any data is read: one
+    line with the closest accepted names (registered, family.tag, arch.tag, hf-hub:org/repo).
+
+    ``load_config`` (YAML files and ``--set``) calls it; ``config_from_dict`` does not, so code may
+    build configs naming a backbone it hands to ``build_model`` itself."""
+    from capnet.registry import BACKBONES
+
+    try:
+        BACKBONES.check(name, weights=weights)
+    except KeyError as err:
+        message = str(err.args[0])
+        raise ConfigError(f"model.backbone={name!r}: {message}" if message.startswith("unknown") else message) from None

@@ -20,6 +20,34 @@ class TrainingError(CapnetError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
+class DiskFullError(CapnetError, OSError):
+    """A write found no space (ENOSPC) or no quota (EDQUOT); the file it was replacing is intact."""
+
+    def __init__(self, path: str, errno_: int) -> None:
+        super().__init__(errno_, f"no space left on the device to write {path} (the previous version, if any, "
+                                 f"is intact)")
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, annotated with where: the CLI prints one line and exits 130.
+
+    ``epoch`` is the epoch that was running, ``finished`` the last epoch whose checkpoint was
+    written (``--resume`` continues after it).
+    """
+
+    def __init__(self, epoch: int, finished: int) -> None:
+        super().__init__(epoch, finished)
+        self.epoch, self.finished = epoch, finished
+
+    def __str__(self) -> str:
+        return (f"interrupted in epoch {self.epoch}; `--resume` continues from epoch {self.finished + 1}"
+                if self.finished else f"interrupted in epoch {self.epoch}; no epoch had finished (rerun to start again)")
+
+
 WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"  # torch's DataLoader re-raise
 
 

@@ -2,6 +2,7 @@
 where capnet keeps what it derives (``capnet_cache_dir``)."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -11,7 +12,10 @@ from typing import Any, Iterable, Union
 
 import numpy as np
 
+from capnet.errors import DiskFullError
+
 PathLike = Union[str, Path]
+NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, an exhausted quota
 
 
 def _umask() -> int:
@@ -24,18 +28,43 @@ def atomic_write_bytes(data: bytes, path: PathLike) -> None:
     """Write ``data`` to ``path`` via a fsync'ed temporary file and ``os.replace``.
 
     The file gets the permissions a plain ``open`` would give (0666 less the umask), not
-    mkstemp's private 0600: run directories and exports are meant to be shared.
+    mkstemp's private 0600: run directories and exports are meant to be shared. A full disk (or
+    quota) is a :class:`~capnet.errors.DiskFullError` naming ``path``; the old file stays.
     """
     path = Path(path)
+    try:
+        _write_replace(data, path)
+    except OSError as err:
+        if err.errno in NO_SPACE and not isinstance(err, DiskFullError):
+            raise DiskFullError(str(path), err.errno) from None
+        raise
+    try:  # make the rename itself durable (POSIX); best effort elsewhere
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _write_replace(data: bytes, path: Path) -> None:
+    """Temporary file beside ``path``, written with ``os.write`` (the one place bytes reach the
+    disk), fsync'ed, then renamed over ``path``; the temporary file is removed on any failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o666 & ~_umask())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -51,6 +80,11 @@ def atomic_write_bytes(data: bytes, path: PathLike) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write that found no space or no quota."""
+    return isinstance(err, OSError) and err.errno in NO_SPACE
 
 
 def _json_default(o: Any) -> Any:

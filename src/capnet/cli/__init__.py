@@ -81,6 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     configure_logging(args.verbose, args.quiet)
     from capnet.errors import CapnetError, one_line
+    from capnet.fileio import is_disk_full
 
     try:
         return int(args.func(args) or 0)
@@ -90,6 +91,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         # makes a reference cycle) would otherwise stop its workers at some later gc, 5 s each.
         err.__traceback__ = None
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (training says where it stopped), status 130
+        print(f"capnet: {str(err) or 'interrupted'}", file=sys.stderr)
+        _stop_workers(err)
+        return INTERRUPTED
+    except OSError as err:
+        if not is_disk_full(err):  # anything else is a bug worth its traceback
+            raise
+        where = f" to write {err.filename}" if err.filename else ""
+        print(f"capnet: error: no space left on the device{where}", file=sys.stderr)
+        err.__traceback__ = None
+        return 1
+
+
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
+
+
+def _stop_workers(err: BaseException) -> None:
+    """Drop the interrupted frames and collect them now, so DataLoader iterators caught in them
+    shut their worker processes down before the process exits (none is left orphaned)."""
+    err.__traceback__ = None
+    err.__context__ = None
+    gc.collect()
 
 
 def entry_point() -> None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from capnet.cli._common import is_rank_zero, repo_root
-from capnet.errors import CapnetError
+from capnet.errors import CapnetError, Interrupted
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +37,13 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     t0 = time.perf_counter()
     tune_process(cfg)  # threads and allocator, once per process
-    metrics = train_run(cfg, Path(args.out), cache_dir=cache)
+    try:
+        metrics = train_run(cfg, Path(args.out), cache_dir=cache)
+    except Interrupted as err:  # `capnet demo` has no --resume: name the train command that continues it
+        sets = "".join(f" --set {o}" for o in overrides)
+        then = (f"`capnet train --config {config} --out {args.out}{sets} --resume` continues from epoch {err.finished + 1}"
+                if err.finished else "no epoch had finished")
+        raise KeyboardInterrupt(f"interrupted in epoch {err.epoch}; {then}") from None
     if not is_rank_zero():
         return 0
     print()

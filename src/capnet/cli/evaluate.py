@@ -4,7 +4,9 @@ Scores a trained run on its own test split or on any labelled set. Only the spli
 read, so classes.txt, test.csv and images/ are enough. The run's classes are matched to the
 data's by name, ignoring case, spaces and underscores (dining_table = diningtable); --class-map
 pairs names that differ (motorbike=motorcycle). Shared classes are scored, the others listed;
-head/medium/tail are the groups of the run's training data.
+head/medium/tail are the groups of the run's training data. Every image of the split is decoded
+first (as ``train`` does): a bad one stops the command before any scoring, naming each, unless
+--skip-bad-images leaves them out.
 """
 from __future__ import annotations
 
@@ -49,6 +51,27 @@ def report_classes(classes: Mapping[str, Any], num_run_classes: int) -> None:
               file=sys.stderr)
 
 
+def check_split_images(ds: Any, split: str, skip: bool, cache: Optional[Path]) -> Any:
+    """Decode every image of ``split`` before scoring (as ``train`` does): a bad one stops here,
+    naming each, or with ``skip`` is left out with a warning."""
+    from capnet.data.check import BadImagesError, drop_images
+    from capnet.features.preflight import preflight_images
+
+    if split not in ds.splits:
+        return ds  # evaluate_run names the missing split
+    scored = dataclasses.replace(ds, splits={split: ds.splits[split]})
+    try:
+        _, problems = preflight_images(scored, skip, cache)
+    except BadImagesError as err:
+        for path, reason in err.problems:
+            print(f"capnet: bad image: {path}: {reason}", file=sys.stderr)
+        raise CapnetError(f"{len(err.problems)} image(s) cannot be decoded (listed above); nothing was scored. "
+                          "Fix or remove them, or pass --skip-bad-images to score without them") from None
+    for path, reason in problems:
+        print(f"capnet: skipped bad image: {path}: {reason}", file=sys.stderr)
+    return drop_images(ds, [path for path, _ in problems]) if problems else ds
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate a trained run on a dataset split; prints the table and optionally writes JSON."""
     from capnet.config import load_config
@@ -69,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         data_cfg = dataclasses.replace(data_cfg, reader_options={})
     ds = load_eval_dataset(data_cfg, args.split)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    ds = check_split_images(ds, args.split, args.skip_bad_images, cache)
     metrics = evaluate_run(run_obj, ds, args.split, cache, class_map=class_map)
     report_classes(metrics["classes"], len(run_obj.classes))
     print(summary_table(metrics, title=args.split))
@@ -90,4 +114,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write the full metrics to this JSON file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--cache-dir", default=None, help="feature cache (default $CAPNET_CACHE/features)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="score without the images that cannot be decoded (each is named in a warning)")
     p.set_defaults(func=run)

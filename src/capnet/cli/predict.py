@@ -1,7 +1,11 @@
 """``capnet predict --run DIR IMAGE_OR_DIR...``: one JSON line per image (labels + all scores).
 
 A directory contributes its files with an image suffix; every other entry is listed on stderr
-as skipped. Nothing to predict is an error (exit 1). ``--add-classes "zebra,giraffe"`` scores
+as skipped. Nothing to predict is an error (exit 1). An image that cannot be read (truncated,
+corrupt, empty) does not stop the others: it is named on stderr and gets a JSON line with an
+``error`` field instead of ``labels``/``scores``, and the exit status is then 3 (every readable
+image was scored). Exit status: 0 all scored, 3 some images could not be read, 1 nothing scored
+(bad run, no images), 130 interrupted. ``--add-classes "zebra,giraffe"`` scores
 new class names next to the trained ones (docs/open_vocab.md); each line then carries an
 ``open_vocab`` field naming them, their threshold and how it was set.
 """
@@ -59,9 +63,20 @@ def run(args: argparse.Namespace) -> int:
     added = parse_class_list(args.add_classes) if args.add_classes is not None else None
     loaded = load_run(Path(args.run), device=args.device, add_classes=added, overrides=run_overrides(args))
     tune_process(loaded.cfg)  # threads and allocator, once per process
+    failed = 0
     for row in predict_images(loaded, images, batch_size=args.batch_size):
+        if "error" in row:
+            failed += 1
+            print(f"capnet: error: {row['error']}", file=sys.stderr, flush=True)
         print(json.dumps(row), flush=True)
+    if failed:
+        print(f"capnet: {failed} of {len(images)} image(s) could not be read (their JSON lines have an "
+              f"\"error\" field); the other {len(images) - failed} were scored", file=sys.stderr)
+        return SOME_FAILED
     return 0
+
+
+SOME_FAILED = 3  # exit status when some images could not be read and every other one was scored
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

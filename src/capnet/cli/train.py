@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from capnet.cli._common import add_config_args, is_rank_zero, resolve_config
-from capnet.errors import CapnetError
+from capnet.errors import CapnetError, DiskFullError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,6 +23,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         metrics = train_run(cfg, Path(args.out), resume=args.resume, cache_dir=cache,
                             skip_bad_images=args.skip_bad_images)
+    except DiskFullError as err:
+        if not Path(err.path).resolve().is_relative_to(Path(args.out).resolve()):
+            raise
+        hint = ("free space, then rerun this command with --resume: it continues after the last finished epoch"
+                if (Path(args.out) / "last.safetensors").is_file() else "free space, then rerun this command")
+        raise CapnetError(f"{err}; {hint}") from None
     except BadImagesError as err:
         if is_rank_zero():
             for path, reason in err.problems:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from capnet.data.base import MultiLabelDataset, image_problem
 from capnet.errors import DataError
+from capnet.runtime.progress import on_terminal
 
 Problem = Tuple[Path, str]  # (image file, why it cannot be decoded)
 SHOWN = 10  # bad files named in one error message; the rest are counted
@@ -40,7 +41,7 @@ def check_images(paths: Iterable[Union[str, Path]], workers: Optional[int] = Non
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(tqdm(pool.map(image_problem, unique), total=len(unique), desc=desc, unit="image",
-                            disable=not progress, leave=False))
+                            disable=not (progress and on_terminal()), leave=False))
     return [(p, r) for p, r in zip(unique, reasons) if r is not None]
 
 

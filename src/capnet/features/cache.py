@@ -50,8 +50,11 @@ import torch
 from tqdm.auto import tqdm
 
 from capnet.data import load_image
+from capnet.features.full_disk import go_on_without_cache
 from capnet.features.store import FORMAT_VERSION, FeatureRows, RowFile
 from capnet.runtime import distributed
+from capnet.runtime.progress import on_terminal
+from capnet.runtime.workers import quiet_worker
 from capnet.runtime.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -276,7 +279,8 @@ def _tower_batches(backbone: Any, paths: Sequence[Path], rows: np.ndarray, trans
                    stopwatch: Optional[Stopwatch]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """(rows, stored prefix features) per batch of ``paths[rows]``, decoding in ``num_workers`` processes."""
     loader = torch.utils.data.DataLoader(_ImageFiles([paths[i] for i in rows], transform), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+                                         shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=quiet_worker)
     was_training = backbone.training
     backbone.eval()
     waited = tower = 0.0
@@ -284,7 +288,8 @@ def _tower_batches(backbone: Any, paths: Sequence[Path], rows: np.ndarray, trans
     try:
         with torch.inference_mode(), autocast:
             tic = time.perf_counter()
-            for images in tqdm(loader, desc=f"image features (stage {upto})", unit="batch", disable=not progress):
+            for images in tqdm(loader, desc=f"image features (stage {upto})", unit="batch",
+                               disable=not (progress and on_terminal())):
                 got = time.perf_counter()
                 waited += got - tic
                 views = images.shape[1] if images.ndim == 5 else None
@@ -341,9 +346,14 @@ def feature_rows(
         return FeatureRows(np.concatenate([c.astype(dtype, copy=False) for c in chunks]))
     key = cache_key(feature_key_parts(backbone, transform, upto, "float32" if amp == "none" else amp))
     ids = [json.dumps(fp) for fp in image_fingerprints(paths)]
-    with distributed.main_first():  # rank 0 checks and repairs the entry, the others then read its state
-        entry = cache.open(key, ids, prepare=distributed.is_main())
-    entry = fill_missing(cache, entry, produce)
+    try:
+        with distributed.main_first():  # rank 0 checks and repairs the entry, the others then read its state
+            entry = cache.open(key, ids, prepare=distributed.is_main())
+        entry = fill_missing(cache, entry, produce)
+    except OSError as err:  # a full disk: warn once and compute without the cache (same values)
+        go_on_without_cache(cache.root, err)
+        return feature_rows(backbone, paths, transform, upto, batch_size=batch_size, num_workers=num_workers,
+                            device=device, cache=None, progress=progress, amp=amp, stopwatch=stopwatch)
     rows = entry.rows()
     entry.close()
     return rows

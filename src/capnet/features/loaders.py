@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from capnet.features.plan import FeaturePlan
 from capnet.runtime import distributed
-from capnet.runtime.seed import EpochSampler, epoch_seed, make_generator, seed_worker
+from capnet.runtime.seed import EpochSampler, epoch_seed, make_generator
+from capnet.runtime.workers import init_worker
 
 SPLITS = ("train", "val", "test")
 
@@ -92,7 +93,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, num_
         sampler=_sampler(len(dataset), train, seed),
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=seed_worker,
+        worker_init_fn=init_worker,  # seeds; quiet if the main process stops first (Ctrl-C)
         generator=make_generator(seed),
         drop_last=False,
         persistent_workers=train and num_workers > 0,  # the train loader is iterated every epoch

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 from capnet.errors import DataError
+from capnet.features.full_disk import go_on_without_cache
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
 from capnet.runtime.resources import rank_cores
@@ -63,7 +64,10 @@ def preflight_images(ds: Any, skip_bad_images: bool,
            for p, r in part}
     if cache_dir is not None and distributed.is_main() and todo:
         good = known | {k for p, k in todo if p not in bad}
-        atomic_write_bytes(json.dumps(sorted(good)).encode(), Path(cache_dir) / CHECKED_FILE)
+        try:
+            atomic_write_bytes(json.dumps(sorted(good)).encode(), Path(cache_dir) / CHECKED_FILE)
+        except OSError as err:  # a full disk: the next run decodes these images again, nothing else changes
+            go_on_without_cache(cache_dir, err)
     found = {name: [(p, bad[p]) for p in split.image_paths if p in bad] for name, split in ds.splits.items()}
     found = {name: probs for name, probs in found.items() if probs}
     problems = [p for split in found.values() for p in split]

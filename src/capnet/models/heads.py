@@ -153,9 +153,12 @@ class ClassifierBase(ModelHooks, nn.Module):
         self.backbone.train(False)
 
     def backbone_identity(self) -> Dict[str, object]:
-        """The backbone's name, weights and their sha256 (``BackboneSpec``)."""
+        """The backbone's name, weights and their sha256 (``BackboneSpec``), and the weights' provenance
+        (``spec.extra``: origin, format, QuickGELU, open_clip version; docs/weights.md#provenance)."""
         spec = self.backbone.spec
-        return {"backbone": spec.name, "backbone_sha256": spec.weights_sha256, "backbone_weights": spec.weights}
+        provenance = {k: v for k, v in (spec.extra or {}).items() if v is None or isinstance(v, (str, int, float, bool))}
+        return {"backbone": spec.name, "backbone_sha256": spec.weights_sha256, "backbone_weights": spec.weights,
+                "backbone_provenance": provenance}
 
     # ------------------------------------------------------------------ forward paths
     def logits_from_image_features(self, image_features: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -228,6 +228,9 @@ def _eval_groups(run: LoadedRun, ds: Any, match: Any) -> Dict[str, np.ndarray]:
 def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) -> Iterator[Dict[str, Any]]:
     """One dict per image: labels above the per-class thresholds and every class score.
 
+    An image that cannot be read gets ``{"image": path, "error": why}`` in its place and the
+    others are scored as usual (a batch is one batch fewer images, not lost).
+
     Each image is decoded once and all its test-time views go through the model in one batch.
     Scores follow the one precision policy (``runtime.precision``): the cacheable frozen prefix
     at the run's extraction precision, rounded as the cache stores it, the rest in float32, so an
@@ -243,8 +246,16 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
     added = {"classes": run.added_classes, "threshold": round(float(run.thresholds[-1]), 6),
              "threshold_policy": ADDED_THRESHOLD_POLICY} if run.added_classes else None
     for start in range(0, len(paths), batch_size):
-        chunk = list(paths[start:start + batch_size])
-        views = torch.stack([views_of(load_image(p)) for p in chunk]).to(run.device)
+        chunk, decoded = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                decoded.append(views_of(load_image(path)))
+                chunk.append(path)
+            except DataError as err:  # one bad file among many: report it in place, score the rest
+                yield {"image": str(path), "error": str(err)}
+        if not chunk:
+            continue
+        views = torch.stack(decoded).to(run.device)
         b, v = views.shape[:2]
         with torch.inference_mode():
             flat = views.flatten(0, 1)

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from capnet.config import RUNTIME_KEYS, OptimConfig, TrainConfig, is_key_under
-from capnet.errors import CapnetError, CheckpointError, TrainingError
+from capnet.errors import CapnetError, CheckpointError, Interrupted, TrainingError
 from capnet.evaluation.predict import evaluate
 from capnet.evaluation.scores import test_time_templates
 from capnet.features.loaders import feature_start
@@ -45,6 +45,7 @@ from capnet.models.heads import ClassifierBase, ModelForward, StepInputs
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
 from capnet.runtime.precision import SCORE_AMP, autocast, resolve_amp
+from capnet.runtime.progress import on_terminal
 from capnet.runtime.seed import epoch_seed, reseed_loader, seed_everything
 from capnet.train import checkpoint
 from capnet.train.ema import EMA
@@ -228,7 +229,7 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, plan: FitPlan, epoch: int
         parts.model.start_epoch(epoch_seed(plan.train.seed, epoch, stream=3))
     parts.optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}/{plan.train.epochs}", leave=False, miniters=plan.train.log_every,
-               disable=not distributed.is_main())
+               disable=not (distributed.is_main() and on_terminal()))
     for step, (inputs, target, _) in enumerate(bar, start=1):
         group_start = (step - 1) // accum * accum
         group_size = min(accum, n - group_start)  # the last group may be shorter
@@ -355,6 +356,8 @@ def fit(model: ClassifierBase, loss_fn: Callable[[torch.Tensor, torch.Tensor], t
                 epoch_log.epoch(progress["history"][-1], progress["best_epoch"], progress["best_val_map"])
             for callback in callbacks or ():
                 callback(progress["history"][-1])
+    except KeyboardInterrupt:  # Ctrl-C: say where (the CLI prints it as one line, status 130)
+        raise Interrupted(progress["epoch"] + 1, progress["epoch"]) from None
     finally:
         epoch_log.close()
     distributed.barrier()

@@ -8,7 +8,7 @@ CLIP names (``clip_vit_b16.laion2b_s34b_b88k``, ``ViT-B-16.datacomp_xl_s13b_b90k
 from typing import Any, Callable, Optional
 
 from capnet.models.backbones import offline  # noqa: F401  (registers the offline backbones)
-from capnet.models.backbones.specs import CLIP_ARCHS, resolve_arch
+from capnet.models.backbones.specs import CLIP_ARCHS, NAME_FORMS, resolve_arch, suggest_names, weights_problem
 from capnet.registry import BACKBONES
 
 
@@ -51,7 +51,7 @@ def _resolve_clip(name: str) -> Optional[Callable[..., Any]]:
     return build
 
 
-BACKBONES.add_resolver(_resolve_clip)
+BACKBONES.add_resolver(_resolve_clip, suggest=suggest_names, forms=NAME_FORMS, check=weights_problem)
 
 
 def __getattr__(attr: str) -> Any:

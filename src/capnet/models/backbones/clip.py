@@ -32,7 +32,7 @@ from capnet.models.backbones import pretrained as hub
 from capnet.models.backbones.attention import use_contiguous_attention
 from capnet.models.backbones.base import Backbone, BackboneSpec
 from capnet.models.backbones.checkpoints import load_clip_weights, sha256_of
-from capnet.models.backbones.specs import CLIP_ARCHS, HF_HUB_PREFIX, CLIPArch, resolve_arch
+from capnet.models.backbones.specs import CLIP_ARCHS, HF_HUB_PREFIX, CLIPArch, looks_like_path, resolve_arch
 
 RANDOM = "random"  # the `weights` value asking for random initialisation
 RANDOM_INIT_SEED = 0  # random-init backbones are seeded: one name, one set of weights
@@ -271,10 +271,6 @@ def _hub_config(repo: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return dict(data.get("model_cfg", data)), dict(data.get("preprocess_cfg") or {})
 
 
-def _looks_like_path(weights: str) -> bool:
-    return os.sep in weights or "/" in weights or weights.startswith(("~", ".")) or Path(weights).suffix != ""
-
-
 def _weights_source(arch: CLIPArch, weights: Optional[str]) -> Tuple[str, Any]:
     """What ``weights`` asks for: ("random", None), ("path", Path), ("remote", RemoteWeights) or ("search", None)."""
     if weights == RANDOM or (weights is None and arch.random_tag):
@@ -293,7 +289,7 @@ def _weights_source(arch: CLIPArch, weights: Optional[str]) -> Tuple[str, Any]:
     if weights.startswith(HF_HUB_PREFIX):
         return "remote", hub.remote_for_repo(weights[len(HF_HUB_PREFIX):].strip("/"))
     path = Path(weights).expanduser()
-    if path.exists() or _looks_like_path(weights):
+    if path.exists() or looks_like_path(weights):
         return "path", path
     remote = None if arch.hf_repo else hub.remote_for_tag(arch.open_clip_name, weights)
     if remote is None:

@@ -9,11 +9,13 @@ initialisation (the tiny test architectures). Names outside the table resolve th
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Mapping, Optional
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 
 OPENAI_LICENSE = "MIT (OpenAI CLIP)"
@@ -131,3 +133,66 @@ def _runtime_config(arch: str) -> bool:
     """Whether an already imported open_clip knows ``arch`` (configs added with add_model_config)."""
     open_clip = sys.modules.get("open_clip")
     return open_clip is not None and open_clip.get_model_config(arch) is not None
+
+
+# ------------------------------------------------------------- names users type
+
+NAME_FORMS = ("<family>.<tag> (e.g. clip_vit_b16.laion2b_s34b_b88k)", "<open_clip arch>.<tag> (ViT-B-16.openai)",
+              "hf-hub:org/repo (docs/weights.md)")
+RANDOM = "random"  # model.weights value: the architecture untrained
+
+
+def looks_like_path(weights: str) -> bool:
+    """Whether ``model.weights`` names a file (a separator, ``~``/``.`` start or a suffix), not a tag."""
+    return os.sep in weights or "/" in weights or weights.startswith(("~", ".")) or Path(weights).suffix != ""
+
+
+def _pretrained_pairs() -> List[Tuple[str, str]]:
+    """open_clip's (architecture, tag) pairs: the weights it can name (imports open_clip: seconds)."""
+    try:
+        import open_clip
+    except ImportError:
+        return []
+    return [(arch, tag) for arch, tag in open_clip.list_pretrained()]
+
+
+def suggest_names(name: str) -> List[str]:
+    """Every accepted CLIP name near ``name``'s form: family.tag and arch.tag over open_clip's tags,
+    and ``hf-hub:`` spelt right (the candidates of "did you mean")."""
+    out: List[str] = []
+    for prefix in ("hf_hub:", "hfhub:", "hf-hub/", "hf:", "hub:"):
+        if name.lower().startswith(prefix):
+            out.append(HF_HUB_PREFIX + name[len(prefix):])
+    if "." not in name:
+        return out
+    pairs = _pretrained_pairs()
+    for family, arch in FAMILIES.items():
+        out += [f"{family}.{tag}" for a, tag in pairs if a == arch.open_clip_name]
+    return out + [f"{arch}.{tag}" for arch, tag in pairs]
+
+
+def weights_problem(name: str, weights: Optional[str] = None) -> Optional[str]:
+    """What is wrong with the weights tag of CLIP ``name`` (in the name, or ``model.weights``), or None.
+
+    Only tags are checked (against open_clip's pretrained list, with the closest tags); files,
+    ``hf-hub:`` repos, ``random`` and the table's own names (``clip_vit_b16.openai``) are left to
+    the weights loader, which names what it could not find.
+    """
+    arch = resolve_arch(name)
+    if arch is None or arch.random_tag or arch.hf_repo:
+        return None
+    if weights is None:
+        if name in CLIP_ARCHS:
+            return None
+        tag, where = arch.tag, f"backbone '{name}'"
+    elif weights == RANDOM or weights.startswith(HF_HUB_PREFIX) or looks_like_path(weights) or Path(weights).expanduser().exists():
+        return None
+    else:
+        tag, where = weights, f"model.weights={weights!r} for backbone '{name}'"
+    tags = [t for a, t in _pretrained_pairs() if a == arch.open_clip_name]
+    if not tags or tag in tags:  # open_clip missing or an architecture without named weights: the loader says
+        return None
+    close = difflib.get_close_matches(tag or "", tags, n=3)
+    hint = f"; did you mean {' or '.join(repr(t) for t in close)}?" if close else ""
+    return (f"{where}: open_clip has no weights tagged {tag!r} for {arch.open_clip_name}{hint} "
+            f"(tags: {', '.join(tags)}; or set model.weights to a file)")
