@@ -13,7 +13,7 @@ re-split of all images, iterative stratification, ``data.resplit_*``). Inside on
 4. "CAPNET (recipe)" is the candidate with the best inner-validation mAP in that split.
 
 Every run directory records the ids it was fitted on (train), chose on (val) and scored (test)
-(``capnet.evaluation.records``); ``fold.json`` adds the bridge and recipe choices and the ids
+(``capnet.run_files``); ``fold.json`` adds the bridge and recipe choices and the ids
 they saw. A finished run or split is reused when its config hash matches, so an interrupted
 protocol continues where it stopped.
 """
@@ -143,7 +143,7 @@ def run_split(name: str, split_overrides: Sequence[str], base: Path, extra: Sequ
               cache: Path, scorer: BridgeScorer, rows: Sequence[str], log=print) -> Dict[str, Any]:
     """One outer split: bridge choice, every row, the recipe choice; writes and returns fold.json."""
     from capnet.config import config_hash
-    from capnet.evaluation.records import read_split_ids
+    from capnet.run_files import read_split_ids
     from capnet.experiment import prepare_dataset
 
     out = runs_dir / name
@@ -206,6 +206,6 @@ def leaked_ids(record: Dict[str, Any]) -> List[str]:
 
 def split_scores_of(runs_dir: Path, name: str, row: str):
     """(ids, logits, targets) of one row's outer-test scores."""
-    from capnet.evaluation.records import read_test_scores
+    from capnet.run_files import read_test_scores
 
     return read_test_scores(runs_dir / name / row)

@@ -6,7 +6,7 @@
 For each tower (backbone, resolution, eval resize, pooling, precision) the features of all
 bundled images are extracted through the engine's own path (dataset files, JPEG decode,
 transform, DataLoader with the machine's worker/thread budget, tower, ``compute_features``) with
-no cache, timed end to end. Then a linear probe (``capnet.evaluation.probe``: standardised features,
+no cache, timed end to end. Then a linear probe (``capnet.train.probe``: standardised features,
 L2 logistic regression, C chosen on validation) is fitted on train and scored on validation
 only: the bundled split's validation carve-out, and the mean over the validation carve-outs of
 a 5-fold re-split of all images. Test is never scored here; the demo's tower is chosen from this
@@ -72,7 +72,7 @@ def extract(name: str) -> Dict[str, Any]:
 def probe_val(features: np.ndarray, folds: int = 5) -> Dict[str, float]:
     """Validation mAP of the C-selected probe: the bundled split, and the mean over re-split folds."""
     from capnet.data import load_dataset
-    from capnet.evaluation.probe import select_and_fit
+    from capnet.train.probe import select_and_fit
     from capnet.metrics import average_precision
 
     base = load_dataset("folder", DATA)

@@ -388,7 +388,7 @@ def test_class_residual_starts_at_the_text_classifier_and_trains():
 def test_residual_gate_scales_each_class_residual_by_its_training_count():
     """model.residual_gate=n: class c's residual is scaled by min(1, n_c / n); saved with the run."""
     from capnet.models.build import residual_gate
-    from capnet.train.checkpoint import extra_state, load_extra_state
+    from capnet.run_files import extra_state, load_extra_state
 
     gate = residual_gate(LABELS, C, 3.0)  # training counts 3, 2, 2, 2, 2
     assert torch.allclose(gate, torch.tensor([1.0, 2 / 3, 2 / 3, 2 / 3, 2 / 3]))
@@ -459,6 +459,7 @@ def test_logits_are_float32_under_bf16_autocast():
 def test_runs_saved_before_the_text_branch_module_still_load(tmp_path):
     """model.safetensors written with the old flat names (prompt_learner.*, gcn.*, text_proj.*,
     class_residual) loads into today's CAPNET through ``upgrade_state``, tensor for tensor."""
+    from capnet import run_files
     from capnet.train import checkpoint
 
     src, dst = make(peft=True, proj=True, seed=0), make(peft=True, proj=True, seed=1)
@@ -467,7 +468,7 @@ def test_runs_saved_before_the_text_branch_module_still_load(tmp_path):
         old = k.replace("text.proj.", "text_proj.").replace("text.", "", 1) if k.startswith("text.") else k
         legacy[old] = v.clone()
     assert "prompt_learner.ctx" in legacy and "text_proj.1.weight" in legacy
-    checkpoint.save_file(checkpoint.with_prefix(legacy, "model."), {}, tmp_path / "old.safetensors")
+    run_files.save_file(run_files.with_prefix(legacy, "model."), {}, tmp_path / "old.safetensors")
     x = images()
     assert not torch.allclose(src(x), dst(x))
     checkpoint.load_weights(dst, tmp_path / "old.safetensors")

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from capnet.cli import main
 from capnet.config import load_config
-from capnet.evaluation.clap_authors import epoch_lr, fit_clap_authors, lagrangian_multipliers, steps_per_epoch
-from capnet.evaluation.zs_probe import fit_zs_probe
+from capnet.train.clap_authors import epoch_lr, fit_clap_authors, lagrangian_multipliers, steps_per_epoch
+from capnet.train.zs_probe import fit_zs_probe
 from capnet.metrics import average_precision
 from capnet.models.build import MODEL_KINDS, build_model
 

@@ -81,7 +81,7 @@ def test_moved_run_without_weights_says_what_to_do(moved, capsys, monkeypatch) -
 
 
 def _meta(run: Path):
-    from capnet.train.checkpoint import load_file
+    from capnet.run_files import load_file
 
     return load_file(run / "model.safetensors")[1]
 

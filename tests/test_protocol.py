@@ -12,7 +12,7 @@ import torch
 from capnet.config import load_config
 from capnet.data import load_dataset
 from capnet.runtime import precision, resources
-from capnet.evaluation.probe import fit_logistic, select_and_fit
+from capnet.train.probe import fit_logistic, select_and_fit
 from capnet.experiment import prepare_dataset, train_run
 from capnet.runtime.seed import EpochSampler, epoch_seed
 from capnet.errors import DataError

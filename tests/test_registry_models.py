@@ -89,7 +89,7 @@ def test_graph_trains_end_to_end(source: str, data: Path, tmp_path: Path) -> Non
 
 def test_every_feature_fit_belongs_to_a_model_kind() -> None:
     """A closed-loop fitter is looked up by its model kind's name: one for no kind is dead code."""
-    import capnet.evaluation  # noqa: F401  (fills FEATURE_FITS)
+    import capnet.train  # noqa: F401  (fills FEATURE_FITS)
     from capnet.registry import FEATURE_FITS
 
     assert FEATURE_FITS.names() and set(FEATURE_FITS.names()) <= set(MODEL_KINDS.names())

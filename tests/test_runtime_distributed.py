@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from capnet import run_files
 from capnet.train import checkpoint
 from capnet.runtime import distributed
 from capnet.evaluation.predict import predict_scores
@@ -63,9 +64,9 @@ def _worker(rank: int, port: int, out_dir: str, text: bool) -> None:
     assert info.world_size == 2 and distributed.rank() == rank
     try:
         weights, scores, targets, result = _run(os.path.join(out_dir, "run"), text)
-        tensors = {**checkpoint.with_prefix(weights, "model."), "scores": torch.from_numpy(scores),
+        tensors = {**run_files.with_prefix(weights, "model."), "scores": torch.from_numpy(scores),
                    "targets": torch.from_numpy(targets)}
-        checkpoint.save_file(tensors, {"history": [r["val_mAP"] for r in result.history]},
+        run_files.save_file(tensors, {"history": [r["val_mAP"] for r in result.history]},
                              os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
         distributed.cleanup()
@@ -75,8 +76,8 @@ def _worker(rank: int, port: int, out_dir: str, text: bool) -> None:
 @pytest.mark.parametrize("text", [False, True, "budgeted"], ids=["image-only", "text-branch+accumulation", "budgeted-text"])
 def test_ddp_two_processes_match_each_other_and_one_process(tmp_path, text):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), text), nprocs=2, join=True)
-    r0, m0 = checkpoint.load_file(tmp_path / "rank0.safetensors")
-    r1, m1 = checkpoint.load_file(tmp_path / "rank1.safetensors")
+    r0, m0 = run_files.load_file(tmp_path / "rank0.safetensors")
+    r1, m1 = run_files.load_file(tmp_path / "rank1.safetensors")
     assert r0.keys() == r1.keys()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k

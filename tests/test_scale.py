@@ -243,7 +243,7 @@ def test_sparse_label_graph_round_trips_through_the_saved_model_state():
     """safetensors holds dense tensors only: a sparse adjacency is saved as indices/values/shape."""
     from safetensors.torch import load, save
 
-    from capnet.train.checkpoint import EXTRA_STATE_KEYS, extra_state, load_extra_state
+    from capnet.run_files import EXTRA_STATE_KEYS, extra_state, load_extra_state
 
     m = _make()
     m.adjacency = m.adjacency.to_sparse().coalesce()

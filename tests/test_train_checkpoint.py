@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from capnet.config import OptimConfig
+from capnet import run_files
 from capnet.train import checkpoint
 from capnet.train.ema import EMA
 from capnet.train.optim import build_optimizer, build_scheduler
@@ -29,7 +30,7 @@ def _train_a_bit(model, opt, sched, steps=3):
 
 def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.safetensors"
-    checkpoint.save_file({"a": torch.ones(3)}, {"epoch": 1}, path)
+    run_files.save_file({"a": torch.ones(3)}, {"epoch": 1}, path)
     before = path.read_bytes()
 
     def boom(src, dst):
@@ -37,11 +38,11 @@ def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save_file({"a": torch.zeros(3)}, {"epoch": 2}, path)
+        run_files.save_file({"a": torch.zeros(3)}, {"epoch": 2}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # no temp file left
-    tensors, meta = checkpoint.load_file(path)
+    tensors, meta = run_files.load_file(path)
     assert meta == {"epoch": 1} and torch.equal(tensors["a"], torch.ones(3))
 
 
@@ -109,11 +110,11 @@ def test_mismatched_weights_name_file_and_keys(tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        checkpoint.load_file(tmp_path / "nope.safetensors")
+        run_files.load_file(tmp_path / "nope.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="bad.safetensors"):
-        checkpoint.load_file(bad)
+        run_files.load_file(bad)
 
 
 def test_ema_update_math_and_apply():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from capnet import run_files
 from capnet.train import checkpoint
 from capnet.features.loaders import build_loader
 from capnet.plans import fit_plan
@@ -51,7 +52,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     straight, res_a = _fit(tmp_path / "a", **opts)
     with pytest.raises(Crash):
         _fit(tmp_path / "b", callbacks=[_crash_after(2)], **opts)
-    _, meta = checkpoint.load_file(tmp_path / "b" / "last.safetensors")
+    _, meta = run_files.load_file(tmp_path / "b" / "last.safetensors")
     assert meta["progress"]["epoch"] == 2
     resumed, res_b = _fit(tmp_path / "b", resume=True, **opts)
     for k, v in straight.trainable_state_dict().items():
@@ -60,8 +61,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert strip(res_a.history) == strip(res_b.history)
     assert (res_a.best_epoch, res_a.best_val_map) == (res_b.best_epoch, res_b.best_val_map)
     assert len(res_b.history) == 4
-    a_last, _ = checkpoint.load_file(tmp_path / "a" / "last.safetensors")
-    b_last, _ = checkpoint.load_file(tmp_path / "b" / "last.safetensors")
+    a_last, _ = run_files.load_file(tmp_path / "a" / "last.safetensors")
+    b_last, _ = run_files.load_file(tmp_path / "b" / "last.safetensors")
     assert a_last.keys() == b_last.keys() and all(torch.equal(a_last[k], b_last[k]) for k in a_last)
     rows = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
@@ -89,7 +90,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     last = tmp_path / "last.safetensors"
     assert "non-finite loss" in str(err.value) and "epoch 2 step 3" in str(err.value)
     assert f"last good checkpoint kept at {last}" in str(err.value)
-    _, meta = checkpoint.load_file(last)
+    _, meta = run_files.load_file(last)
     assert meta["progress"]["epoch"] == 1
 
 
@@ -104,7 +105,7 @@ def test_log_csv_and_selection(tmp_path):
     assert result.best_val_map == pytest.approx(max(maps))
     assert result.best_epoch == 1 + maps.index(max(maps))
     assert all(0.0 <= float(r["val_mAP"]) <= 100.0 and float(r["train_loss"]) > 0 for r in rows)
-    best, meta = checkpoint.load_file(tmp_path / "best.safetensors")
+    best, meta = run_files.load_file(tmp_path / "best.safetensors")
     assert meta["epoch"] == result.best_epoch
     for k, v in model.trainable_state_dict().items():  # the model holds the selected weights
         assert torch.equal(best["model." + k], v)
@@ -160,8 +161,8 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
 
 def test_ema_weights_are_evaluated_and_selected(tmp_path):
     model, result = _fit(tmp_path, train={"epochs": 1, "ema": 0.9, "select": "last"})
-    last, _ = checkpoint.load_file(tmp_path / "last.safetensors")
-    best, _ = checkpoint.load_file(tmp_path / "best.safetensors")
+    last, _ = run_files.load_file(tmp_path / "last.safetensors")
+    best, _ = run_files.load_file(tmp_path / "best.safetensors")
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(best["model." + k], last["ema." + k]) and torch.equal(v, last["ema." + k])
     assert not torch.equal(last["model.head.weight"], last["ema.head.weight"])

@@ -16,7 +16,7 @@ import pytest
 import capnet
 from _faults import fill_disk, needs_proc_fd
 from capnet.cli import main
-from capnet.train.checkpoint import load_file
+from capnet.run_files import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = str(Path(capnet.__file__).resolve().parents[1])  # subprocesses run the capnet under test

@@ -1,4 +1,4 @@
-"""ZS-LP and CLAP (capnet/evaluation/zs_probe.py) and their head (models/heads.py ZeroShotLinearProbe)."""
+"""ZS-LP and CLAP (capnet/train/zs_probe.py) and their head (models/heads.py ZeroShotLinearProbe)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from capnet.config import load_config
-from capnet.evaluation.zs_probe import clap_multipliers, fit_zs_probe, prior_bias
+from capnet.train.zs_probe import clap_multipliers, fit_zs_probe, prior_bias
 from capnet.metrics import average_precision
 from capnet.models.build import MODEL_KINDS, build_model
 

@@ -21,7 +21,7 @@ import torch
 from capnet.config import Config, DataConfig, config_hash, replace, save_config
 from capnet.data import Split
 from capnet.errors import CapnetError, DataError
-from capnet.evaluation.records import write_run_record
+from capnet.run_files import save_model, write_run_record
 from capnet.evaluation.scores import split_scores
 from capnet.features.loaders import make_loaders
 from capnet.features.plan import FeaturePlan
@@ -41,7 +41,6 @@ from capnet.registry import FEATURE_FITS
 from capnet.runtime.precision import resolve_amp
 from capnet.runtime.seed import seed_everything
 from capnet.runtime.stopwatch import Stopwatch
-from capnet.train import checkpoint
 from capnet.train.loop import fit
 
 log = logging.getLogger(__name__)
@@ -119,7 +118,7 @@ def _center(model: ClassifierBase, ds: Any, plan: FeaturePlan) -> None:
 def _fit_on_features(model: ClassifierBase, ds: Any, kind: str, plan: FeaturePlan, refit: bool) -> Dict[str, Any]:
     """Fit a head on cached final features (``FEATURE_FITS``: the scikit-learn probe, ZS-LP, CLAP),
     choosing on val under the test-time views; returns its selection record."""
-    from capnet.evaluation.probe import fit_feature_head
+    from capnet.train.probe import fit_feature_head
 
     if plan.cached_depth != model.backbone.num_image_stages:
         raise CapnetError(f"model.kind={kind} reads cached final features: set train.feature_cache=true "
@@ -201,7 +200,7 @@ def evaluate_and_write(model: ClassifierBase, ds: Any, plan: FeaturePlan, templa
     f1 = f1_report(1.0 / (1.0 + np.exp(-logits.astype(np.float64))), targets, thresholds)
     metrics["f1"] = {k: f1[k] for k in ("CP", "CR", "CF1", "OP", "OR", "OF1") if k in f1}
     if distributed.is_main():
-        write_run_record(run_dir, ds, logits, targets)  # split ids + per-image test logits (evaluation/records.py)
+        write_run_record(run_dir, ds, logits, targets)  # split ids + per-image test logits (capnet.run_files)
         write_json_atomic(run_dir / "metrics.json", metrics)
         write_report(run_dir, metrics, ds.classes, ds.class_freq("train"),
                      {k: list(map(int, v)) for k, v in groups.items()}, history, header)
@@ -249,7 +248,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         history = history + [{**row, "refit": 1} for row in refit.history]
     clock.lap("train")
     if distributed.is_main():
-        checkpoint.save_model(model, run_dir / "model.safetensors", ds.classes, train_statistics(ds))
+        save_model(model, run_dir / "model.safetensors", ds.classes, train_statistics(ds))
     header = {"name": run_dir.name, "dataset": f"{ds.name} ({cfg.data.root})", "backbone": cfg.model.backbone,
               "model": cfg.model.kind, "loss": cfg.loss.name, "PEFT": cfg.model.peft.method,
               "test-time views": cfg.tte.views, "feature precision": resolve_amp(cfg.train.extract_amp, device),

@@ -125,7 +125,7 @@ PEFT = Registry("PEFT method", "capnet.models.peft")
 LOSSES = Registry("loss", "capnet.losses")
 DATASETS = Registry("dataset reader", "capnet.data")
 GRAPHS = Registry("label graph", "capnet.models.label_graph")
-FEATURE_FITS = Registry("feature fit", "capnet.evaluation")  # model kinds fitted in closed loop on cached final features, by kind name
+FEATURE_FITS = Registry("feature fit", "capnet.train")  # model kinds fitted in closed loop on cached final features, by kind name
 
 
 def unknown_options_message(owner: str, options: Iterable[str], valid: List[str]) -> Optional[str]:

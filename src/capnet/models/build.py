@@ -126,7 +126,7 @@ def build_capnet(m: ModelConfig, backbone: Backbone, class_names: List[str], tra
 @MODEL_KINDS.register("linear_probe")
 def build_linear_probe(m: ModelConfig, backbone: Backbone, class_names: List[str], train_labels: Optional[np.ndarray],
                        tte_templates: bool = False) -> LinearProbe:
-    """Linear probe (fitted by scikit-learn in the engine, ``capnet.evaluation.probe``)."""
+    """Linear probe (fitted by scikit-learn in the engine, ``capnet.train.probe``)."""
     backbone.requires_grad_(False)
     return LinearProbe(backbone, len(class_names))
 
@@ -146,7 +146,7 @@ def build_zeroshot(m: ModelConfig, backbone: Backbone, class_names: List[str], t
 def build_zs_linear_probe(m: ModelConfig, backbone: Backbone, class_names: List[str],
                           train_labels: Optional[np.ndarray], tte_templates: bool = False) -> ZeroShotLinearProbe:
     """A linear head started at the zero-shot classifier (ZS-LP; CLAP adds the pull back towards it).
-    Fitted on cached final features by ``capnet.evaluation.zs_probe``; the two kinds differ only there."""
+    Fitted on cached final features by ``capnet.train.zs_probe``; the two kinds differ only there."""
     backbone.requires_grad_(False)
     emb = lazy_template_embeddings(backbone, class_names, m.templates)()
     return ZeroShotLinearProbe(backbone, emb, backbone_logit_scale(backbone, m.logit_scale))

@@ -10,7 +10,7 @@ Silva-Rodriguez et al. (CVPR 2024), code jusiro/CLAP@dbdf4095b3d824546474c725539
 
 capnet's ``clap`` kind (``models.heads.ZeroShotLinearProbe``) instead starts at the unit zero-shot
 embedding, leaves ``w`` unnormalised (its norm a per-class temperature) and adds a prior-matching
-bias. This head keeps the authors' forward; the fit is ``capnet.evaluation.clap_authors``.
+bias. This head keeps the authors' forward; the fit is ``capnet.train.clap_authors``.
 """
 from __future__ import annotations
 

@@ -248,7 +248,7 @@ class ModelForward(nn.Module):
 class LinearProbe(ClassifierBase):
     """Baseline: logistic regression on frozen image features, ``W f + b``.
 
-    It is fitted in closed loop by scikit-learn (``capnet.evaluation.probe``: standardised features,
+    It is fitted in closed loop by scikit-learn (``capnet.train.probe``: standardised features,
     L2 strength chosen on validation, L-BFGS to convergence) and the standardisation is folded
     into ``W`` and ``b`` (``load_fit``), so the head reads raw features. Logits are float32.
     """
@@ -316,7 +316,7 @@ class ZeroShotLinearProbe(ClassifierBase):
     head ranks exactly like zero-shot (the ZS-LP of Silva-Rodriguez et al., CVPR 2024, and the
     zero-shot head of WiSE-FT). ``w`` is left unnormalised: its norm is a per-class temperature.
     The per-class bias is the multi-label addition (a sigmoid needs one; a softmax does not).
-    It is fitted on cached final features (``capnet.evaluation.zs_probe``), plainly or with
+    It is fitted on cached final features (``capnet.train.zs_probe``), plainly or with
     CLAP's class-adaptive pull towards ``w_zs`` (model kinds ``zs_linear_probe`` and ``clap``).
     """
 

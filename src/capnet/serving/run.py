@@ -28,8 +28,7 @@ from capnet.features.views import eval_views
 from capnet.plans import feature_plan, resolve_runtime
 from capnet.runtime import distributed
 from capnet.runtime.precision import autocast
-from capnet.train import checkpoint
-from capnet.train.checkpoint import EXTRA_STATE_KEYS, load_extra_state
+from capnet.run_files import EXTRA_STATE_KEYS, check_compatible, load_extra_state, load_file, split_prefix
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +150,7 @@ def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence
             raise CheckpointError(f"{run_dir}: not a capnet run directory (missing {name})")
     check_serving_overrides(overrides, run_dir)
     recorded = load_config([run_dir / "config.yaml"])
-    tensors, meta = checkpoint.load_file(run_dir / "model.safetensors")
+    tensors, meta = load_file(run_dir / "model.safetensors")
     repointed = any(o.split("=", 1)[0].strip() == "model.weights" for o in overrides)
     cfg = relocate_weights(load_config([run_dir / "config.yaml"], list(overrides)), meta, run_dir, repointed)
     cfg = resolve_runtime(cfg)  # a saved null worker count would reach DataLoader
@@ -171,8 +170,8 @@ def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence
                               f"(sha256 {meta['backbone_sha256']}), but {model.backbone.spec.weights} has sha256 "
                               f"{found}: point --weights / $CAPNET_WEIGHTS_DIR at the file the run was trained with")
     extra = {k: tensors.pop(k) for k in EXTRA_STATE_KEYS if k in tensors}
-    weights = model.upgrade_state(checkpoint.split_prefix(tensors, "model."))
-    checkpoint.check_compatible(model.trainable_state_dict(), weights, run_dir / "model.safetensors")
+    weights = model.upgrade_state(split_prefix(tensors, "model."))
+    check_compatible(model.trainable_state_dict(), weights, run_dir / "model.safetensors")
     model.load_trainable_state_dict(weights)
     load_extra_state(model, extra)
     metrics_path = run_dir / "metrics.json"

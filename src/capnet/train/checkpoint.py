@@ -1,4 +1,5 @@
-"""Checkpoints as safetensors files, written atomically; ``torch.load`` is never used.
+"""Training checkpoints (``best.safetensors``, ``last.safetensors``) in the run file format
+(``capnet.run_files``: safetensors written atomically, ``torch.load`` never used).
 
 Tensors (trainable weights, EMA weights, optimizer state tensors, torch RNG state) are stored
 under prefixed names (``model.``, ``ema.``, ``optim.<param>.<key>``, ``rng.``); everything
@@ -9,77 +10,15 @@ the target, so a crash mid-write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
-from torch import nn
 
 from capnet.errors import CheckpointError
-from capnet.fileio import atomic_write_bytes
+from capnet.run_files import check_compatible, load_file, model_identity, save_file, split_prefix, with_prefix
 
-FORMAT = "capnet-checkpoint-v1"
 PathLike = Union[str, Path]
-
-
-# --------------------------------------------------------------- raw file I/O
-
-def save_file(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], path: PathLike) -> None:
-    """Atomically save tensors plus a JSON-able ``meta`` dict as one safetensors file."""
-    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {"format": FORMAT, "capnet": json.dumps(meta, sort_keys=True)}
-    atomic_write_bytes(st_save(clean, metadata=header), path)
-
-
-def load_file(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Read a file written by :func:`save_file` -> (tensors on CPU, meta)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            header = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a capnet checkpoint (format={header.get('format')!r})")
-    return tensors, json.loads(header.get("capnet", "{}"))
-
-
-def split_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    """The tensors whose names start with ``prefix``, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def with_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    """Prefix every tensor name."""
-    return {prefix + k: v for k, v in tensors.items()}
-
-
-# ---------------------------------------------------------- weights <-> model
-
-def check_compatible(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], path: PathLike) -> None:
-    """Raise CheckpointError naming the file and every missing / unexpected / mis-shaped key."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if tuple(found[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatches [{'; '.join(shapes)}]")
-        raise CheckpointError(f"{path}: does not match the model: " + ", ".join(parts))
 
 
 def save_weights(model: Any, path: PathLike, meta: Optional[Mapping[str, Any]] = None,
@@ -96,11 +35,6 @@ def load_weights(model: Any, path: PathLike) -> Dict[str, Any]:
     check_compatible(model.trainable_state_dict(), weights, path)
     model.load_trainable_state_dict(weights)
     return meta
-
-
-def model_identity(model: Any) -> Dict[str, Any]:
-    """Backbone name and weights checksum, recorded so a checkpoint is not paired with another."""
-    return dict(model.backbone_identity())
 
 
 # ------------------------------------------------------------ optimizer state
@@ -183,46 +117,3 @@ def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
     return meta["progress"]
 
 
-SPARSE_PARTS = (".indices", ".values", ".shape")  # a sparse tensor (the label graph above 2,000 classes) is saved as these
-
-
-def extra_state(model: Any) -> Dict[str, torch.Tensor]:
-    """The model's ``run_state`` as dense tensors (safetensors holds dense tensors only)."""
-    out = {}
-    for key, tensor in model.run_state().items():
-        if tensor.is_sparse:
-            tensor = tensor.detach().cpu().coalesce()
-            out.update({key + ".indices": tensor.indices().contiguous(), key + ".values": tensor.values().contiguous(),
-                        key + ".shape": torch.tensor(tensor.shape)})
-        else:
-            out[key] = tensor.detach().cpu().contiguous()
-    return out
-
-
-# The keys of run state a model.safetensors may hold beside the trained ``model.*`` weights
-# (``ClassifierBase.run_state``: label graph, feature mean, residual gate).
-RUN_STATE = ("graph.adjacency", "model.feature_mean", "model.residual_gate")
-EXTRA_STATE_KEYS = RUN_STATE + tuple(key + part for key in RUN_STATE for part in SPARSE_PARTS)
-
-
-def save_model(model: nn.Module, path: Path, classes: Sequence[str],
-               statistics: Optional[Dict[str, Any]] = None) -> None:
-    """model.safetensors: trainable tensors + extra state, backbone identity (and the training
-    statistics) in the metadata."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    tensors.update(extra_state(model))
-    meta = {**model_identity(model), "classes": list(classes), **(statistics or {})}
-    save_file(tensors, meta, path)
-
-
-def load_extra_state(model: Any, tensors: Dict[str, torch.Tensor]) -> None:
-    """Restore what ``extra_state`` saved (sparse tensors reassembled) through ``load_run_state``."""
-    state: Dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        if key.endswith(".indices") and key[: -len(".indices")] + ".values" in tensors:
-            base = key[: -len(".indices")]
-            shape = tuple(int(n) for n in tensors[base + ".shape"])
-            state[base] = torch.sparse_coo_tensor(value, tensors[base + ".values"].float(), shape).coalesce()
-        elif not key.endswith(SPARSE_PARTS):
-            state[key] = value
-    model.load_run_state(state)

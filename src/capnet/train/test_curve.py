@@ -88,7 +88,7 @@ class TestCurve:
             return
         from safetensors.torch import load_file
 
-        from capnet.train.checkpoint import split_prefix
+        from capnet.run_files import split_prefix
         from capnet.train.ema import EMA
 
         ema = EMA(self.model.trainable_state_dict(), self.ema)
