@@ -1,19 +1,15 @@
 """One feature array on disk, filled in place: the storage under :mod:`capnet.features.cache`.
 
-An entry ``<stem>`` is ``<stem>.npy``, an (N, ...) float16 array created sparse and written with
-positional writes (never replaced once it exists, so processes filling it share it);
-``<stem>.index.json``, the cache key and one id per row, written once; and
-``<stem>.state.safetensors``, the crc32 of each filled row (-1: missing) under a sha256 bound to the
-entry, rewritten atomically every ``flush_every_s`` seconds of a fill and when it stops. A fill
-killed at any point leaves every row its last state calls filled on disk, so the next computes only
-the others. Opening checks the state's sha256, the array's header and every filled row's crc32;
-what fails is warned about, naming the file, and recomputed (those rows or the entry), never used.
-Reads are ``os.pread`` of the rows asked for (:class:`FeatureRows`): memory stays bounded by a batch.
+An entry is ``<stem>.npy``, an (N, ...) float16 array created sparse, written by positional writes,
+never replaced once it exists (processes filling it share it); ``<stem>.index.json``, the key and one
+id per row; and ``<stem>.state.safetensors``, each row's crc32 (-1: missing) under a sha256 bound to
+the entry, rewritten atomically every ``flush_every_s`` seconds of a fill and when it stops: a fill
+killed at any point leaves every row its last state calls filled on disk. Reads are ``os.pread`` of
+the rows asked for (:class:`FeatureRows`), so memory stays bounded by a batch.
 
-Format 4 dropped, for want of a measurement needing them: the ``fdatasync`` before each state write
-(a row the OS never wrote fails its crc32 on the next open and is recomputed), the separate filled
-bitmap, and the float32 widening on overflow (no cached feature measured comes near float16's range;
-overflow is a ``FeatureRangeError`` now).
+Format 4 dropped, as no measurement needs them: the ``fdatasync`` before each state write (a row the
+OS never wrote fails its crc32 on the next open and is recomputed), the separate filled bitmap, and
+the float32 widening on overflow (cached features stay far inside float16; overflow is an error).
 """
 from __future__ import annotations
 
@@ -24,7 +20,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,8 +78,9 @@ class RowFile:
     def __init__(self, stem: Path, key: str, ids: Sequence[str], flush_every_s: float = 10.0) -> None:
         self.stem, self.key, self.ids, self.flush_every_s = Path(stem), key, list(ids), flush_every_s
         self.crc = np.full(len(self.ids), -1, dtype=np.int64)  # -1: not filled
-        self.row_shape: Optional[Tuple[int, ...]] = None
+        self.row_shape: Optional[Tuple[int, ...]] = None  # known once the array exists
         self.offset, self._fd, self._last_flush, self._dirty = 0, None, time.monotonic(), False
+        self._owner = hashlib.sha256(json.dumps([FORMAT_VERSION, key, self.ids]).encode()).digest()
 
     def _file(self, suffix: str) -> Path:
         return self.stem.with_name(self.stem.name + suffix)
@@ -104,7 +101,8 @@ class RowFile:
     @classmethod
     def open(cls, stem: Path, key: str, ids: Sequence[str], verify: bool = True,
              flush_every_s: float = 10.0) -> "RowFile":
-        """The entry at ``stem`` (created empty if absent); damage is warned about and repaired."""
+        """The entry at ``stem`` (made if absent); damage (with ``verify``: rows failing their crc32) is
+        warned about and recomputed."""
         entry = cls(stem, key, ids, flush_every_s)
         problem = entry._load()
         if problem is not None:
@@ -112,50 +110,53 @@ class RowFile:
             entry.delete()
             entry = cls(stem, key, ids, flush_every_s)
         if not entry.index_path.is_file():
-            atomic_write_bytes(json.dumps(entry._index()).encode(), entry.index_path)
-        if verify:
-            entry._verify()
+            atomic_write_bytes(json.dumps({"key": key, "ids": entry.ids}).encode(), entry.index_path)
+        bad = [int(r) for chunk, _, ok in entry._checked(np.arange(len(entry))) for r in chunk[~ok]] if verify else []
+        if bad:
+            warnings.warn(f"feature cache entry {entry.array_path}: {len(bad)} row(s) fail their checksum "
+                          f"(first: row {bad[0]}); recomputing them")
+            entry.crc[bad], entry._dirty = -1, True
+            entry.checkpoint()
         return entry
 
-    def _index(self) -> dict:
-        return {"format": FORMAT_VERSION, "key": self.key, "ids": self.ids}
-
     def _digest(self, crc: np.ndarray) -> str:
-        """sha256 of a state, bound to this entry (another entry's state fails it)."""
-        return hashlib.sha256(f"{FORMAT_VERSION}/{self.key}/{self.stem.name}/".encode() + crc.tobytes()).hexdigest()
+        """sha256 of a state, bound to this entry's key and image list (another entry's state fails it)."""
+        return hashlib.sha256(self._owner + crc.tobytes()).hexdigest()
 
     def _load(self) -> Optional[str]:
-        """Read index, state and array header; why they cannot be trusted, or None."""
+        """Read the state and the array header; why they cannot be trusted, or None."""
+        if not self.state_path.is_file():
+            return None  # nothing filled yet (an array without a state holds no trusted row)
         try:
-            if self.index_path.is_file() and json.loads(self.index_path.read_text()) != self._index():
-                return f"{self.index_path.name} records another key or image list"
-            if not self.state_path.is_file():
-                return None  # nothing filled yet (an array without a state holds no trusted row)
             with safe_open(self.state_path, "np") as f:
                 crc, meta = f.get_tensor("crc32").astype(np.int64), f.metadata() or {}
-            if len(crc) != len(self) or meta.get("sha256") != self._digest(crc):
-                return f"{self.state_path.name} fails its checksum (damaged, or another entry's)"
-            shape, offset = _header(self.array_path)
-            if (crc >= 0).any() and (shape is None or shape[0] != len(self)):
-                return f"{self.array_path.name} is not a {len(self)}-row {DTYPE} array (truncated?)"
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-            return f"unreadable ({type(err).__name__}: {err})"
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            return f"{self.state_path.name} is unreadable ({type(err).__name__}: {err})"
+        if len(crc) != len(self) or meta.get("sha256") != self._digest(crc):
+            return f"{self.state_path.name} fails its checksum (damaged, or another entry's)"
+        shape, self.offset = _header(self.array_path)
+        if (crc >= 0).any() and (shape is None or shape[0] != len(self)):
+            return f"{self.array_path.name} is not a {len(self)}-row {DTYPE} array (truncated?)"
         if shape is not None:
-            self.crc, self.row_shape, self.offset = crc, shape[1:], offset
+            self.crc, self.row_shape = crc, shape[1:]
         return None
 
-    def _verify(self) -> None:
-        """Un-fill (and warn about) filled rows whose bytes no longer match their crc32."""
-        rows, bad = np.flatnonzero(self.crc >= 0), []
+    def _checked(self, rows: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(rows, values, crc32 matches) per chunk of the filled ones among ``rows``."""
+        rows = rows[self.crc[rows] >= 0]
         step = max(1, READ_CHUNK_BYTES // self.row_bytes) if len(rows) else 1
-        for i in range(0, len(rows), step):
-            chunk = rows[i:i + step]
-            bad.extend(chunk[row_crcs(self.read(chunk)) != self.crc[chunk]].tolist())
-        if bad:
-            warnings.warn(f"feature cache entry {self.array_path}: {len(bad)} row(s) fail their checksum "
-                          f"(first: row {bad[0]}); recomputing them")
-            self.crc[bad], self._dirty = -1, True
-            self.checkpoint()
+        for chunk in (rows[i:i + step] for i in range(0, len(rows), step)):
+            values = self.read(chunk)
+            yield chunk, values, row_crcs(values) == self.crc[chunk]
+
+    def copy_from(self, src: "RowFile", want: Dict[str, int]) -> int:
+        """Copy in the filled rows of ``src`` whose id ``want`` maps to a row here, if their crc32 holds."""
+        rows, copied = np.asarray([r for r, i in enumerate(src.ids) if i in want], dtype=np.int64), 0
+        for chunk, values, ok in src._checked(rows):
+            self.write(np.asarray([want[src.ids[r]] for r in chunk[ok]], dtype=np.int64), values[ok])
+            copied += int(ok.sum())
+        src.close()
+        return copied
 
     def delete(self) -> None:
         """Remove the entry's files."""
@@ -169,8 +170,7 @@ class RowFile:
             self._fd = None
 
     def _handle(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.array_path, os.O_RDWR)
+        self._fd = os.open(self.array_path, os.O_RDWR) if self._fd is None else self._fd
         return self._fd
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
@@ -181,9 +181,7 @@ class RowFile:
             raise ValueError(f"{self.array_path}: rows {values.dtype}{list(values.shape[1:])}, "
                              f"the array holds {DTYPE}{list(self.row_shape)}")
         rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        rows, values = rows[order], np.ascontiguousarray(values[order])
-        for pos, first, count in _runs(rows):
+        for pos, first, count in _runs(rows):  # one write per run of consecutive rows
             os.pwrite(self._handle(), values[pos:pos + count].tobytes(), self.offset + first * self.row_bytes)
         self.crc[rows], self._dirty = row_crcs(values), True
         if time.monotonic() - self._last_flush >= self.flush_every_s:
@@ -197,7 +195,7 @@ class RowFile:
         """Record the rows written so far as filled (one atomic state write)."""
         self._last_flush = time.monotonic()
         if self._dirty:
-            meta = {"format": str(FORMAT_VERSION), "sha256": self._digest(self.crc)}
+            meta = {"sha256": self._digest(self.crc)}
             atomic_write_bytes(st_save({"crc32": self.crc}, metadata=meta), self.state_path)
             self._dirty = False
 
@@ -215,18 +213,16 @@ class RowFile:
         self.row_shape, self.offset = row_shape, _header(self.array_path)[1]
 
     def rows(self) -> "FeatureRows":
-        """A read-only row view of the whole (filled) array."""
+        """A read-only row view of the whole (filled) array; this writer is closed."""
         if self.row_shape is None or not self.filled.all():
             raise ValueError(f"{self.array_path}: {len(self.missing())} rows are not filled")
+        self.close()
         return FeatureRows(self.array_path, self.offset, (len(self), *self.row_shape))
 
 
 class FeatureRows:
-    """Rows of a stored (N, ...) float16 array as float32 tensors, read on demand (a Tensor-like view).
-
-    ``rows[i]``, ``rows[a:b]``, ``rows[idx_array]`` and ``rows[i, v]`` read only those rows from
-    disk and convert only them, so a DataLoader over it holds one batch at a time.
-    """
+    """Rows of a stored (N, ...) float16 array as float32 tensors, read on demand: ``rows[i]``,
+    ``rows[a:b]``, ``rows[int_array]``, ``rows[i, v]`` read only those rows (``rows[:]``: all)."""
 
     def __init__(self, path: Path, offset: int, shape: Tuple[int, ...]) -> None:
         self.path, self.offset, self.shape, self._fd = Path(path), offset, tuple(shape), None
@@ -244,45 +240,10 @@ class FeatureRows:
     def __getitem__(self, key: Any) -> torch.Tensor:
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
-        single = not isinstance(rows, slice) and np.ndim(rows) == 0
-        if single or isinstance(rows, slice):  # range() indexes like a sequence (IndexError out of range)
-            idx = np.atleast_1d(np.asarray(range(len(self))[rows if isinstance(rows, slice) else int(rows)]))
-        else:
-            idx = np.asarray(rows)
-            idx = np.flatnonzero(idx) if idx.dtype == bool else np.where(idx < 0, idx + len(self), idx)
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        rows = range(len(self))[rows] if isinstance(rows, slice) else rows
+        single = np.ndim(rows) == 0
+        idx = np.atleast_1d(np.asarray(range(len(self))[int(rows)] if single else rows, dtype=np.int64))
+        self._fd = os.open(self.path, os.O_RDONLY) if self._fd is None else self._fd
         data = torch.from_numpy(_read_rows(self._fd, self.offset, self.shape[1:], idx).astype(np.float32))
         return data[(0, *rest)] if single else data[(slice(None), *rest)]
 
-    def float(self) -> torch.Tensor:
-        """Every row as one float32 tensor (small data only)."""
-        return self[:]
-
-
-class ConcatViews:
-    """Several (N, V_k, ...) row views side by side as one (N, sum V_k, ...) view, read lazily."""
-
-    def __init__(self, parts: Sequence[Any]) -> None:
-        if len({len(p) for p in parts}) != 1:
-            raise ValueError("ConcatViews needs parts with the same number of rows")
-        self.parts = list(parts)
-        self.shape = (len(parts[0]), sum(p.shape[1] for p in parts), *parts[0].shape[2:])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key: Any) -> torch.Tensor:
-        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-        if rest and isinstance(rest[0], (int, np.integer)):
-            view = int(rest[0]) % self.shape[1]
-            for part in self.parts:
-                if view < part.shape[1]:
-                    return part[(rows, view, *rest[1:])]
-                view -= part.shape[1]
-        single = isinstance(rows, (int, np.integer))
-        out = torch.cat([p[rows] for p in self.parts], dim=0 if single else 1)
-        return out[tuple(rest)] if single else out[(slice(None),) + tuple(rest)]
-
-    def float(self) -> torch.Tensor:
-        return self[:]
