@@ -32,8 +32,6 @@ from capnet.runtime.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
-
 
 def cache_key(parts: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON (sorted keys, no spaces) of ``parts``."""
@@ -46,7 +44,7 @@ def stable_repr(obj: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
 
 
-def image_fingerprints(paths: Sequence[PathLike]) -> List[Tuple[str, int, int]]:
+def image_fingerprints(paths: Sequence[Union[str, Path]]) -> List[Tuple[str, int, int]]:
     """(absolute path, size, mtime_ns) per image: a changed or replaced file changes its row."""
     stats = [(Path(p), os.stat(p)) for p in paths]
     return [(str(p.resolve()), int(st.st_size), int(st.st_mtime_ns)) for p, st in stats]
@@ -63,7 +61,7 @@ def feature_key_parts(backbone: Any, transform: Callable, upto: int, compute: st
 class FeatureCache:
     """A folder of per-key directories, one filled-in-place array per image list."""
 
-    def __init__(self, root: PathLike, flush_every_s: float = 10.0) -> None:
+    def __init__(self, root: Union[str, Path], flush_every_s: float = 10.0) -> None:
         self.root, self.flush_every_s = Path(root), flush_every_s  # how often a fill marks its rows filled
 
     def stem(self, key: str, ids: Sequence[str]) -> Path:
@@ -143,7 +141,7 @@ def _decode(transform: Callable, paths: Sequence[Path]) -> torch.Tensor:
     return torch.stack([transform(load_image(p)) for p in paths])
 
 
-def feature_rows(backbone: Any, paths: Sequence[PathLike], transform: Callable, upto: int, batch_size: int = 64,
+def feature_rows(backbone: Any, paths: Sequence[Union[str, Path]], transform: Callable, upto: int, batch_size: int = 64,
                  num_workers: int = 0, device: Union[str, torch.device] = "cpu",
                  cache: Optional[FeatureCache] = None, progress: bool = True, amp: str = "none",
                  stopwatch: Optional[Stopwatch] = None) -> Union[FeatureRows, torch.Tensor]:

@@ -104,8 +104,7 @@ class RowFile:
         """The entry at ``stem`` (made if absent); damage (with ``verify``: rows failing their crc32) is
         warned about and recomputed."""
         entry = cls(stem, key, ids, flush_every_s)
-        problem = entry._load()
-        if problem is not None:
+        if (problem := entry._load()) is not None:
             warnings.warn(f"feature cache entry {entry.array_path} is corrupt: {problem}; deleting it and recomputing")
             entry.delete()
             entry = cls(stem, key, ids, flush_every_s)
@@ -246,4 +245,7 @@ class FeatureRows:
         self._fd = os.open(self.path, os.O_RDONLY) if self._fd is None else self._fd
         data = torch.from_numpy(_read_rows(self._fd, self.offset, self.shape[1:], idx).astype(np.float32))
         return data[(0, *rest)] if single else data[(slice(None), *rest)]
+
+    def float(self) -> torch.Tensor:
+        return self[:]
 
