@@ -45,15 +45,15 @@ def _runs(rows: np.ndarray) -> List[Tuple[int, int, int]]:
 def _read_rows(fd: int, offset: int, row_shape: Tuple[int, ...], rows: np.ndarray) -> np.ndarray:
     """(k, *row_shape) float16: rows ``rows`` of the array whose data starts at ``offset`` of ``fd``."""
     out = np.empty((len(rows), *row_shape), dtype=DTYPE)
+    view = memoryview(out.reshape(-1).view(np.uint8))  # filled in place, one pread per run of rows
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) * DTYPE.itemsize
     for pos, first, count in _runs(np.asarray(rows, dtype=np.int64)):
-        flat, start, done = out[pos:pos + count].reshape(-1).view(np.uint8), offset + first * row_bytes, 0
-        while done < flat.size:  # os.pread may return fewer bytes than asked
-            got = os.pread(fd, flat.size - done, start + done)
+        at, start, end = pos * row_bytes, offset + first * row_bytes, offset + (first + count) * row_bytes
+        while start < end:  # os.pread may return fewer bytes than asked
+            got = os.pread(fd, end - start, start)
             if not got:
-                raise OSError(f"unexpected end of file at byte {start + done}")
-            flat[done:done + len(got)] = np.frombuffer(got, dtype=np.uint8)
-            done += len(got)
+                raise OSError(f"unexpected end of file at byte {start}")
+            view[at:at + len(got)], at, start = got, at + len(got), start + len(got)
     return out
 
 
