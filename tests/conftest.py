@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 from PIL import Image
@@ -86,6 +86,15 @@ def write_small_real_dataset(root: Path, n_train: int = 48, n_test: int = 24) ->
 def small_real(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """48 train / 24 test real bundled images over 4 classes (cat, dog, person, horse)."""
     return write_small_real_dataset(tmp_path_factory.mktemp("data") / "small")
+
+
+@pytest.fixture
+def toy_random() -> Iterator[str]:
+    """The tiny test backbone registered as ``toy.random`` in BACKBONES for this test only."""
+    from toy_backbone import registered
+
+    with registered() as name:
+        yield name
 
 
 # One intra-op thread: the test models are tiny, so threads only add overhead (and CI has 2 cores

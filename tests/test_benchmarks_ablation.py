@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -21,6 +23,7 @@ TINY = ["model.backbone=clip_tiny_vit.random", "model.backbone_options.image_siz
 ROWS = ["full", "no_gcn", "zeroshot", "linear_probe", "zs_linear_probe", "clap"]
 
 
+@pytest.mark.slow  # the whole sealed protocol: a minute on 2 cores
 def test_sealed_protocol_keeps_outer_test_ids_out_of_every_choice(small_real: Path, tmp_path: Path) -> None:
     ablation = _module()
     from benchmarks import _protocol as P

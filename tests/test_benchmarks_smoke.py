@@ -35,6 +35,7 @@ def test_measure_interleaves_after_warmup() -> None:
     assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
 
 
+@pytest.mark.slow  # benchmark runs in fresh processes
 def test_smoke_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert speed.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--text-limit", "4"]) == 0
     results = json.loads((tmp_path / "speed_cpu_smoke.json").read_text())
@@ -69,6 +70,7 @@ def test_demo_times_are_merged(tmp_path: Path) -> None:
 KEPT = {"arch": "clip_tiny_rn.random", "variant": "fp32", "error": "a row of an earlier run"}
 
 
+@pytest.mark.slow  # benchmark runs in fresh processes
 def test_scale_section_rows_and_merge(tmp_path: Path) -> None:
     """Issue 24 scale section: a bare row and an auto (budgeted at 150 classes) row, each from its own
     subprocess with a peak memory; a second --merge run keeps the first run's rows and other sections."""

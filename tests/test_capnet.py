@@ -16,6 +16,7 @@ from toy_backbone import ToyBackbone, ToyPEFT
 
 NAMES = ["dog", "cat", "car", "person", "potted plant"]
 C = len(NAMES)
+pytestmark = pytest.mark.usefixtures("toy_random")  # cfg() builds toy.random by name
 
 
 def images(b=3, seed=0):
@@ -70,7 +71,7 @@ def test_gcn_at_init_equals_no_gcn():
     x = images()
     m = make(gcn=True, peft=True, proj=True)
     with_gcn = m(x)
-    m.gcn = None  # same prompts, projections and PEFT, no graph refinement
+    m.text.gcn = None  # same prompts, projections and PEFT, no graph refinement
     assert torch.equal(with_gcn, m(x))
 
 
@@ -175,17 +176,18 @@ def test_trainable_state_dict_round_trip_and_errors():
         for p in src.param_groups()["gcn"] + src.param_groups()["peft"]:
             p.normal_(0, 0.05)
     sd = src.trainable_state_dict()
-    assert {k.split(".")[0] for k in sd} == {"prompt_learner", "gcn", "peft", "image_proj", "text_proj", "log_logit_scale"}
+    assert {k.split(".")[0] for k in sd} == {"text", "peft", "image_proj", "log_logit_scale"}
+    assert {k.split(".")[1] for k in sd if k.startswith("text.")} == {"prompt_learner", "gcn", "proj"}
     assert all(not k.startswith("backbone.") for k in sd)
     x = images()
     assert not torch.allclose(src(x), dst(x))
     dst.load_trainable_state_dict({k: v.clone() for k, v in sd.items()})
     assert torch.allclose(src(x), dst(x), atol=1e-6)
-    bad = dict(sd, **{"gcn.layers.0.weight": torch.zeros(3, 3)})
+    bad = dict(sd, **{"text.gcn.layers.0.weight": torch.zeros(3, 3)})
     with pytest.raises(CheckpointError, match=r"gcn\.layers\.0\.weight"):
         dst.load_trainable_state_dict(bad)
     with pytest.raises(CheckpointError, match="missing keys.*prompt_learner.ctx"):
-        dst.load_trainable_state_dict({k: v for k, v in sd.items() if k != "prompt_learner.ctx"})
+        dst.load_trainable_state_dict({k: v for k, v in sd.items() if k != "text.prompt_learner.ctx"})
     with pytest.raises(CheckpointError, match="unexpected keys.*extra"):
         dst.load_trainable_state_dict(dict(sd, extra=torch.zeros(1)))
 
@@ -258,7 +260,7 @@ def run_step(model, size=32):
 
 
 def test_model_kinds_registered():
-    assert MODEL_KINDS.names() == ["capnet", "clap", "linear_probe", "zeroshot", "zs_linear_probe"]
+    assert MODEL_KINDS.names() == ["capnet", "clap", "clap_authors", "linear_probe", "zeroshot", "zs_linear_probe"]
 
 
 @pytest.mark.parametrize("source", ["text", "cooccurrence", "none"])
@@ -280,7 +282,7 @@ def test_build_coop_and_fixed_template_configs():
 
 def test_build_unaligned_uses_projections():
     m = run_step(build_model(cfg(backbone_options={"image_dim": 24}, proj_dim=12), NAMES))
-    assert m.image_proj[-1].out_features == 12 and m.text_proj[-1].in_features == 32
+    assert m.image_proj[-1].out_features == 12 and m.text.proj[-1].in_features == 32
     assert m.class_embeddings().shape == (C, 12)
 
 
@@ -377,7 +379,7 @@ def test_class_residual_starts_at_the_text_classifier_and_trains():
     with torch.no_grad():
         assert torch.allclose(plain(x), res(x), atol=1e-5)  # zero residual, zero mean: identical
     assert any(p is res.class_residual for p in res.param_groups()["head"])
-    assert "class_residual" in res.text_parameter_names()  # trained once per step, with the text branch
+    assert "text.class_residual" in res.text_parameter_names()  # trained once per step, with the text branch
     res.train()
     res(x).sum().backward()
     assert res.class_residual.grad is not None and res.class_residual.grad.abs().sum() > 0
@@ -452,3 +454,21 @@ def test_logits_are_float32_under_bf16_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = m(images())
     assert logits.dtype == torch.float32
+
+
+def test_runs_saved_before_the_text_branch_module_still_load(tmp_path):
+    """model.safetensors written with the old flat names (prompt_learner.*, gcn.*, text_proj.*,
+    class_residual) loads into today's CAPNET through ``upgrade_state``, tensor for tensor."""
+    from capnet.train import checkpoint
+
+    src, dst = make(peft=True, proj=True, seed=0), make(peft=True, proj=True, seed=1)
+    legacy = {}
+    for k, v in src.trainable_state_dict().items():
+        old = k.replace("text.proj.", "text_proj.").replace("text.", "", 1) if k.startswith("text.") else k
+        legacy[old] = v.clone()
+    assert "prompt_learner.ctx" in legacy and "text_proj.1.weight" in legacy
+    checkpoint.save_file(checkpoint.with_prefix(legacy, "model."), {}, tmp_path / "old.safetensors")
+    x = images()
+    assert not torch.allclose(src(x), dst(x))
+    checkpoint.load_weights(dst, tmp_path / "old.safetensors")
+    assert torch.allclose(src(x), dst(x), atol=1e-6)

@@ -134,6 +134,7 @@ def test_torchrun_two_processes_on_cpu(small_real: Path, tmp_path: Path) -> None
     assert [int(r["epoch"]) for r in csv.DictReader(open(out / "log.csv"))] == [1, 2]
 
 
+@pytest.mark.slow  # a benchmark in a fresh process
 def test_export_parity_benchmark_compares_predict_and_onnx(small_real: Path, tmp_path: Path) -> None:
     """benchmarks/export_parity.py on a tiny float32-extracted run: every test image scored by
     predict and by the ONNX export, which must agree (a bf16-extracted run may not)."""

@@ -54,7 +54,7 @@ def test_nus_wide_config_drops_missing_images_and_lists_them(tmp_path: Path, wri
     root = write_nus_tree(tmp_path / "nus", write_jpeg, missing=gone)
     out = tmp_path / "run"
     argv = ["train", "--config", str(REPO / "configs" / "capnet.yaml"), "--config", str(REPO / "configs" / "data" / "nus_wide.yaml"),
-            "--out", str(out), "--no-cache", *_sets(TINY + [f"data.root={root}"])]
+            "--out", str(out), "--no-cache", *_sets(TINY + [f"data.root={root}", "data.split_dir=null"])]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "dropped 2 of 24 images" in err and "dropped 1 of 9 images" in err
@@ -62,8 +62,8 @@ def test_nus_wide_config_drops_missing_images_and_lists_them(tmp_path: Path, wri
     assert sorted(Path(l.split(": ")[0]).relative_to(root / "Flickr").as_posix() for l in listed) == sorted(gone)
     assert json.loads((out / "metrics.json").read_text())["dropped_images"] == 3
     # the same config without the option names the way out
-    assert main([*argv[:-2 * len(TINY) - 2], "--set", "data.reader_options.drop_missing=false",
-                 *_sets(TINY + [f"data.root={root}"])]) == 1
+    assert main([*argv[:-2 * len(TINY) - 4], "--set", "data.reader_options.drop_missing=false",
+                 *_sets(TINY + [f"data.root={root}", "data.split_dir=null"])]) == 1
     assert "data.reader_options.drop_missing=true" in capsys.readouterr().err
 
 

@@ -98,6 +98,7 @@ def tree(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow  # two spawned DDP processes
 def test_two_ranks_shard_extraction_and_preflight(tree):
     mp.spawn(_worker, args=(_free_port(), str(tree)), nprocs=2, join=True)
     r = [json.loads((tree / f"rank{k}.json").read_text()) for k in range(2)]

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `benchmarks` lives at the repo root, outside the installed package
     sys.path.insert(0, str(REPO))
@@ -12,6 +14,7 @@ if str(REPO) not in sys.path:  # `benchmarks` lives at the repo root, outside th
 from benchmarks import feature_cache_scale  # noqa: E402
 
 
+@pytest.mark.slow  # a killed fresh process
 def test_killed_fill_resumes_with_only_the_missing_rows_and_reads_back_exactly(tmp_path):
     rows = 20_000
     assert feature_cache_scale.main(["--rows", str(rows), "--dim", "64", "--batch", "500", "--tower-ms", "20",

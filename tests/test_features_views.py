@@ -6,9 +6,15 @@ import torch
 from PIL import Image
 
 from capnet.config import load_config
+from capnet.features.cache import cache_key, feature_key_parts
 from capnet.features.views import AugmentedViews, eval_views, single_view
 from capnet.models.build import build_model
 from capnet.plans import feature_plan
+
+
+def _key(model, transform) -> str:
+    """The feature-cache key of ``transform``'s features from ``model``'s backbone."""
+    return cache_key(feature_key_parts(model.backbone, transform, model.frozen_image_stages()))
 
 
 def image() -> Image.Image:
@@ -31,7 +37,10 @@ def test_view_sets_stack_every_view_of_one_decoded_image(views: str, n: int) -> 
     if views == "flip":
         assert torch.equal(stack[1], eval_tf(image()).flip(-1))  # mirrored after the crop, as exported graphs do
     assert torch.equal(single_view(model)(image())[0], eval_tf(image()))
-    assert repr(eval_views(model, plan)) == repr(eval_views(model, plan))  # a stable feature-cache key
+    # rebuilt, the same view set is the same feature-cache entry; another view set is another one
+    assert _key(model, eval_views(model, plan)) == _key(model, eval_views(model, plan))
+    if views != "single":
+        assert _key(model, eval_views(model, plan)) != _key(model, single_view(model))
 
 
 def test_augmented_views_depend_on_the_image_and_seed_only() -> None:
@@ -50,4 +59,8 @@ def test_augmented_views_depend_on_the_image_and_seed_only() -> None:
     torch.manual_seed(0)
     aug(image())
     assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
-    assert "k=3, seed=7" in repr(aug)
+    # the same settings are the same feature-cache entry; another k or seed is another entry
+    model = build_model(load_config([], ["model.backbone=clip_tiny_vit.random", "model.prompts.n_ctx=4",
+                                         "model.gcn.hidden=8"]), ["cat", "dog"], None)
+    assert _key(model, aug) == _key(model, AugmentedViews(tf, k=3, seed=7))
+    assert len({_key(model, a) for a in (aug, AugmentedViews(tf, k=2, seed=7), AugmentedViews(tf, k=3, seed=8))}) == 3

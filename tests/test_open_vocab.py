@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import toy_backbone  # noqa: F401  (registers toy.random)
 from capnet.cli import main
 from capnet.config import config_from_dict
 from capnet.errors import CapnetError, DataError
@@ -17,6 +16,7 @@ from capnet.models.build import extend_model
 from capnet.models.open_vocab import extend_classes, text_graph_fn
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("toy_random")  # cfg() builds toy.random by name
 OLD = ["dog", "cat", "car", "person"]
 NEW = "potted plant"
 
@@ -66,7 +66,7 @@ def test_an_added_class_equals_the_same_class_trained_next_to_the_others(model):
     part = build_model(c, OLD).eval()
     copy_shared(full, part, len(OLD))
     part.ensemble_templates = full.ensemble_templates
-    ext = extend_model(c, part, OLD, [NEW])
+    ext = extend_model(c.model, part, OLD, [NEW])
     x = feats()
     want, got = full.logits_from_image_features(x), ext.logits_from_image_features(x)
     assert got.shape == (5, len(OLD) + 1) and ext.added == [NEW]
@@ -81,13 +81,13 @@ def test_class_specific_prompts_use_the_template_path_and_keep_old_scores():
     m = trained(c, OLD)
     x = feats()
     before = m.logits_from_image_features(x)
-    ext = extend_model(c, m, OLD, ["zebra", "giraffe"])
+    ext = extend_model(c.model, m, OLD, ["zebra", "giraffe"])
     out = ext.logits_from_image_features(x)
     assert out.shape == (5, 6) and torch.isfinite(out).all()
     with torch.no_grad():
         assert torch.equal(ext.class_embeddings()[:4], m.class_embeddings())
     torch.testing.assert_close(out[:, :4], before)
-    refreshed = extend_model(c, m, OLD, ["zebra", "giraffe"], keep_old=False).logits_from_image_features(x)
+    refreshed = extend_model(c.model, m, OLD, ["zebra", "giraffe"], keep_old=False).logits_from_image_features(x)
     torch.testing.assert_close(refreshed[:, 4:], out[:, 4:])  # new rows do not depend on the old-row policy
     assert not torch.allclose(refreshed[:, :4], before)  # the rebuilt graph moves old rows through the GCN
 
@@ -96,14 +96,14 @@ def test_zeroshot_added_class_equals_the_zeroshot_class():
     c = config_from_dict({"model": {"kind": "zeroshot", "backbone": "toy.random"}})
     full, part = build_model(c, OLD + [NEW]), build_model(c, OLD)
     x = feats()
-    torch.testing.assert_close(extend_model(c, part, OLD, [NEW]).logits_from_image_features(x),
+    torch.testing.assert_close(extend_model(c.model, part, OLD, [NEW]).logits_from_image_features(x),
                                full.logits_from_image_features(x))
 
 
 def test_forward_on_images_goes_through_the_base_image_branch():
     c = cfg()
     m = trained(c, OLD)
-    ext = extend_model(c, m, OLD, ["zebra"])
+    ext = extend_model(c.model, m, OLD, ["zebra"])
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ext(images)[:, :4], m(images))
@@ -117,7 +117,7 @@ def test_bad_names_are_one_line_errors(names, message):
     c = cfg()
     m = build_model(c, OLD[:3] + ["potted plant"]).eval()
     with pytest.raises(CapnetError, match=message) as err:
-        extend_model(c, m, OLD[:3] + ["potted plant"], names)
+        extend_model(c.model, m, OLD[:3] + ["potted plant"], names)
     assert "\n" not in str(err.value)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from capnet.models.peft import PEFTError, PEFTMethod, apply_peft, count_trainable
-from capnet.models.peft.base import tower_kind
+from capnet.models.peft.base import RESNET, STAGED_CNN, TOWER_NAMES, VIT, tower_kind
 from capnet.registry import PEFT
 
 WIDTH, LAYERS = 64, 2
@@ -58,12 +58,12 @@ class TinyVGG(nn.Module):
 
 
 TOWERS = {"vit": (tiny_vit, (2, 3, 32, 32)), "resnet": (tiny_rn, (2, 3, 64, 64)), "vgg": (TinyVGG, (2, 3, 32, 32))}
-SUPPORT = {
-    "adaptformer": ["vit"], "lora": ["vit"], "vpt_shallow": ["vit"], "vpt_deep": ["vit"],
-    "bitfit": ["vit", "resnet", "vgg"], "conv_adapter": ["resnet", "vgg"],
-}
-CASES = [(m, t) for m in PEFT.names() if m != "none" for t in SUPPORT[m]]
-UNSUPPORTED = [(m, t) for m in PEFT.names() if m != "none" for t in TOWERS if t not in SUPPORT[m]]
+KIND = {"vit": VIT, "resnet": RESNET, "vgg": STAGED_CNN}  # the tower kind each test tower stands for
+METHODS = [m for m in PEFT.names() if m != "none"]
+# Each method's own declaration (PEFTMethod.supported), not a restatement of it.
+SUPPORT = {m: [t for t in TOWERS if KIND[t] in PEFT.build(m).supported] for m in METHODS}
+CASES = [(m, t) for m in METHODS for t in SUPPORT[m]]
+UNSUPPORTED = [(m, t) for m in METHODS for t in TOWERS if t not in SUPPORT[m]]
 
 
 def build(tower: str):
@@ -74,6 +74,16 @@ def build(tower: str):
 
 def test_every_registered_method_is_covered():
     assert set(PEFT.names()) == set(SUPPORT) | {"none"}
+    for method in METHODS:
+        declared = set(PEFT.build(method).supported)
+        assert declared and declared <= set(TOWER_NAMES), method  # only kinds tower_kind can report
+        assert declared <= set(KIND.values()), f"{method}: no test tower for {declared - set(KIND.values())}"
+        assert SUPPORT[method], method
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_test_towers_are_the_kinds_they_stand_for(tower):
+    assert tower_kind(TOWERS[tower][0]()) == KIND[tower]
 
 
 @pytest.mark.parametrize("method,tower", CASES)
@@ -262,8 +272,9 @@ def test_module_apply_fn_still_recurses():
     """nn.Module.apply(fn) calls child.apply(fn): a container holding a PEFT method must survive it."""
     peft = apply_peft("adaptformer", tiny_vit())
     visited = []
-    nn.ModuleList([peft]).apply(lambda m: visited.append(type(m).__name__))
-    assert "AdaptFormer" in visited and "BottleneckAdapter" in visited
+    nn.ModuleList([peft]).apply(visited.append)
+    assert {id(m) for m in peft.modules()} <= {id(m) for m in visited}  # every module of the method reached
+    assert len(list(peft.modules())) > 1
 
 
 def test_tower_kind():

@@ -123,11 +123,16 @@ def test_sharded_epoch_sampler_covers_the_epoch_like_distributed_sampler():
 
 
 def test_budget_splits_cores_between_decoding_and_torch(monkeypatch):
-    assert resources.budget(cores=2) == resources.Budget(workers=0, threads=2)
-    assert resources.budget(cores=4) == resources.Budget(workers=1, threads=3)
-    assert resources.budget(cores=16) == resources.Budget(workers=4, threads=12)
-    assert resources.budget(cores=1) == resources.Budget(workers=0, threads=1)
-    assert resources.budget(cores=16, workers=0, threads=3) == resources.Budget(workers=0, threads=3)
+    previous = resources.budget(cores=1)
+    for cores in range(1, 65):
+        plan = resources.budget(cores=cores)
+        assert plan.workers + plan.threads == cores, cores  # every core used, none oversubscribed
+        assert plan.threads >= 1 and plan.threads > plan.workers, cores  # torch gets most of them
+        assert (plan.workers == 0) == (cores < 4), cores  # small machines decode in the main process
+        assert plan.workers >= previous.workers, cores  # more cores never means fewer decoders
+        previous = plan
+    assert resources.budget(cores=16, workers=0, threads=3) == resources.Budget(workers=0, threads=3)  # explicit wins
+    assert resources.budget(cores=16, workers=2).workers == 2
 
 
 def test_native_bf16_is_detected_from_cpu_flags(monkeypatch):

@@ -71,6 +71,7 @@ def _worker(rank: int, port: int, out_dir: str, text: bool) -> None:
         distributed.cleanup()
 
 
+@pytest.mark.slow  # two spawned DDP processes
 @pytest.mark.parametrize("text", [False, True, "budgeted"], ids=["image-only", "text-branch+accumulation", "budgeted-text"])
 def test_ddp_two_processes_match_each_other_and_one_process(tmp_path, text):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), text), nprocs=2, join=True)
@@ -89,7 +90,7 @@ def test_ddp_two_processes_match_each_other_and_one_process(tmp_path, text):
 
         start = _budgeted_capnet(2)
         assert start.text_budget == 2
-        assert not torch.equal(r0["model.prompt_learner.ctx"], start.prompt_learner.ctx.detach())
+        assert not torch.equal(r0["model.text.prompt_learner.ctx"], start.prompt_learner.ctx.detach())
         return
 
     weights, scores, targets, result = _run(tmp_path / "single", text)  # same global batches, one process

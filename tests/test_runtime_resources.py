@@ -10,11 +10,16 @@ from capnet.runtime import distributed, resources
 def test_budget_divides_the_cores_between_local_ranks(monkeypatch):
     monkeypatch.setattr(resources, "usable_cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert resources.budget() == resources.Budget(workers=4, threads=12)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert resources.rank_cores() == 4 and resources.budget() == resources.Budget(workers=1, threads=3)
+    alone = resources.budget()
+    assert alone == resources.budget(cores=16)  # outside torchrun: the whole machine
+    for ranks in (2, 4, 16):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        plan = resources.budget()
+        assert ranks * (plan.workers + plan.threads) <= 16, ranks  # the ranks together fit the machine
+        assert plan == resources.budget(cores=16 // ranks), ranks  # each plans for its share
+        assert plan.threads >= 1 and plan.threads <= alone.threads
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # more ranks than cores: still one thread each
-    assert resources.budget() == resources.Budget(workers=0, threads=1)
+    assert resources.budget().threads == 1 and resources.budget().workers == 0
 
 
 def test_dist_timeout_is_a_config_key_passed_to_the_process_group(monkeypatch):

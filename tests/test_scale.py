@@ -126,7 +126,7 @@ def test_small_budget_trains_only_the_subset_and_updates_the_bank():
     # the subset's rows are the GCN output of fresh rows + bank neighbours: the full GCN on that mix
     with torch.no_grad():
         mixed = m.text_bank.prompt.clone()
-        assert torch.allclose(m._embed(mixed)[rows], emb[rows], atol=1e-5)
+        assert torch.allclose(m.text.embed(mixed)[rows], emb[rows], atol=1e-5)
 
 
 def test_gradient_outside_the_subset_is_owed_and_paid_when_the_class_runs():
@@ -150,7 +150,7 @@ def test_gradient_outside_the_subset_is_owed_and_paid_when_the_class_runs():
     assert torch.equal(state, owed.cpu())
     (budgeted.budgeted_embeddings(torch.arange(C)) * w2).sum().backward()  # every class runs: all paid
     assert budgeted.text_bank.pending.abs().sum() == 0
-    for name in ("prompt_learner.ctx", "class_residual"):
+    for name in ("text.prompt_learner.ctx", "text.class_residual"):
         a, b = dict(exact.named_parameters())[name].grad, dict(budgeted.named_parameters())[name].grad
         assert torch.allclose(a, b, atol=1e-5), name
     budgeted.load_resume_state({"text_bank.pending": state})
@@ -222,7 +222,7 @@ def test_resolve_text_budget():
         resolve_text_budget(16, 0, 100, 32)
 
 
-def test_config_forces_the_budget_and_the_sparse_graph():
+def test_config_forces_the_budget_and_the_sparse_graph(toy_random):
     raw = {"backbone": "toy.random", "prompts": {"n_ctx": 4, "class_specific": True}, "gcn": {"hidden": 16},
            "graph": {"topk": 2, "sparse": True}, "text_budget": 4}
     model = build_model(config_from_dict({"model": raw}), NAMES)

@@ -175,15 +175,16 @@ def test_fp16_without_cuda_fails_before_training(tmp_path):
 
 
 def _budgeted_capnet(budget):
-    import toy_backbone  # noqa: F401  (registers toy.random)
-
+    """A toy CAPNET with ``model.text_budget=budget``, on a ToyBackbone handed to build_model
+    (no registry entry needed, so DDP worker processes can build it too)."""
     from capnet.config import config_from_dict
     from capnet.models.build import build_model
+    from toy_backbone import ToyBackbone
 
     raw = {"backbone": "toy.random", "prompts": {"n_ctx": 4, "class_specific": True}, "gcn": {"hidden": 16},
            "graph": {"topk": 2}, "text_budget": budget}
     torch.manual_seed(0)
-    return build_model(config_from_dict({"model": raw}), CLASS_NAMES)
+    return build_model(config_from_dict({"model": raw}), CLASS_NAMES, backbone=ToyBackbone())
 
 
 @pytest.mark.parametrize("budget", [2, None])

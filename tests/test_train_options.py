@@ -61,26 +61,59 @@ def test_amp_auto_follows_native_bf16(monkeypatch, native: bool, want: str) -> N
         load_config([], ["train.amp=bf32"])
 
 
-def test_amp_auto_trains(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+class DtypeToy(ToyModel):
+    """ToyModel recording the dtype its head computed in, for training and for scoring forwards."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.0)
+        self.dtypes = {True: set(), False: set()}  # training mode -> dtypes seen
+
+    def _head(self, f: torch.Tensor) -> torch.Tensor:
+        out = super()._head(f)
+        self.dtypes[self.training].add(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("native", ["this machine", True, False])
+def test_amp_auto_trains(monkeypatch, tmp_path, native) -> None:
+    """train.amp=auto trains in bf16 exactly where the CPU computes bf16 natively; scores stay float32."""
+    if native != "this machine":  # both branches on any CPU (emulated bf16 is slow, not wrong)
+        monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    want = torch.bfloat16 if precision.native_bf16(CPU) else torch.float32
     torch.manual_seed(0)
-    result = _fit(ToyModel(), tmp_path, train={"epochs": 1, "amp": "auto"})
+    model = DtypeToy()
+    result = _fit(model, tmp_path, train={"epochs": 1, "amp": "auto"})
     assert math.isfinite(result.history[0]["train_loss"])
+    assert model.dtypes[True] == {want}  # the training forward ran under bf16 autocast (or none)
+    assert model.dtypes[False] == {torch.float32}  # validation scores are float32 whatever train.amp
 
 
 def test_compile_wraps_the_trained_forward(monkeypatch, tmp_path) -> None:
-    compiled = []
+    compiled, steps = [], []
+
+    class Compiled(nn.Module):
+        """What torch.compile would return: the same computation, counted."""
+
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            steps.append(self.module.training)
+            return self.module(*args, **kwargs)
 
     def fake_compile(module, **kwargs):
         compiled.append(module)
-        return module
+        return Compiled(module)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     torch.manual_seed(0)
-    _fit(ToyModel(), tmp_path, train={"epochs": 1, "compile": True})
-    assert len(compiled) == 1 and type(compiled[0]).__name__ == "ModelForward"
-    _fit(ToyModel(), tmp_path / "plain", train={"epochs": 1})
-    assert len(compiled) == 1
+    with_compile = _fit(ToyModel(), tmp_path, train={"epochs": 1, "compile": True})
+    assert len(compiled) == 1 and steps.count(True) == 16 // 4  # every training batch ran through it
+    torch.manual_seed(0)
+    plain = _fit(ToyModel(), tmp_path / "plain", train={"epochs": 1})
+    assert len(compiled) == 1 and steps.count(True) == 4  # off by default
+    assert with_compile.history[0]["train_loss"] == plain.history[0]["train_loss"]  # same computation
 
 
 def test_runtime_options_do_not_change_the_experiment() -> None:

@@ -3,13 +3,15 @@
 Image tower: two conv stages (so a frozen prefix can be cached) + pooling + linear.
 Text tower: a one-layer causal transformer over a word-level vocabulary; word ids are a
 stable hash (crc32) of the lower-cased word, so any text tokenizes without a fitted vocab.
-Importing this module registers ``toy.random`` in BACKBONES (once).
+Importing this module registers nothing: a test that builds ``toy.random`` by name asks for
+conftest's ``toy_random`` fixture, which registers it for that test only (:func:`registered`).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import zlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from capnet.models.backbones.base import Backbone, BackboneSpec
 from capnet.registry import BACKBONES
 
 PAD, SOS, EOT = 0, 1, 2
+NAME = "toy.random"  # the BACKBONES name tests build the toy by
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
@@ -79,7 +82,7 @@ class ToyBackbone(Backbone):
         self.image_dim, self.text_dim, self.token_width = image_dim, text_dim, token_width
         self.context_length, self.vocab_size = context_length, vocab_size
         self.spec = BackboneSpec(
-            name="toy.random",
+            name=NAME,
             image_size=image_size,
             mean=(0.5, 0.5, 0.5),
             std=(0.25, 0.25, 0.25),
@@ -170,5 +173,18 @@ def build_toy(weights: Optional[str] = None, **kwargs) -> ToyBackbone:
     return ToyBackbone(**kwargs)
 
 
-if "toy.random" not in BACKBONES:
-    BACKBONES.register("toy.random")(build_toy)
+@contextlib.contextmanager
+def registered(name: str = NAME) -> Iterator[str]:
+    """``name`` -> :func:`build_toy` in BACKBONES inside the block only (conftest's ``toy_random``).
+
+    Registering on import made a test's outcome depend on which test file imported this first.
+    The Registry has no public removal (components are never unregistered in the library), so
+    the entry is dropped from its table directly.
+    """
+    if name in BACKBONES:
+        raise RuntimeError(f"backbone '{name}' is already registered: a test registered it without removing it")
+    BACKBONES.register(name)(build_toy)
+    try:
+        yield name
+    finally:
+        BACKBONES._items.pop(name, None)

@@ -65,6 +65,7 @@ class GraphConfig:
     tau: float = 0.4  # co-occurrence graph binarisation threshold (ML-GCN)
     sparse: Optional[bool] = None  # keep the graph as a sparse matrix; null: above 2000 classes (docs/scale.md)
     chunk: int = 2048  # similarity rows per block when a sparse text graph is built (memory: chunk x C floats)
+    norm: str = "symmetric"  # after re-weighting: symmetric ((A + A^T)/2 then D^-1/2 A D^-1/2) | row (LT-GCN: the row-normalised x p matrix as it is)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class GCNConfig:
     hidden: int = 1024  # width of hidden layers
     residual: float = 1.0  # weight of the GCN output added to the prompt embeddings
     dropout: float = 0.0  # dropout between layers
+    init: str = "zero_last"  # zero_last (the residual starts at the prompt embeddings) | uniform (LT-GCN / Kipf: U(-1/sqrt(out), 1/sqrt(out)) every layer)
 
 
 @dataclass(frozen=True)
@@ -123,13 +125,14 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd | adamw | adam (L2 added to the gradient, as LT-GCN's torch Adam)
     lr: float = 0.002  # base learning rate
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 / decoupled weight decay
     lr_scale: Dict[str, float] = field(default_factory=dict)  # per-group multipliers: prompts, gcn, peft, head
-    scheduler: str = "cosine"  # cosine | constant
-    warmup_epochs: int = 1  # linear warm-up epochs
+    scheduler: str = "cosine"  # cosine | constant | onecycle (torch OneCycleLR; its rise = warmup_epochs, LT-GCN)
+    warmup_epochs: int = 1  # linear warm-up epochs (onecycle: epochs to the peak lr)
+    schedule_epochs: Optional[int] = None  # epochs the lr schedule spans (null: train.epochs); LT-GCN's COCO-LT stops at 16 of 120
 
 
 @dataclass(frozen=True)
@@ -357,7 +360,7 @@ SERVING_KEYS = RUNTIME_KEYS + ("model.weights", "data.batch_size", "data.eval_ba
                                "data.reader_options", "data.max_image_pixels")
 # Keys added after runs were recorded: left out of the hash while at their default, so old runs keep theirs.
 _HASH_DEFAULTS = {"data.exclude_classes": [], "data.reader_options": {}, "data.subset": None,
-                  "data.max_image_pixels": None}
+                  "data.max_image_pixels": None, "optim.schedule_epochs": None}
 
 
 def is_key_under(key: str, keys: Sequence[str]) -> bool:
@@ -367,7 +370,8 @@ def is_key_under(key: str, keys: Sequence[str]) -> bool:
 
 _LATER_DEFAULTS = {
     "model": {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k.startswith("text_") or k == "residual_gate"},
-    "graph": {"sparse": None, "chunk": 2048},
+    "graph": {"sparse": None, "chunk": 2048, "norm": "symmetric"},
+    "gcn": {"init": "zero_last"},
 }
 
 
@@ -382,7 +386,7 @@ def config_hash(cfg: Config) -> str:
         if raw[section].get(key, default) == default:
             raw[section].pop(key, None)
     for section, defaults in _LATER_DEFAULTS.items():  # likewise for keys added with the class-count scaling
-        node = raw["model"] if section == "model" else raw["model"]["graph"]
+        node = raw["model"] if section == "model" else raw["model"][section]
         for key, default in defaults.items():
             if node.get(key) == default:
                 node.pop(key)
@@ -404,10 +408,14 @@ _CHOICES = {
     "train.extract_amp": ("auto", "none", "bf16", "fp16"),
     "train.select": ("val", "last"),
     "train.device": ("auto", "cpu", "cuda"),
-    "optim.optimizer": ("sgd", "adamw"),
-    "optim.scheduler": ("cosine", "constant"),
+    "optim.optimizer": ("sgd", "adamw", "adam"),
+    "optim.scheduler": ("cosine", "constant", "onecycle"),
     "tte.views": ("single", "flip", "five_crop", "ten_crop"),
 }
+
+
+GRAPH_NORMS = ("symmetric", "row")  # model.graph.norm (label_graph.py)
+GCN_INITS = ("zero_last", "uniform")  # model.gcn.init (gcn.py)
 
 
 def validate(cfg: Config) -> None:
@@ -444,6 +452,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.augment_views must be >= 0")
     if cfg.train.refit and cfg.train.select != "val":
         raise ConfigError("train.refit=true refits for the epoch chosen on validation: it needs train.select=val")
+    if m.graph.norm not in GRAPH_NORMS or m.gcn.init not in GCN_INITS:
+        raise ConfigError(f"model.graph.norm={m.graph.norm!r} must be one of {', '.join(GRAPH_NORMS)} and "
+                          f"model.gcn.init={m.gcn.init!r} one of {', '.join(GCN_INITS)}")
+    if cfg.optim.schedule_epochs is not None and cfg.optim.schedule_epochs < cfg.train.epochs:
+        raise ConfigError(f"optim.schedule_epochs={cfg.optim.schedule_epochs} must be >= train.epochs={cfg.train.epochs} (null: equal)")
     if cfg.train.grad_accum < 1 or cfg.train.epochs < 1:
         raise ConfigError("train.grad_accum and train.epochs must be >= 1")
     for t in cfg.model.templates:

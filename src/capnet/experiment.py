@@ -31,7 +31,7 @@ from capnet.features.preflight import (
     skipped_summary,
     write_skipped,
 )
-from capnet.features.views import eval_views, single_view, split_features
+from capnet.features.views import eval_views, single_view, split_features, train_features
 from capnet.fileio import capnet_cache_dir, write_json_atomic
 from capnet.report import write_report
 from capnet.runtime import distributed
@@ -131,8 +131,11 @@ def _fit_on_features(model: ClassifierBase, ds: Any, kind: str, plan: FeaturePla
         return feats[:].numpy(), split.labels  # FeatureRows: read every row (final features are small)
 
     x, y = features("train", single_view(model))
+    x = x[:, 0]
+    if plan.augment_views and getattr(FEATURE_FITS.get(kind), "fits_train_views", False):  # e.g. clap_authors
+        x = train_features(model, ds.splits["train"], plan)[:].numpy()  # eval view + cached augmentations
     val = features("val", eval_views(model, plan)) if "val" in ds.splits else None
-    return fit_feature_head(model, kind, (x[:, 0], y), val, refit=refit, seed=plan.seed)
+    return fit_feature_head(model, kind, (x, y), val, refit=refit, seed=plan.seed)
 
 
 def _train(model: ClassifierBase, ds: Any, cfg: Config, run_dir: Path, plan: FeaturePlan, resume: bool) -> Any:
@@ -233,13 +236,13 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
                         ds.dropped[0][1], run_dir / DROPPED_FILE)
     clock.lap("build the model")
     history, extra = fit_and_select(model, ds, run_cfg, run_dir, device, cache_dir, resume, clock)
-    thresholds = _thresholds(model, ds, feature_plan(run_cfg, model, device, cache_dir, clock), cfg.tte.templates)
+    plan = feature_plan(run_cfg, model, device, cache_dir, clock)  # what scoring reads (the refit's features are the same)
+    thresholds = _thresholds(model, ds, plan, cfg.tte.templates)
     if cfg.train.refit and "selected_epoch" in extra and "val" in ds.splits:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, ds.classes, ds.splits["train"].labels).to(device)  # same graph as selection
         refit_cfg = replace(run_cfg, train=replace(run_cfg.train, epochs=max(1, extra["selected_epoch"]), select="last"))
-        refit = _train(model, merged_train(ds), refit_cfg, run_dir / "refit",
-                       feature_plan(refit_cfg, model, device, cache_dir, clock), resume)
+        refit = _train(model, merged_train(ds), refit_cfg, run_dir / "refit", plan, resume)
         history = history + [{**row, "refit": 1} for row in refit.history]
     clock.lap("train")
     if distributed.is_main():
@@ -258,7 +261,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         header["skipped images"] = skipped_summary(skipped)
     if ds.dropped:
         header["dropped by the reader"] = f"{len(ds.dropped)} (listed in {DROPPED_FILE})"
-    metrics = evaluate_and_write(model, ds, feature_plan(run_cfg, model, device, cache_dir, clock), cfg.tte.templates,
+    metrics = evaluate_and_write(model, ds, plan, cfg.tte.templates,
                                  run_dir, history, header, thresholds)
     clock.lap("evaluate on test")
     metrics.update(extra)

@@ -1,6 +1,6 @@
 """``capnet`` command line: ``main(argv) -> exit code``; each sub-command lives in its own module.
 
-Sub-commands: data, train, eval, predict, export, demo. Library functions never see argparse objects;
+Sub-commands: data, train, eval, predict, export, demo, reproduce. Library functions never see argparse objects;
 each command module turns its namespace into explicit arguments.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 # module name under capnet.cli -> it defines register(subparsers) and sets func on its parser
-COMMANDS = ("data", "train", "evaluate", "predict", "export", "demo")  # module names; "evaluate" adds `eval`
+COMMANDS = ("data", "train", "evaluate", "predict", "export", "demo", "reproduce")  # module names; "evaluate" adds `eval`
 
 
 def build_parser() -> argparse.ArgumentParser:

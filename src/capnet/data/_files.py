@@ -164,3 +164,34 @@ def check_disjoint(split_ids: Dict[str, List[str]], where: str) -> None:
                 raise DataError(
                     f"{where}: {len(common)} image id(s) in both '{names[a]}' and '{names[b]}', e.g. '{example}'"
                 )
+
+
+def select_listed_rows(split: Any, listed_ids: Sequence[str], where: str, allow_missing: bool = False) -> Any:
+    """``split`` cut to ``listed_ids`` in their order (a split file made by ``capnet data lt-split``).
+
+    An id the split lacks is an error naming ``where``, unless ``allow_missing`` (a reader that
+    dropped missing images: the row is left out, as the reader already listed it).
+    """
+    index = {image_id: r for r, image_id in enumerate(split.image_ids)}
+    missing = [i for i in listed_ids if i not in index]
+    if missing and not allow_missing:
+        raise DataError(f"{where}: {len(missing)} listed image(s) are not in the data, e.g. '{missing[0]}' "
+                        "(was the split made from another copy of the dataset?)")
+    return split.subset([index[i] for i in listed_ids if i in index])
+
+
+def listed_splits(parts: Dict[str, Any], split_dir: Path, classes: Sequence[str], allow_missing: bool = False) -> Dict[str, Any]:
+    """Each split of ``parts`` whose ``<name>.csv`` is in ``split_dir`` cut to the listed ids; the
+    split folder's classes.txt must be the data's classes."""
+    if not split_dir.is_dir():
+        raise DataError(f"split folder not found: {split_dir} (write one with `capnet data lt-split DATA "
+                        f"--reader READER --out {split_dir}`, docs/lt_split.md)")
+    if list(read_classes(split_dir / "classes.txt")) != list(classes):
+        raise DataError(f"{split_dir / 'classes.txt'}: not the data's classes in the data's order")
+    out = dict(parts)
+    for name, split in parts.items():
+        path = split_dir / f"{name}.csv"
+        if path.is_file():
+            ids, _ = read_label_csv(path, classes)
+            out[name] = select_listed_rows(split, ids, str(path), allow_missing)
+    return out

@@ -9,14 +9,17 @@
 
 Only the requested splits are read (``splits``; default: every CSV present), so a folder holding
 just classes.txt, test.csv and images/ is a valid evaluation set.
+
+With ``split_dir`` (a folder written by ``capnet data lt-split``): each split whose CSV is there
+keeps only the listed images, and class_split.json is read from there.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from capnet.data._files import (check_disjoint, read_class_split, read_classes, read_label_csv, resolve_image,
-                                select_splits)
+from capnet.data._files import (check_disjoint, listed_splits, read_class_split, read_classes, read_label_csv,
+                                resolve_image, select_splits)
 from capnet.data.base import MultiLabelDataset, Split
 from capnet.errors import DataError
 from capnet.registry import DATASETS
@@ -36,8 +39,6 @@ def build_folder(root: Path, split_dir: Optional[Path] = None,
                  splits: Optional[Sequence[str]] = None) -> MultiLabelDataset:
     """Read a folder-layout dataset (see the module docstring)."""
     root = Path(root)
-    if split_dir is not None:
-        raise DataError(f"the folder reader reads its labels from {root}; split_dir={split_dir} is not used by it")
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
     classes = read_classes(root / "classes.txt")
@@ -48,6 +49,9 @@ def build_folder(root: Path, split_dir: Optional[Path] = None,
     parts: Dict[str, Split] = {}
     for name in select_splits(splits, sources, str(root)):
         parts[name] = read_split_csv(sources[name], classes, image_dir)
+    groups_file = root / "class_split.json"
+    if split_dir is not None:
+        parts, groups_file = listed_splits(parts, Path(split_dir), classes), Path(split_dir) / "class_split.json"
     check_disjoint({k: s.image_ids for k, s in parts.items()}, str(root))
-    groups = read_class_split(root / "class_split.json", classes)
+    groups = read_class_split(groups_file, classes)
     return MultiLabelDataset(root.name, root, classes, parts, groups)

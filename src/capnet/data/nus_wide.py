@@ -15,6 +15,10 @@ Many Flickr images are no longer downloadable; a missing image is an error unles
 configs/data/nus_wide.yaml), which drops those rows, logs their number and lists them in the
 dataset's ``dropped`` (a training run writes them to ``dropped_images.txt``).
 Images with no positive concept are kept (empty label row).
+
+With ``split_dir`` (a folder written by ``capnet data lt-split``, e.g. a DB-style long-tailed
+train subset; configs/data/nus_wide.yaml documents the command): each split whose CSV is there
+keeps only the listed images (labels from the ground-truth files), groups from its class_split.json.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from capnet.data._files import check_disjoint, read_classes, read_text, select_splits
+from capnet.data._files import check_disjoint, listed_splits, read_class_split, read_classes, read_text, select_splits
 from capnet.data.base import MultiLabelDataset, Split
 from capnet.errors import DataError
 from capnet.registry import DATASETS
@@ -84,8 +88,6 @@ def build_nus_wide(root: Path, split_dir: Optional[Path] = None, drop_missing: b
                    splits: Optional[Sequence[str]] = None) -> MultiLabelDataset:
     """Read NUS-WIDE (see the module docstring for the layout)."""
     root = Path(root)
-    if split_dir is not None:
-        raise DataError(f"the nus_wide reader uses the official train/test lists; split_dir={split_dir} is not used")
     if not root.is_dir():
         raise DataError(f"NUS-WIDE folder not found: {root}")
     classes = read_classes(root / "Concepts81.txt")
@@ -96,5 +98,9 @@ def build_nus_wide(root: Path, split_dir: Optional[Path] = None, drop_missing: b
     for key, split in parts.items():
         if len(set(split.image_ids)) != len(split):
             raise DataError(f"NUS-WIDE {key}: the image list has duplicate entries")
+    groups = None
+    if split_dir is not None:
+        parts = listed_splits(parts, Path(split_dir), classes, allow_missing=drop_missing)
+        groups = read_class_split(Path(split_dir) / "class_split.json", classes)
     check_disjoint({k: s.image_ids for k, s in parts.items()}, str(root))
-    return MultiLabelDataset(root.name, root, classes, parts, dropped=dropped)
+    return MultiLabelDataset(root.name, root, classes, parts, groups, dropped=dropped)

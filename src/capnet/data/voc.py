@@ -6,7 +6,8 @@
 Without ``split_dir``: train = VOC2007 trainval (+ VOC2012 trainval when present), test =
 VOC2007 test. With ``split_dir`` (e.g. data/splits/voc_lt: classes.txt, train.csv, test.csv,
 class_split.json): VOC-LT as in DistributionBalancedLoss, train = the listed VOC2012 trainval
-ids, test = the listed VOC2007 test ids, groups from class_split.json.
+ids, test = the listed VOC2007 test ids, groups from class_split.json. A train id that only
+VOC2007 has is read from there (a ``capnet data lt-split`` of the full VOC2007 + 2012 trainval).
 
 Only the requested splits are read (default: those whose image set / CSV exists), so a
 VOCdevkit holding only VOC2007 test is a valid evaluation set.
@@ -146,6 +147,16 @@ def _read_lt(root: Path, split_dir: Path, splits: Optional[Sequence[str]],
     parts: Dict[str, Split] = {}
     for key in select_splits(splits, sources, str(split_dir)):
         ids, listed = read_label_csv(sources[key], classes)
-        parts[key] = read_voc_split(_year(root, years[key], required=True), ids, include_difficult)
+        years_with = [d for d in (_year(root, years[key], required=False), _year(root, "2007", required=False))
+                      if d is not None] if key == "train" else []
+        if len(years_with) < 2:  # VOC-LT: train from VOC2012 (or only VOC2007 present), test from VOC2007
+            home = years_with[0] if years_with else _year(root, years[key], required=True)
+            parts[key] = read_voc_split(home, ids, include_difficult)
+        else:  # each train id from the year that has it (a capnet data lt-split of VOC2007 + 2012 trainval)
+            in_2012 = {i for i in ids if (years_with[0] / "Annotations" / f"{i}.xml").is_file()}
+            both = _concat([read_voc_split(years_with[0], [i for i in ids if i in in_2012], include_difficult),
+                            read_voc_split(years_with[1], [i for i in ids if i not in in_2012], include_difficult)])
+            row = {i: r for r, i in enumerate(both.image_ids)}
+            parts[key] = both.subset([row[i] for i in ids])
         _warn_label_mismatch(sources[key], listed, parts[key])
     return parts, read_class_split(split_dir / "class_split.json", classes), split_dir.name

@@ -8,6 +8,7 @@ A model knows no training loop and no config beyond what ``build.py`` hands it.
 from capnet.models import backbones, peft  # noqa: F401  (register backbones and PEFT methods)
 from capnet.models import label_graph  # noqa: F401  (registers the GRAPHS sources)
 from capnet.models.build import MODEL_KINDS, build_model
+from capnet.models import clap_authors  # noqa: F401,E402  (registers the clap_authors kind)
 from capnet.models.capnet import CAPNET
 from capnet.models.gcn import GCN
 from capnet.models.heads import ClassifierBase, LinearProbe, ZeroShot

@@ -1,8 +1,10 @@
 """Graph convolution over class embeddings (CAPNET Sec. 3.3; Kipf & Welling; ML-GCN).
 
 ``H' = LeakyReLU_0.2(A H W)`` per layer, no activation after the last one. The output width
-equals the input width and the last weight is zero-initialised, so CAPNET's residual
-``E = E_prompt + residual * GCN(A, E_prompt)`` starts exactly at the prompt embeddings.
+equals the input width. ``init="zero_last"``: the last weight is zero-initialised, so CAPNET's
+residual ``E = E_prompt + residual * GCN(A, E_prompt)`` starts exactly at the prompt embeddings.
+``init="uniform"``: every weight ~ U(-1/sqrt(out), 1/sqrt(out)), the ``GraphConvolution`` init of
+Kipf & Welling's code that ML-GCN and LT-GCN use (Wang-zuozheng/LT-GCN model.py, reset_parameters).
 
 ``A`` is a dense (C, C) tensor or a sparse COO one (``label_graph.sparse_text_graph``, for
 10,000+ classes). ``rows`` computes the output of some classes only: the layers then run on
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from capnet.errors import CapnetError
+
+INITS = ("zero_last", "uniform")  # gcn.init
 
 
 def as_sparse(adj: torch.Tensor) -> torch.Tensor:
@@ -70,14 +74,21 @@ def propagate(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class GCN(nn.Module):
     """Stacked graph convolutions ``dim -> hidden -> ... -> dim`` with a zero last layer."""
 
-    def __init__(self, dim: int, hidden: int, layers: int = 2, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden: int, layers: int = 2, dropout: float = 0.0, init: str = "zero_last") -> None:
         super().__init__()
         if layers < 1:
             raise CapnetError(f"gcn.layers must be >= 1, got {layers}")
+        if init not in INITS:
+            raise CapnetError(f"gcn.init={init!r} is not one of {', '.join(INITS)}")
         widths = [dim] + [hidden] * (layers - 1) + [dim]
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(widths[:-1], widths[1:]))
         self.dropout = dropout
-        nn.init.zeros_(self.layers[-1].weight)
+        if init == "uniform":
+            for layer in self.layers:  # nn.Linear's weight is (out, in): bound 1/sqrt(out) as GraphConvolution's
+                bound = 1.0 / layer.out_features ** 0.5
+                nn.init.uniform_(layer.weight, -bound, bound)
+        else:
+            nn.init.zeros_(self.layers[-1].weight)
 
     def _activate(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i < len(self.layers) - 1:

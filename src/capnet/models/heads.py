@@ -87,6 +87,10 @@ class ModelHooks:
         """Backbone name and weights checksum, recorded with every checkpoint so it is not paired with another."""
         return {}
 
+    def upgrade_state(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Trainable tensors saved under an older layout of this model, renamed to today's (identity)."""
+        return state
+
     def text_parameter_names(self) -> List[str]:
         """Trainable parameters used only by ``class_embeddings`` (the text branch), by name."""
         return []

@@ -10,6 +10,10 @@ symmetric, so we first symmetrise it, ``A <- (A + A^T) / 2``, then apply ML-GCN'
 ``gen_adj`` computes ``D^-1/2 A^T D^-1/2``; on a symmetric matrix the two coincide, and the
 result is symmetric with eigenvalues in [-1, 1], so stacked layers stay well scaled.
 
+``norm="row"`` skips that last step and keeps the re-weighted matrix as it is (rows sum to 1:
+p over the neighbours, 1 - p on the diagonal, no symmetrisation, no D^-1/2), as LT-GCN builds its
+GCN relation (Wang-zuozheng/LT-GCN model.py: ``relation / relation.sum(1) * p``, diagonal 1 - p).
+
 Differences from ML-GCN's code, on purpose: ML-GCN normalises columns and then adds a self
 weight of 1 (not 1 - p); we follow the paper's text (rows sum to p, self weight 1 - p).
 Sources registered in GRAPHS: ``text`` (class-name embedding similarity, CAPNET's default: no
@@ -91,6 +95,16 @@ def normalize_adjacency(adj: torch.Tensor, symmetrize: bool = True) -> torch.Ten
     return inv_sqrt[:, None] * a * inv_sqrt[None, :]
 
 
+NORMS = ("symmetric", "row")  # graph.norm: D^-1/2 ((A + A^T)/2) D^-1/2, or the re-weighted rows as they are
+
+
+def finish(adj: torch.Tensor, norm: str = "symmetric") -> torch.Tensor:
+    """The last step of every graph: ``normalize_adjacency`` (symmetric) or nothing (row, LT-GCN)."""
+    if norm not in NORMS:
+        raise CapnetError(f"graph.norm={norm!r} is not one of {', '.join(NORMS)}")
+    return normalize_adjacency(adj) if norm == "symmetric" else adj.float()
+
+
 def cooccurrence_matrix(labels: np.ndarray) -> torch.Tensor:
     """(N, C) multi-hot TRAIN labels -> (C, C) counts M_ij = #images with i and j (M_ii = N_i)."""
     y = torch.as_tensor(np.asarray(labels), dtype=torch.float64)
@@ -137,12 +151,15 @@ def _chunk_edges(unit: torch.Tensor, lo: int, hi: int, topk: Optional[int], thre
 
 
 def sparse_text_graph(emb: torch.Tensor, topk: Optional[int], threshold: Optional[float], p: float,
-                      chunk: int = 2048) -> torch.Tensor:
+                      chunk: int = 2048, norm: str = "symmetric") -> torch.Tensor:
     """(C, D) class-name embeddings -> (C, C) sparse COO adjacency, never a dense (C, C) matrix.
 
     Same steps as the dense ``text`` graph: similarity and top-k/threshold per row chunk
-    (``chunk`` rows x C at a time), ML-GCN re-weighting, symmetrisation, ``D^-1/2 A D^-1/2``.
+    (``chunk`` rows x C at a time), ML-GCN re-weighting, then (``norm="symmetric"``)
+    symmetrisation and ``D^-1/2 A D^-1/2``, or (``"row"``) the re-weighted rows as they are.
     """
+    if norm not in NORMS:
+        raise CapnetError(f"graph.norm={norm!r} is not one of {', '.join(NORMS)}")
     if topk is not None and topk < 0:
         raise CapnetError(f"graph.topk={topk} must be >= 0")
     if not 0.0 <= p <= 1.0:
@@ -158,6 +175,8 @@ def sparse_text_graph(emb: torch.Tensor, topk: Optional[int], threshold: Optiona
     diag = torch.arange(c)
     idx = torch.cat([idx, torch.stack([diag, diag])], 1)
     val = torch.cat([val, self_w])
+    if norm == "row":
+        return torch.sparse_coo_tensor(idx, val, (c, c), check_invariants=False).coalesce()
     sym = torch.sparse_coo_tensor(torch.cat([idx, idx.flip(0)], 1), torch.cat([val, val]) / 2, (c, c), check_invariants=False).coalesce()
     idx, val = sym.indices(), sym.values()
     deg = torch.zeros(c).index_add_(0, idx[0], val)
@@ -167,17 +186,17 @@ def sparse_text_graph(emb: torch.Tensor, topk: Optional[int], threshold: Optiona
 
 @GRAPHS.register("text")
 def text_graph(inputs: GraphInputs, topk: Optional[int], threshold: Optional[float], p: float, tau: float,
-               sparse: Optional[bool] = None, chunk: int = 2048) -> torch.Tensor:
-    """Cosine similarity of class-name embeddings -> sparsify -> reweight -> normalise.
+               sparse: Optional[bool] = None, chunk: int = 2048, norm: str = "symmetric") -> torch.Tensor:
+    """Cosine similarity of class-name embeddings -> sparsify -> reweight -> normalise (``norm``).
 
     ``sparse``: build and return a sparse COO matrix in row chunks (None: when C > SPARSE_ABOVE).
     """
     with torch.no_grad():
         emb = inputs.text_embeddings().detach().cpu()
         if _use_sparse(sparse, inputs.num_classes):
-            return sparse_text_graph(emb, topk, threshold, p, chunk)
+            return sparse_text_graph(emb, topk, threshold, p, chunk, norm)
         sim = zero_diagonal(text_similarity(emb))
-    return normalize_adjacency(reweight(sparsify(sim, topk, threshold), p))
+    return finish(reweight(sparsify(sim, topk, threshold), p), norm)
 
 
 def _use_sparse(sparse: Optional[bool], num_classes: int) -> bool:
@@ -187,7 +206,7 @@ def _use_sparse(sparse: Optional[bool], num_classes: int) -> bool:
 
 @GRAPHS.register("cooccurrence")
 def cooccurrence_graph(inputs: GraphInputs, topk: Optional[int], threshold: Optional[float], p: float, tau: float,
-                       sparse: Optional[bool] = None, chunk: int = 2048) -> torch.Tensor:
+                       sparse: Optional[bool] = None, chunk: int = 2048, norm: str = "symmetric") -> torch.Tensor:
     """ML-GCN: P(j|i) from train labels, binarised at tau -> reweight -> normalise (the counts are
     (C, C) by nature; ``sparse`` only changes what is kept)."""
     if inputs.train_labels is None:
@@ -196,13 +215,13 @@ def cooccurrence_graph(inputs: GraphInputs, topk: Optional[int], threshold: Opti
     if prob.shape[0] != inputs.num_classes:
         raise CapnetError(f"train labels have {prob.shape[0]} classes, the model has {inputs.num_classes}")
     binary = (prob >= tau).float()
-    adj = normalize_adjacency(reweight(binary, p))
+    adj = finish(reweight(binary, p), norm)
     return adj.to_sparse().coalesce() if _use_sparse(sparse, inputs.num_classes) else adj
 
 
 @GRAPHS.register("none")
 def identity_graph(inputs: GraphInputs, topk: Optional[int], threshold: Optional[float], p: float, tau: float,
-                   sparse: Optional[bool] = None, chunk: int = 2048) -> torch.Tensor:
+                   sparse: Optional[bool] = None, chunk: int = 2048, norm: str = "symmetric") -> torch.Tensor:
     """No correlations: the identity adjacency (sparse when ``sparse``, or above SPARSE_ABOVE classes)."""
     if _use_sparse(sparse, inputs.num_classes):
         diag = torch.arange(inputs.num_classes)

@@ -60,9 +60,9 @@ def check_new_names(old_names: Sequence[str], new_names: Sequence[str]) -> List[
     return names
 
 
-def text_graph_fn(topk: Optional[int], threshold: Optional[float], p: float) -> GraphFn:
+def text_graph_fn(topk: Optional[int], threshold: Optional[float], p: float, norm: str = "symmetric") -> GraphFn:
     """The ``text`` label graph (label_graph.text_graph) with these settings, as a GraphFn."""
-    return lambda emb: text_graph(GraphInputs(emb.shape[0], lambda: emb), topk, threshold, p, 0.0)
+    return lambda emb: text_graph(GraphInputs(emb.shape[0], lambda: emb), topk, threshold, p, 0.0, norm=norm)
 
 
 class OpenVocabModel(ClassifierBase):
@@ -109,7 +109,7 @@ class OpenVocabModel(ClassifierBase):
 def _require_bridge(model: ClassifierBase) -> None:
     backbone = model.backbone
     aligned = backbone.image_dim == backbone.text_dim and backbone.spec.extra.get("aligned", True)
-    if not aligned or getattr(model, "text_proj", None) is not None:
+    if not aligned or (isinstance(model, CAPNET) and model.text.proj is not None):
         raise CapnetError(
             f"{backbone.spec.name}: cannot add classes: its image and text towers are not aligned and it has no "
             f"text bridge (the learned text projection only knows the trained class names); use a CLIP backbone "
@@ -154,9 +154,9 @@ def _capnet_rows(model: CAPNET, old_names: List[str], new_names: List[str], temp
             adjacency[:c_old, :c_old] = model.adjacency.cpu().to_dense()
         else:
             adjacency = graph(template_embeddings(backbone, old_names + new_names, list(templates)).float().cpu())
-    out = model._text_head(prompt_rows, adjacency)
+    out = model.text.head(prompt_rows, adjacency)
     if templ_rows is not None:
-        out = (out + model._text_head(templ_rows, adjacency)) / 2
+        out = (out + model.text.head(templ_rows, adjacency)) / 2
     new = F.normalize(out[c_old:], dim=-1)  # no class residual: the text prior
     if keep_old:
         old = model.class_embeddings()

@@ -188,8 +188,8 @@ class BudgetedCAPNET(CAPNET):
     def refresh_text_bank(self) -> None:
         """Recompute every bank row without grad (text tower in chunks of ``text_chunk`` classes)."""
         with torch.no_grad():
-            prompt = None if self.prompt_learner is None else self._all_prompts()
-            self.text_bank.fill(prompt, self._embed_head(prompt))
+            prompt = None if self.prompt_learner is None else self.text.all_prompts()
+            self.text_bank.fill(prompt, self.text.embed_head(prompt))
 
     def step_class_embeddings(self, step: StepInputs) -> torch.Tensor:
         """Budgeted: ``text_budget`` classes chosen from the step's positives, the last step's
@@ -211,14 +211,14 @@ class BudgetedCAPNET(CAPNET):
         rows = torch.unique(rows.long()).to(bank.head.device)
         fresh_prompt = None if self.prompt_learner is None else self.prompt_learner(rows).float()
         prompt = None if fresh_prompt is None else bank.prompt.index_copy(0, rows, fresh_prompt)
-        fresh = self._embed_head(prompt, rows).float()
+        fresh = self.text.embed_head(prompt, rows).float()
         bank.update(rows, fresh_prompt, fresh)
         self._step_rows = rows
         if self.text_defer:
             head = bank.leaf().index_copy(0, rows, bank.settle(rows, fresh))
         else:  # the ablation: the gradient of classes outside the subset is dropped
             head = bank.head.index_copy(0, rows, fresh)
-        return self._with_residual(head)
+        return self.text.with_residual(head)
 
     def step_rows(self) -> Optional[Tuple[torch.Tensor, List[nn.Parameter]]]:
         """The last budgeted step's class rows and the per-class parameters only they train.

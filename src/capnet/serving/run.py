@@ -77,7 +77,7 @@ class LoadedRun:
         if self.added_classes:
             raise CheckpointError("this run already has added classes; add all names in one call")
         self.model.set_test_time(self.cfg.tte.templates)
-        model = extend_model(self.cfg, self.model, self.classes, names, keep_old=keep_old)
+        model = extend_model(self.cfg.model, self.model, self.classes, names, keep_old=keep_old)
         added = list(model.added)
         thr = np.concatenate([self.thresholds, np.full(len(added), added_threshold(self.thresholds))])
         return dataclasses.replace(self, model=model.to(self.device).eval(), classes=self.classes + added,
@@ -171,7 +171,7 @@ def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence
                               f"(sha256 {meta['backbone_sha256']}), but {model.backbone.spec.weights} has sha256 "
                               f"{found}: point --weights / $CAPNET_WEIGHTS_DIR at the file the run was trained with")
     extra = {k: tensors.pop(k) for k in EXTRA_STATE_KEYS if k in tensors}
-    weights = checkpoint.split_prefix(tensors, "model.")
+    weights = model.upgrade_state(checkpoint.split_prefix(tensors, "model."))
     checkpoint.check_compatible(model.trainable_state_dict(), weights, run_dir / "model.safetensors")
     model.load_trainable_state_dict(weights)
     load_extra_state(model, extra)

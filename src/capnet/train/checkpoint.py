@@ -92,7 +92,7 @@ def save_weights(model: Any, path: PathLike, meta: Optional[Mapping[str, Any]] =
 def load_weights(model: Any, path: PathLike) -> Dict[str, Any]:
     """Load trainable weights saved by :func:`save_weights` into ``model``; returns the meta."""
     tensors, meta = load_file(path)
-    weights = split_prefix(tensors, "model.")
+    weights = model.upgrade_state(split_prefix(tensors, "model."))
     check_compatible(model.trainable_state_dict(), weights, path)
     model.load_trainable_state_dict(weights)
     return meta
@@ -161,11 +161,11 @@ def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
     from capnet.runtime.seed import set_rng_state
 
     tensors, meta = load_file(path)
-    weights = split_prefix(tensors, "model.")
+    weights = model.upgrade_state(split_prefix(tensors, "model."))
     check_compatible(model.trainable_state_dict(), weights, path)
     model.load_trainable_state_dict(weights)
     if ema is not None:
-        averages = split_prefix(tensors, "ema.")
+        averages = model.upgrade_state(split_prefix(tensors, "ema."))
         if not averages:
             raise CheckpointError(f"{path}: has no EMA weights but train.ema is set (resume with the same config)")
         check_compatible(ema.state_dict(), averages, path)

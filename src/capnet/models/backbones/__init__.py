@@ -13,12 +13,14 @@ from capnet.registry import BACKBONES
 
 
 def _register_clip(name: str) -> None:
-    """Register ``build(weights=None, image_size=None)`` for one entry of the CLIP_ARCHS table."""
+    """Register ``build(weights=None, image_size=None, resize, crop_scale)`` for one entry of the CLIP_ARCHS table
+    (``resize``: eval view crop | whole; ``crop_scale``: the training crop's smallest area share)."""
 
-    def build(weights: Optional[str] = None, image_size: Optional[int] = None) -> Any:
+    def build(weights: Optional[str] = None, image_size: Optional[int] = None, resize: str = "crop",
+              crop_scale: float = 0.5) -> Any:
         from capnet.models.backbones.clip import build_clip
 
-        return build_clip(name, weights, image_size)
+        return build_clip(name, weights, image_size, resize=resize, crop_scale=crop_scale)
 
     arch = CLIP_ARCHS[name]
     build.__name__ = name.replace(".", "_")
@@ -39,10 +41,11 @@ def _resolve_clip(name: str) -> Optional[Callable[..., Any]]:
     if resolve_arch(name) is None:
         return None
 
-    def build(weights: Optional[str] = None, image_size: Optional[int] = None) -> Any:
+    def build(weights: Optional[str] = None, image_size: Optional[int] = None, resize: str = "crop",
+              crop_scale: float = 0.5) -> Any:
         from capnet.models.backbones.clip import build_clip
 
-        return build_clip(name, weights, image_size)
+        return build_clip(name, weights, image_size, resize=resize, crop_scale=crop_scale)
 
     build.__name__ = "build_clip_by_name"
     return build

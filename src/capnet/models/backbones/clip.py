@@ -89,11 +89,15 @@ class CLIPBackbone(Backbone):
         return self.visual(images)
 
     def transform(self, train: bool) -> Callable:
-        """CLIP preprocessing from the spec: random resized crop + flip, or resize + centre crop."""
+        """CLIP preprocessing from the spec: random resized crop (area ``crop_scale``..1) + flip, or
+        the eval view: resize + centre crop (``resize: crop``) or the whole image squashed (``whole``)."""
         size, interp = self.spec.image_size, T.InterpolationMode(self.spec.interpolation)
         norm = [T.ToTensor(), T.Normalize(self.spec.mean, self.spec.std)]
         if train:
-            geo = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
+            low = float(self.spec.extra.get("crop_scale", DEFAULT_CROP_SCALE))
+            geo = [T.RandomResizedCrop(size, scale=(low, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
+        elif self.spec.extra.get("resize", "crop") == "whole":
+            geo = [T.Resize((size, size), interpolation=interp)]
         else:
             geo = [T.Resize(size, interpolation=interp), T.CenterCrop(size)]
         return T.Compose([_to_rgb, *geo, *norm])
@@ -310,8 +314,20 @@ def _activation(cfg: Mapping[str, Any], arch: CLIPArch, remote: Optional[hub.Rem
     return bool((pcfg or {}).get("quick_gelu", False))
 
 
-def build_clip(name: str, weights: Optional[str] = None, image_size: Optional[int] = None) -> CLIPBackbone:
-    """Build CLIP ``name`` with weights from a path, a pretrained tag / hf-hub repo, the caches, or 'random'."""
+RESIZE_MODES = ("crop", "whole")  # eval view: resize + centre crop (LT-GCN, LIFT), or the whole image squashed (LMPT)
+DEFAULT_CROP_SCALE = 0.5  # smallest area share of the training RandomResizedCrop (torchvision's, LT-GCN's, LIFT's: 0.08)
+
+
+def build_clip(name: str, weights: Optional[str] = None, image_size: Optional[int] = None,
+               resize: str = "crop", crop_scale: float = DEFAULT_CROP_SCALE) -> CLIPBackbone:
+    """Build CLIP ``name`` with weights from a path, a pretrained tag / hf-hub repo, the caches, or 'random'.
+
+    ``resize`` picks the eval view and ``crop_scale`` the training crop's smallest area share
+    (backbone_options; recorded in the spec only when they differ from the defaults)."""
+    if resize not in RESIZE_MODES:
+        raise CheckpointError(f"backbone '{name}': backbone_options.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if isinstance(crop_scale, bool) or not isinstance(crop_scale, (int, float)) or not 0.0 < crop_scale <= 1.0:
+        raise CheckpointError(f"backbone '{name}': backbone_options.crop_scale must be in (0, 1], got {crop_scale!r}")
     arch = resolve_arch(name)
     if arch is None:
         raise KeyError(f"'{name}' is not a CLIP backbone name (registered, family.tag, open_clip_arch.tag or hf-hub:)")
@@ -356,6 +372,10 @@ def build_clip(name: str, weights: Optional[str] = None, image_size: Optional[in
         if remote is not None:
             extra["weights_origin"] = remote.origin(path)
     extra["weights_format"] = fmt
+    if resize != "crop":  # only when set: specs of earlier runs stay as they were
+        extra["resize"] = resize
+    if crop_scale != DEFAULT_CROP_SCALE:
+        extra["crop_scale"] = float(crop_scale)
     pcfg = dict(remote.pretrained_cfg) if remote is not None and remote.pretrained_cfg else {}
     pcfg.update(preprocess)
     side = cfg["vision_cfg"].get("image_size", 224) if image_size is None else image_size

@@ -3,17 +3,25 @@
 Block l becomes ``x = x' + MLP(LN(x')) + s * up(ReLU(down(LN_a(x'))))`` where ``x'`` is the input
 of the MLP sub-block (the input of ``ln_2``). The adapter has its own LayerNorm (as in LIFT); the
 up-projection is zero-initialised, so the tower is unchanged at initialisation.
+
+Size and scale: AdaptFormer's paper uses ``bottleneck=64`` and a fixed ``s=0.1`` (the defaults
+here); LIFT (shijxcs/LIFT, models/peft_modules.py ``AdaptFormer``, utils/config.py
+``adaptformer_scale = "learnable"``) learns ``s`` from 1 and sizes the bottleneck by
+``2 ** max(0, floor(log2(C / 2L)))``: ``scale: learnable`` and ``bottleneck: auto``.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from capnet.models.peft.base import VIT, PEFTMethod
+from capnet.models.peft.base import AUTO, VIT, PEFTError, PEFTMethod, resolve_size
 from capnet.registry import PEFT
+
+
+LEARNABLE = "learnable"  # scale option: a learned scalar started at 1 (LIFT)
 
 
 class BottleneckAdapter(nn.Module):
@@ -44,15 +52,23 @@ class AdaptFormer(PEFTMethod):
     name = "adaptformer"
     supported = (VIT,)
 
-    def __init__(self, bottleneck: int = 64, scale: float = 0.1, learnable_scale: bool = False) -> None:
+    def __init__(self, bottleneck: Union[int, str] = 64, scale: Union[float, str] = 0.1, learnable_scale: bool = False,
+                 num_classes: Optional[int] = None) -> None:
         super().__init__()
-        if bottleneck < 1:
-            raise ValueError(f"PEFT method 'adaptformer': bottleneck must be >= 1, got {bottleneck}")
-        self.bottleneck, self.scale, self.learnable_scale = int(bottleneck), float(scale), bool(learnable_scale)
+        if bottleneck != AUTO:
+            bottleneck = resolve_size("adaptformer", "bottleneck", bottleneck, None, 1)
+        if scale == LEARNABLE:  # LIFT: nn.Parameter(torch.ones(1))
+            scale, learnable_scale = 1.0, True
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise PEFTError(f"PEFT method 'adaptformer': scale must be a number or '{LEARNABLE}', got {scale!r}")
+        self.bottleneck, self.scale, self.learnable_scale = bottleneck, float(scale), bool(learnable_scale)
+        self.num_classes = num_classes
         self.adapters = nn.ModuleList()
         self._pending: dict = {}
 
     def _patch(self, visual: nn.Module, kind: str) -> None:
+        blocks = len(visual.transformer.resblocks)
+        self.bottleneck = resolve_size("adaptformer", "bottleneck", self.bottleneck, self.num_classes, blocks)
         width = visual.transformer.width
         for index, block in enumerate(visual.transformer.resblocks):
             adapter = BottleneckAdapter(width, self.bottleneck, self.scale, self.learnable_scale)
@@ -81,6 +97,8 @@ class AdaptFormer(PEFTMethod):
 
 
 @PEFT.register("adaptformer")
-def adaptformer(bottleneck: int = 64, scale: float = 0.1, learnable_scale: bool = False) -> AdaptFormer:
-    """AdaptFormer with bottleneck width ``bottleneck`` and branch scale ``scale`` (paper: 0.1)."""
-    return AdaptFormer(bottleneck=bottleneck, scale=scale, learnable_scale=learnable_scale)
+def adaptformer(bottleneck: Union[int, str] = 64, scale: Union[float, str] = 0.1, learnable_scale: bool = False,
+                num_classes: Optional[int] = None) -> AdaptFormer:
+    """AdaptFormer with bottleneck width ``bottleneck`` (``auto``: LIFT's rule) and branch scale
+    ``scale`` (paper: 0.1; ``learnable``: LIFT's learned scalar from 1)."""
+    return AdaptFormer(bottleneck=bottleneck, scale=scale, learnable_scale=learnable_scale, num_classes=num_classes)

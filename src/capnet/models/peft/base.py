@@ -13,6 +13,7 @@ method that changes ``stages[k]`` or hooks its output reports ``k``.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
@@ -133,18 +134,48 @@ def _none() -> None:
 PEFT.register("none")(_none)
 
 
+AUTO = "auto"  # a size option set to this follows LIFT's rule (``auto_bottleneck``)
+FROM_MODEL = ("num_classes",)  # builder arguments apply_peft fills from the model, never user options
+
+
+def auto_bottleneck(num_classes: int, layers: int) -> int:
+    """LIFT's adapter width ``2 ** max(0, floor(log2(C / (2 L))))`` for C classes and L blocks.
+
+    shijxcs/LIFT models/peft_vit.py: ``adapter_dim = 2 ** max(0, int(math.log2(num_classes /
+    (n_layers * 2))))`` (int() and floor agree wherever the max does not clamp to 0).
+    """
+    if num_classes < 1 or layers < 1:
+        raise PEFTError(f"auto bottleneck needs num_classes >= 1 and layers >= 1, got {num_classes}, {layers}")
+    return 2 ** max(0, math.floor(math.log2(num_classes / (2 * layers))))
+
+
+def resolve_size(method: str, key: str, value: Any, num_classes: Optional[int], layers: int) -> int:
+    """An integer size option, or ``auto`` resolved by ``auto_bottleneck`` (needs the class count)."""
+    if value == AUTO:
+        if num_classes is None:
+            raise PEFTError(f"PEFT method '{method}': {key}: auto needs the number of classes (build it through build_model)")
+        return auto_bottleneck(num_classes, layers)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PEFTError(f"PEFT method '{method}': {key} must be an integer >= 1 or 'auto', got {value!r}")
+    return int(value)
+
+
 def peft_options(name: str) -> List[str]:
-    """The option names a registered PEFT method accepts."""
-    return [p for p in inspect.signature(PEFT.get(name)).parameters if p != "self"]
+    """The option names a registered PEFT method accepts (``num_classes`` comes from the model)."""
+    return [p for p in inspect.signature(PEFT.get(name)).parameters if p != "self" and p not in FROM_MODEL]
 
 
-def apply_peft(name: str, visual: nn.Module, **options: Any) -> Optional[PEFTMethod]:
-    """Build PEFT[name](**options) and apply it to ``visual``; 'none' returns None."""
+def apply_peft(name: str, visual: nn.Module, num_classes: Optional[int] = None, **options: Any) -> Optional[PEFTMethod]:
+    """Build PEFT[name](**options) and apply it to ``visual``; 'none' returns None.
+
+    ``num_classes`` reaches the builders that take it (size options set to ``auto``)."""
     builder: Callable[..., Optional[PEFTMethod]] = PEFT.get(name)
     valid = peft_options(name)
     message = unknown_options_message(f"PEFT method '{name}'", options, valid)
     if message:
         raise PEFTError(message)
+    if "num_classes" in inspect.signature(builder).parameters:
+        options = {**options, "num_classes": num_classes}
     method = builder(**options)
     if method is None:
         for param in visual.parameters():
