@@ -139,6 +139,7 @@ class OptimConfig:
 class LogConfig:
     tensorboard: bool = False  # scalars per epoch into <run>/tb/ (needs the `log` extra: pip install "capnet[log]")
     wandb: Optional[Dict[str, Any]] = None  # wandb.init keyword arguments, e.g. {project: capnet}; null: off (wandb imported only then)
+    test_curve: bool = False  # score test after every epoch into log.csv test_curve_* (for reading beside papers' best-test-epoch numbers; never used for a choice)
 
 
 @dataclass(frozen=True)

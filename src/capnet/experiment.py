@@ -148,7 +148,10 @@ def _train(model: ClassifierBase, ds: Any, cfg: Config, run_dir: Path, plan: Fea
     # Only train/val here: test is scored once, after selection, with its test-time views.
     loaders = make_loaders(ds, model, plan, splits=("train", "val"))
     _center(model, ds, plan)
+    from capnet.train.test_curve import test_curve_callbacks  # train.log.test_curve: read-only test scores
+
     return fit(model, loss_fn, loaders["train"], loaders.get("val"), fit_plan(cfg), run_dir, resume=resume,
+               callbacks=test_curve_callbacks(model, ds, cfg, run_dir, plan),
                groups=ds.groups(), class_names=ds.classes, device=plan.device)
 
 
@@ -255,6 +258,11 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}
     if cfg.data.resplit_folds:
         header["dataset"] += f", fold {cfg.data.resplit_fold} of a {cfg.data.resplit_folds}-fold re-split (seed {cfg.data.resplit_seed})"
+    header["selection"] = selection_note(cfg, ds)
+    if cfg.train.log.test_curve and "selected_epoch" in extra:
+        from capnet.train.test_curve import LABEL
+
+        header["test curve"] = f"log.csv {LABEL}"
     if cfg.train.refit:
         header["refit"] = f"on train + val for {extra.get('selected_epoch', '-')} epochs (thresholds from the selected model)"
     if skipped:
@@ -277,6 +285,15 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         append_time_breakdown(run_dir / "report.md", metrics["time_breakdown"])
     distributed.cleanup()
     return metrics
+
+
+def selection_note(cfg: Config, ds: Any) -> str:
+    """One line for report.md: how the epoch and the F1 thresholds were chosen (never on test)."""
+    if "val" not in ds.splits:
+        return (f"train.select={cfg.train.select} on every training image, no validation part; "
+                "F1 thresholds 0.5 for every class (test is never used to set them)")
+    return (f"train.select={cfg.train.select} on a {cfg.data.val_fraction:g} validation part of train; "
+            "F1 thresholds per class F1-optimal on validation")
 
 
 def finished_run(run_dir: Path, cfg: Config) -> Optional[Dict[str, Any]]:

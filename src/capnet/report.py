@@ -58,7 +58,7 @@ def write_report(
                      f"{_fmt(metrics['per_class'].get(name))} | {'n/a' if thr is None else f'{thr:.3f}'} |")
     if "f1" in metrics:
         f1 = metrics["f1"]
-        lines += ["", "## F1 on test at the validation-chosen per-class thresholds", "",
+        lines += ["", "## F1 on test at the per-class thresholds (chosen on validation; 0.5 without a validation part)", "",
                   f"CF1 {_fmt(f1.get('CF1'))}, OF1 {_fmt(f1.get('OF1'))} (CP {_fmt(f1.get('CP'))}, "
                   f"CR {_fmt(f1.get('CR'))}, OP {_fmt(f1.get('OP'))}, OR {_fmt(f1.get('OR'))})"]
     if history:

@@ -29,6 +29,7 @@ from torchvision import transforms as T
 
 from capnet.errors import CapnetError, CheckpointError
 from capnet.models.backbones import pretrained as hub
+from capnet.models.backbones.attention import use_contiguous_attention
 from capnet.models.backbones.base import Backbone, BackboneSpec
 from capnet.models.backbones.checkpoints import load_clip_weights, sha256_of
 from capnet.models.backbones.specs import CLIP_ARCHS, HF_HUB_PREFIX, CLIPArch, resolve_arch
@@ -391,4 +392,5 @@ def build_clip(name: str, weights: Optional[str] = None, image_size: Optional[in
         extra=extra,
     )
     context_length = (cfg.get("text_cfg") or {}).get("context_length", 77)
+    use_contiguous_attention(model)  # one in-projection GEMM per block in every precision (attention.py)
     return CLIPBackbone(model, spec, context_length=context_length, embed_dim=cfg["embed_dim"])
