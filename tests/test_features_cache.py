@@ -13,7 +13,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from capnet.data import load_image
-from capnet.errors import DataError
+from capnet.errors import DataError, FeatureRangeError
 from capnet.runtime.stopwatch import Stopwatch
 from capnet.features.cache import (
     FeatureCache,
@@ -219,20 +219,18 @@ class ScaledBackbone(StubBackbone):
         return out * torch.where(images.flatten(1).sum(1) == self.big, 1e6, 1.0).view(-1, *[1] * (out.ndim - 1))
 
 
-def test_float16_storage_and_overflow_widens_the_array(tmp_path, images):
+def test_float16_storage_and_overflow_is_a_clear_error(tmp_path, images):
     model = ScaledBackbone()
-    plain = compute_features(model, images, transform(), upto=1, batch_size=1, progress=False)
+    cache, other = FeatureCache(tmp_path / "cache"), FeatureCache(tmp_path / "other")
+    plain = compute_features(model, images, transform(), upto=1, batch_size=1, cache=cache, progress=False)
+    assert torch.equal(plain, plain.half().float())  # float16-rounded, returned as float32
+    assert np.load(_entry(cache, model, images, upto=1).array_path, mmap_mode="r").dtype == np.float16
     model.big = float(transform()(load_image(images[2])).sum())
-    cache = FeatureCache(tmp_path / "cache")
-    cached = compute_features(model, images, transform(), upto=1, batch_size=1, cache=cache, progress=False)
-    uncached = compute_features(model, images, transform(), upto=1, batch_size=1, progress=False)
-    assert torch.isfinite(cached).all() and cached.abs().max() > 65504  # kept, not overflowed to inf
-    assert torch.equal(cached, uncached)
-    assert torch.equal(cached[[0, 1, 3]], plain[[0, 1, 3]])  # the other rows: float16-rounded as before
-    assert torch.equal(plain, plain.half().float())
-    entry = _entry(cache, model, images, upto=1)
-    assert np.load(entry.array_path, mmap_mode="r").dtype == np.float32
-    assert torch.equal(compute_features(model, images, transform(), upto=1, cache=cache, progress=False), cached)
+    for where in (other, None):  # never silently inf, with or without a cache
+        with pytest.raises(FeatureRangeError, match=r"stub\.test: stage-1 image features reach .*train\.feature_cache"):
+            compute_features(model, images, transform(), upto=1, batch_size=1, cache=where, progress=False)
+    stopped = _entry(other, model, images, upto=1)
+    assert RowFile.open(stopped.stem, stopped.key, stopped.ids).filled.tolist() == [True, True, False, False]
 
 
 def test_bad_image_is_a_data_error(tmp_path, images):
@@ -259,3 +257,76 @@ def test_cached_vgg_prefix_feeds_the_trainable_suffix(tmp_path, images):
         full = backbone.encode_image(torch.stack([tf(load_image(p)) for p in images]))
         resumed = backbone.image_suffix(prefix, 3)
     assert torch.allclose(resumed, full, rtol=2e-2, atol=0.5)  # float16 cache: small rounding only
+
+
+def test_a_flipped_byte_in_another_list_is_not_copied(tmp_path, images):
+    """Rows shared with another image list are copied only where their crc32 holds."""
+    cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
+    some = compute_features(model, images[:3], transform(), upto=2, batch_size=1, cache=cache, progress=False)
+    source = _entry(cache, model, images[:3])
+    raw = bytearray(source.array_path.read_bytes())
+    raw[-3] ^= 0xFF  # inside the last row (images[2])
+    source.array_path.write_bytes(bytes(raw))
+    calls = model.calls
+    full = compute_features(model, images, transform(), upto=2, batch_size=1, cache=cache, progress=False)
+    assert model.calls == calls + 2  # images[3], and images[2] whose copy failed its crc32
+    assert torch.equal(full[:3], some) and torch.equal(full, compute_features(model, images, transform(), upto=2,
+                                                                             progress=False))
+
+
+SHARED = """
+import json, sys, time
+from pathlib import Path
+import torch
+from torch import nn
+from torchvision import transforms as T
+from capnet.features.cache import FeatureCache, compute_features
+from capnet.models.backbones.base import BackboneSpec
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.spec = BackboneSpec(name="stub.shared", weights_sha256="d" * 64)
+        self.visual = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, stride=2))
+
+    def image_prefix(self, images, upto):
+        time.sleep(0.2)
+        return self.visual[:upto](images)
+
+root, me = Path(sys.argv[1]), sys.argv[2]
+(root / f"ready-{me}").touch()
+while len(list(root.glob("ready-*"))) < 2:  # start both fills together
+    time.sleep(0.01)
+paths = sorted((root / "img").glob("*.jpg"))
+tf = T.Compose([T.Resize(16), T.CenterCrop(16), T.ToTensor()])
+feats = compute_features(Slow(), paths, tf, 2, batch_size=1, cache=FeatureCache(root / "cache", flush_every_s=0.0),
+                         progress=False)
+torch.save(feats, root / f"feats-{me}.pt")
+"""
+
+
+def test_two_processes_filling_one_fresh_cache_agree(tmp_path, images):
+    """Two runs started together on an empty cache: both finish with the same, correct features."""
+    import os
+    import subprocess
+    import sys
+
+    for k in range(2):  # 12 images: the two fills overlap for seconds
+        for p in images:
+            shutil.copy2(p, tmp_path / "img" / f"copy{k}_{p.name}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep
+           + os.environ.get("PYTHONPATH", "")}
+    procs = [subprocess.Popen([sys.executable, "-c", SHARED, str(tmp_path), str(k)], env=env,
+                              stderr=subprocess.PIPE, text=True) for k in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    first, second = (torch.load(tmp_path / f"feats-{k}.pt", weights_only=True) for k in range(2))
+    paths = sorted((tmp_path / "img").glob("*.jpg"))
+    model = StubBackbone()
+    model.spec = BackboneSpec(name="stub.shared", weights_sha256="d" * 64)
+    reference = compute_features(model, paths, T.Compose([T.Resize(16), T.CenterCrop(16), T.ToTensor()]), 2,
+                                 progress=False)
+    assert len(first) == 12 and torch.equal(first, reference) and torch.equal(second, reference)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1 and not list((tmp_path / "cache").rglob("*.tmp"))

@@ -84,7 +84,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         out = {"decoded": decoded, "problems": [str(p) for p, _ in problems], "computed": computed,
                "computed_warm": model.images - computed, "rows": len(cold)}
         (root / f"rank{rank}.json").write_text(json.dumps(out))
-        torch.save({"cold": cold.float(), "warm": warm.float()}, root / f"rank{rank}.pt")
+        torch.save({"cold": cold[:], "warm": warm[:]}, root / f"rank{rank}.pt")
     finally:
         distributed.cleanup()
 

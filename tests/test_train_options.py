@@ -144,12 +144,17 @@ def test_grad_checkpointing_reaches_the_open_clip_tower(tmp_path) -> None:
 def test_augment_seed_changes_the_cached_augmentations(monkeypatch) -> None:
     import capnet.features.views as views
 
+    from PIL import Image
+
     seen = []
     monkeypatch.setattr(views, "split_features", lambda model, paths, transform, *a, **k: (
-        seen.append(getattr(transform, "seed", None)) or torch.zeros(len(paths), 1, 2)))
+        seen.append(transform) or torch.zeros(len(paths), 1, 2)))
     split = type("S", (), {"image_paths": ["a.jpg", "b.jpg"]})()
     model = ToyModel()
     for seed in (0, 5):
         cfg = load_config([], ["train.augment_views=2", f"train.augment_seed={seed}", "data.val_seed=9"])
         views.train_features(model, split, feature_plan(cfg, model, CPU))
-    assert seen == [None, 0, None, 5]
+    assert [t.seed for t in seen] == [0, 5]  # one cached entry per seed: the eval view, then 2 augmentations
+    image = Image.new("RGB", (12, 10), (200, 10, 30))
+    stack = seen[0](image)
+    assert stack.shape[0] == 3 and torch.equal(stack[0], views.single_view(model)(image)[0])

@@ -16,6 +16,10 @@ class CheckpointError(CapnetError, ValueError):
     """A checkpoint that is missing, of the wrong architecture, or of the wrong shapes."""
 
 
+class FeatureRangeError(CapnetError, ValueError):
+    """Image features beyond float16's range, which the feature cache stores (and rounds every run to)."""
+
+
 class TrainingError(CapnetError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
 
