@@ -79,3 +79,14 @@ def test_train_order_depends_only_on_seed_and_epoch(tmp_path, write_jpeg):
     assert order(3, 0) == order(3, 2)
     assert sorted(order(3, 0)) == list(range(6)) and order(3, 0) != order(4, 0)
     assert not isinstance(make_loaders(ds, model, feature_plan(cfg, model, CPU, None))["val"].sampler, DistributedSampler)
+
+
+def test_a_batch_of_sampled_views_equals_its_items_one_by_one():
+    """The batched read of a cached-augmentation training set gives each item the view its epoch drew."""
+    feats = torch.arange(6 * 3 * 2, dtype=torch.float32).view(6, 3, 2)  # 6 images x 3 views
+    data = FeatureDataset(feats, np.zeros((6, 2), dtype=np.float32), 1, sample_views=True, seed=4)
+    for epoch in (0, 1, 2):
+        data.set_epoch(epoch)
+        batch = data.__getitems__([5, 0, 3, 2])
+        single = [data[i] for i in (5, 0, 3, 2)]
+        assert all(torch.equal(b[0], s[0]) and b[2] == s[2] for b, s in zip(batch, single))

@@ -64,11 +64,12 @@ class FeatureDataset(Dataset):
 
     def __getitems__(self, indices: List[int]) -> List[Tuple[torch.Tensor, torch.Tensor, int]]:
         """A whole batch in one read (DataLoader's batched fetch): one positional read per run
-        of consecutive rows of an on-disk cache instead of one per item."""
-        if self._views is not None:
-            return [self[i] for i in indices]
+        of consecutive rows of an on-disk cache instead of one per item (with sampled views the
+        batch's rows are read whole and each item's view picked after: the views are few)."""
         rows = np.asarray(indices, dtype=np.int64)
         x = self.features[rows]
+        if self._views is not None:
+            x = x[torch.arange(len(rows)), self._views.index_select(0, torch.from_numpy(rows))]
         return list(zip(x.unbind(0), self.targets.index_select(0, torch.from_numpy(rows)).unbind(0), indices))
 
 
