@@ -38,16 +38,6 @@ def atomic_write_bytes(data: bytes, path: PathLike) -> None:
         if err.errno in NO_SPACE and not isinstance(err, DiskFullError):
             raise DiskFullError(str(path), err.errno) from None
         raise
-    try:  # make the rename itself durable (POSIX); best effort elsewhere
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def _write_replace(data: bytes, path: Path) -> None:
