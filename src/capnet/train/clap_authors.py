@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from capnet.registry import FEATURE_FITS
+from capnet.train.zs_probe import mean_over_positives
 
 LR, EPOCHS, BATCH_SIZE, MOMENTUM = 0.1, 300, 256, 0.9  # SGD_lr1e-1_B256_ep300.yaml (+ Dassl's momentum)
 WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5  # constant warm-up
@@ -75,13 +76,7 @@ def soft_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def lagrangian_multipliers(zs_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """lambda_c = mean softmax probability of class c over the samples containing c (adapters.py:240-242)."""
-    prob = torch.softmax(zs_logits, dim=-1)
-    pos = labels.sum(0)
-    lam = (prob * labels).sum(0) / pos.clamp(min=1.0)
-    if (pos == 0).any():
-        fill = lam[pos > 0].mean() if (pos > 0).any() else torch.tensor(1.0)
-        lam = torch.where(pos > 0, lam, fill)
-    return lam
+    return mean_over_positives(torch.softmax(zs_logits, dim=-1), labels)
 
 
 def _rows(features: np.ndarray, labels: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, int]:

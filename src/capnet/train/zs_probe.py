@@ -75,9 +75,14 @@ def prior_bias(zs_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def clap_multipliers(zs_logits: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """lambda_c: mean zero-shot sigmoid probability of class c over its positive training images
     (CLAP's softmax rule, one-vs-rest); a class without positives gets the mean of the others."""
-    prob = torch.sigmoid(zs_logits + bias)
+    return mean_over_positives(torch.sigmoid(zs_logits + bias), labels)
+
+
+def mean_over_positives(prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(C,) mean of ``prob[:, c]`` over the rows where class c is positive; a class without
+    positives gets the mean of the others (1 when no class has one)."""
     pos = labels.sum(0)
-    lam = (prob * labels).sum(0) / pos.clamp(min=1)
+    lam = (prob * labels).sum(0) / pos.clamp(min=1.0)
     if (pos == 0).any():
         fill = lam[pos > 0].mean() if (pos > 0).any() else torch.tensor(1.0)
         lam = torch.where(pos > 0, lam, fill)
