@@ -17,7 +17,7 @@ from capnet.config import Config, replace, to_dict
 from capnet.features.plan import FeaturePlan
 from capnet.models.heads import ClassifierBase
 from capnet.runtime.precision import resolve_amp
-from capnet.runtime.resources import apply_budget, budget
+from capnet.runtime.resources import apply_budget, budget, resolve_budget
 from capnet.runtime.stopwatch import Stopwatch
 from capnet.train.loop import FitPlan
 
@@ -27,9 +27,8 @@ def resolve_runtime(cfg: Config) -> Config:
 
     Saved configs keep ``null`` (the run is portable); every path that runs a model resolves them.
     """
-    plan = budget(workers=cfg.data.num_workers, threads=cfg.train.threads)
-    threads = plan.threads if cfg.train.threads is not None else min(plan.threads, torch.get_num_threads())
-    return replace(cfg, data=replace(cfg.data, num_workers=plan.workers), train=replace(cfg.train, threads=threads))
+    plan = resolve_budget(cfg.data.num_workers, cfg.train.threads)
+    return replace(cfg, data=replace(cfg.data, num_workers=plan.workers), train=replace(cfg.train, threads=plan.threads))
 
 
 def tune_process(cfg: Config) -> Config:

@@ -87,12 +87,19 @@ def apply_budget(workers: Optional[int] = None, threads: Optional[int] = None,
     count (a process that already chose fewer threads, e.g. through OMP_NUM_THREADS or a test
     harness, keeps its choice). The CLI calls this once per process (``capnet.plans.tune_process``).
     """
-    plan = budget(workers=workers, threads=threads)
+    plan = resolve_budget(workers, threads)
     if keep_freed:
         keep_freed_memory()
+    if torch.get_num_threads() != plan.threads:
+        torch.set_num_threads(plan.threads)
+    return plan
+
+
+def resolve_budget(workers: Optional[int] = None, threads: Optional[int] = None) -> Budget:
+    """What :func:`apply_budget` would apply, without applying anything (explicit values win;
+    the automatic thread count never exceeds the process's current one)."""
+    plan = budget(workers=workers, threads=threads)
     chosen = plan.threads if threads is not None else min(plan.threads, torch.get_num_threads())
-    if torch.get_num_threads() != chosen:
-        torch.set_num_threads(chosen)
     return Budget(workers=plan.workers, threads=chosen)
 
 
