@@ -105,7 +105,7 @@ def phase_read(args: argparse.Namespace) -> Dict[str, Any]:
     out: Dict[str, Any] = {"baseline_rss_mib": round(baseline, 1), "open_and_verify_s": round(opened, 3),
                            "labels_mib": round(targets.nbytes / 2**20, 1)}
     for name, train in (("sequential", False), ("shuffled", True)):
-        loader = build_loader(FeatureDataset(rows, targets, start=1), args.read_batch, train, 0, 0,
+        loader = build_loader(FeatureDataset(rows, targets, depth=1), args.read_batch, train, 0, 0,
                               torch.device("cpu"))
         seen, wrong, tic = 0, 0, time.perf_counter()
         for x, _, idx in loader:

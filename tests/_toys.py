@@ -28,8 +28,8 @@ class ToyBackbone(nn.Module):
         self.visual = nn.Linear(3 * 8 * 8, FEAT)
         self.visual.requires_grad_(False)
 
-    def image_prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        return images if upto == 0 else torch.tanh(self.visual(images.flatten(1)))
+    def image_prefix(self, images: torch.Tensor, depth: int) -> torch.Tensor:
+        return images if depth == 0 else torch.tanh(self.visual(images.flatten(1)))
 
     def transform(self, train: bool):
         ops = [T.Resize((8, 8)), T.ToTensor()]
@@ -57,15 +57,15 @@ class ToyModel(ModelHooks, nn.Module):
         self.calls.append("images")
         return self._head(self.backbone.image_prefix(images, 1))
 
-    def forward_features(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        self.calls.append(f"features@{start}")
-        return self._head(self.backbone.image_prefix(features, 1) if start == 0 else features)
+    def forward_features(self, features: torch.Tensor, depth: int) -> torch.Tensor:
+        self.calls.append(f"features@{depth}")
+        return self._head(self.backbone.image_prefix(features, 1) if depth == 0 else features)
 
     def _head(self, f: torch.Tensor) -> torch.Tensor:
         f = self.drop(f)
         return self.head(f) + self.logit_scale * f @ self.ctx.t()
 
-    def frozen_image_stages(self) -> int:
+    def cached_depth(self) -> int:
         return self.cache_depth
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
@@ -131,8 +131,8 @@ class TextToyModel(ToyModel):
     def forward(self, images: torch.Tensor, class_embeddings=None) -> torch.Tensor:
         return self.forward_features(self.backbone.image_prefix(images, 1), 1, class_embeddings)
 
-    def forward_features(self, features: torch.Tensor, start: int, class_embeddings=None) -> torch.Tensor:
-        f = self.backbone.image_prefix(features, 1) if start == 0 else features
+    def forward_features(self, features: torch.Tensor, depth: int, class_embeddings=None) -> torch.Tensor:
+        f = self.backbone.image_prefix(features, 1) if depth == 0 else features
         emb = self.class_embeddings() if class_embeddings is None else class_embeddings
         return self.head(self.drop(f)) + self.logit_scale * f @ emb.t()
 

@@ -50,8 +50,8 @@ def test_shapes_and_stage_paths():
     logits = m(x)
     assert logits.shape == (3, C)
     assert m.class_embeddings().shape == (C, 32)
-    assert m.frozen_image_stages() == 1
-    assert make().frozen_image_stages() == 2
+    assert m.cached_depth() == 1
+    assert make().cached_depth() == 2
     for start in (0, 1):
         feats = m.backbone.image_prefix(x, start)
         assert torch.allclose(m.forward_features(feats, start), logits, atol=1e-5)
@@ -291,7 +291,7 @@ def test_build_with_registered_peft_on_staged_cnn(method):
     if method not in PEFT:
         pytest.skip(f"PEFT method {method} not registered")
     m = run_step(build_model(cfg(peft={"method": method, "options": {"stages": [1]}}), NAMES))
-    assert m.frozen_image_stages() == 1
+    assert m.cached_depth() == 1
     assert "peft" in m.param_groups()
     assert all(p.grad is not None for p in m.param_groups()["peft"])
     peft_ids = {id(p) for p in m.param_groups()["peft"]}
@@ -318,7 +318,7 @@ def test_build_on_clip_tiny(backbone, method):
         pytest.skip(f"{backbone} or PEFT method {method} is not registered")
     torch.manual_seed(0)  # the random tower is drawn from the global generator
     m = build_model(cfg(backbone, peft={"method": method}, tte={"templates": True}), NAMES, LABELS)
-    assert m.frozen_image_stages() == m.backbone.num_image_stages if method == "none" else m.frozen_image_stages() == 0
+    assert m.cached_depth() == m.backbone.num_image_stages if method == "none" else m.cached_depth() == 0
     run_step(m, m.backbone.spec.image_size)
     groups = m.param_groups()
     assert ("peft" in groups) == (method != "none")
@@ -358,7 +358,7 @@ def test_build_on_offline_backbone():
     assert set(m.param_groups()) == {"prompts", "gcn", "peft", "head"}
     # adapter after the last block = pre-hook on the pooling: the whole conv stack is cacheable,
     # the pooling (the backbone's last stage) is not
-    assert m.frozen_image_stages() == m.backbone.num_image_stages - 1 == len(m.backbone.visual.stages)
+    assert m.cached_depth() == m.backbone.num_image_stages - 1 == len(m.backbone.visual.stages)
 
 
 # ------------------------------------------------------------- head details

@@ -53,7 +53,7 @@ def test_feature_loader_uses_forward_features():
     data = toy_data(6)
     with torch.no_grad():
         feats = model.backbone.image_prefix(data.tensors[0], 1)
-    loader = DataLoader(FeatureDataset(feats, data.tensors[1].numpy(), start=1), batch_size=4)
+    loader = DataLoader(FeatureDataset(feats, data.tensors[1].numpy(), depth=1), batch_size=4)
     model.calls.clear()
     scores, _ = predict_scores(model, loader, CPU)
     assert model.calls == ["features@1", "features@1"]

@@ -20,8 +20,8 @@ from capnet.features.cache import (
     cache_key,
     compute_features,
     feature_key_parts,
-    image_fingerprints,
 )
+from capnet.fileio import file_fingerprints
 from capnet.features.store import RowFile
 from capnet.models.backbones.base import BackboneSpec
 
@@ -39,9 +39,9 @@ class StubBackbone(nn.Module):
         self.visual = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, stride=2))
         self.calls = 0
 
-    def image_prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
+    def image_prefix(self, images: torch.Tensor, depth: int) -> torch.Tensor:
         self.calls += 1
-        return self.visual[:upto](images)
+        return self.visual[:depth](images)
 
 
 def transform(size: int = 16):
@@ -69,17 +69,17 @@ def test_cache_key_is_canonical():
 
 def test_miss_then_hit_returns_identical_tensor(tmp_path, images):
     cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
-    first = compute_features(model, images, transform(), upto=2, batch_size=3, cache=cache, progress=False)
+    first = compute_features(model, images, transform(), depth=2, batch_size=3, cache=cache, progress=False)
     assert first.shape == (4, 4, 3, 3) and first.dtype == torch.float32
     assert model.calls == 2  # two batches
     key = cache_key(feature_key_parts(model, transform(), 2))
     files = list((tmp_path / "cache" / key).glob("*.npy"))
     assert len(files) == 1 and not list((tmp_path / "cache").rglob("*.tmp"))
     assert np.load(files[0], mmap_mode="r").dtype == np.float16  # a plain .npy anyone can open
-    second = compute_features(model, images, transform(), upto=2, cache=cache, progress=False)
+    second = compute_features(model, images, transform(), depth=2, cache=cache, progress=False)
     assert model.calls == 2  # served from disk
     assert torch.equal(first, second)
-    uncached = compute_features(model, images, transform(), upto=2, progress=False)
+    uncached = compute_features(model, images, transform(), depth=2, progress=False)
     assert torch.equal(uncached, first)  # same numbers with or without a cache (float16-rounded)
     assert model.training  # the train/eval mode is restored
 
@@ -100,12 +100,12 @@ def test_key_changes_with_transform_weights_depth_and_precision(images):
 def test_rows_are_shared_by_any_subset_or_order_of_images(tmp_path, images):
     """Splits, re-splits and validation carve-outs of the same images reuse the same rows."""
     cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
-    some = compute_features(model, images[:3], transform(), upto=1, cache=cache, progress=False)
+    some = compute_features(model, images[:3], transform(), depth=1, cache=cache, progress=False)
     assert model.calls == 1
-    mixed = compute_features(model, [images[3], images[1], images[0]], transform(), upto=1, cache=cache, progress=False)
+    mixed = compute_features(model, [images[3], images[1], images[0]], transform(), depth=1, cache=cache, progress=False)
     assert model.calls == 2  # only images[3] went through the tower
     assert torch.equal(mixed[1], some[1]) and torch.equal(mixed[2], some[0])
-    full = compute_features(model, images, transform(), upto=1, cache=cache, progress=False)
+    full = compute_features(model, images, transform(), depth=1, cache=cache, progress=False)
     assert model.calls == 2 and torch.equal(full[3], mixed[0])
     # one array per image list; shared rows were copied from the other lists, not recomputed
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3
@@ -116,37 +116,37 @@ def test_stacked_views_are_one_decode_and_rows_of_views(tmp_path, images):
 
     stack = view_transform("flip", 16, 1.0, (0.0,) * 3, (1.0,) * 3, "bilinear", eval_transform=transform())
     model = StubBackbone()
-    feats = compute_features(model, images, stack, upto=1, progress=False)
-    single = compute_features(model, images, transform(), upto=1, progress=False)
+    feats = compute_features(model, images, stack, depth=1, progress=False)
+    single = compute_features(model, images, transform(), depth=1, progress=False)
     assert feats.shape == (4, 2, 4, 7, 7)
     assert torch.equal(feats[:, 0], single)
 
 
 def test_changed_image_is_recomputed(tmp_path, images):
     cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
-    before = compute_features(model, images, transform(), upto=1, cache=cache, progress=False)
+    before = compute_features(model, images, transform(), depth=1, cache=cache, progress=False)
     shutil.copy2(images[1], images[0])
-    after = compute_features(model, images, transform(), upto=1, cache=cache, progress=False)
+    after = compute_features(model, images, transform(), depth=1, cache=cache, progress=False)
     assert model.calls == 2 and torch.equal(after[0], after[1]) and not torch.equal(before[0], after[0])
 
 
-def _entry(cache, model, images, upto=2):
-    key = cache_key(feature_key_parts(model, transform(), upto))
-    ids = [json.dumps(fp) for fp in image_fingerprints(images)]
+def _entry(cache, model, images, depth=2):
+    key = cache_key(feature_key_parts(model, transform(), depth))
+    ids = [json.dumps(fp) for fp in file_fingerprints(images)]
     return RowFile(cache.stem(key, ids), key, ids)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "wrong_key", "bad_state"])
 def test_corrupt_entry_is_reported_deleted_and_recomputed(tmp_path, images, damage):
     cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
-    good = compute_features(model, images, transform(), upto=2, cache=cache, progress=False)
+    good = compute_features(model, images, transform(), depth=2, cache=cache, progress=False)
     entry = _entry(cache, model, images)
     if damage == "truncate":
         raw = entry.array_path.read_bytes()
         entry.array_path.write_bytes(raw[: len(raw) - 7])
         named = entry.array_path.name
     elif damage == "wrong_key":  # another entry's state file under this name
-        other = compute_features(model, images[:3], transform(), upto=2, cache=cache, progress=False)
+        other = compute_features(model, images[:3], transform(), depth=2, cache=cache, progress=False)
         assert len(other) == 3
         stale = next(p for p in entry.state_path.parent.glob("*.state.safetensors") if p != entry.state_path)
         shutil.copy(stale, entry.state_path)
@@ -158,21 +158,21 @@ def test_corrupt_entry_is_reported_deleted_and_recomputed(tmp_path, images, dama
         named = entry.state_path.name
     calls = model.calls
     with pytest.warns(UserWarning, match=named):
-        again = compute_features(model, images, transform(), upto=2, cache=cache, progress=False)
+        again = compute_features(model, images, transform(), depth=2, cache=cache, progress=False)
     assert torch.equal(again, good) and model.calls > calls and entry.state_path.exists()
     assert not entry.stem.with_name(entry.stem.name + ".part-0.npy").exists()
 
 
 def test_flipped_byte_recomputes_only_that_row(tmp_path, images):
     cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
-    good = compute_features(model, images, transform(), upto=2, batch_size=1, cache=cache, progress=False)
+    good = compute_features(model, images, transform(), depth=2, batch_size=1, cache=cache, progress=False)
     entry = _entry(cache, model, images)
     raw = bytearray(entry.array_path.read_bytes())
     raw[-3] ^= 0xFF  # inside the last row
     entry.array_path.write_bytes(bytes(raw))
     calls = model.calls
     with pytest.warns(UserWarning, match=rf"{entry.array_path.name}: 1 row\(s\) fail their checksum"):
-        again = compute_features(model, images, transform(), upto=2, batch_size=1, cache=cache, progress=False)
+        again = compute_features(model, images, transform(), depth=2, batch_size=1, cache=cache, progress=False)
     assert torch.equal(again, good) and model.calls == calls + 1  # one image through the tower again
 
 
@@ -187,26 +187,26 @@ class FailingBackbone(StubBackbone):
         super().__init__()
         self.fail_after = fail_after
 
-    def image_prefix(self, images, upto):
+    def image_prefix(self, images, depth):
         if self.calls == self.fail_after:
             raise Interrupt
-        return super().image_prefix(images, upto)
+        return super().image_prefix(images, depth)
 
 
 def test_interrupted_fill_resumes_with_only_the_missing_rows(tmp_path, images):
     cache = FeatureCache(tmp_path / "cache", flush_every_s=3600.0)  # only the final mark counts
     stopped = FailingBackbone(fail_after=2)
     with pytest.raises(Interrupt):
-        compute_features(stopped, images, transform(), upto=1, batch_size=1, cache=cache, progress=False)
-    entry = RowFile.open(_entry(cache, stopped, images, upto=1).stem, _entry(cache, stopped, images, 1).key,
+        compute_features(stopped, images, transform(), depth=1, batch_size=1, cache=cache, progress=False)
+    entry = RowFile.open(_entry(cache, stopped, images, depth=1).stem, _entry(cache, stopped, images, 1).key,
                          _entry(cache, stopped, images, 1).ids)
     assert entry.filled.tolist() == [True, True, False, False]  # the rows written before the stop
     stopwatch = Stopwatch()
     resumed_model = StubBackbone()
-    resumed = compute_features(resumed_model, images, transform(), upto=1, batch_size=1, cache=cache,
+    resumed = compute_features(resumed_model, images, transform(), depth=1, batch_size=1, cache=cache,
                                progress=False, stopwatch=stopwatch)
     assert stopwatch.images == 2 and resumed_model.calls == 2
-    assert torch.equal(resumed, compute_features(StubBackbone(), images, transform(), upto=1, progress=False))
+    assert torch.equal(resumed, compute_features(StubBackbone(), images, transform(), depth=1, progress=False))
 
 
 class ScaledBackbone(StubBackbone):
@@ -214,31 +214,31 @@ class ScaledBackbone(StubBackbone):
 
     big = float("nan")  # the pixel sum of the image to scale (none until set)
 
-    def image_prefix(self, images, upto):
-        out = super().image_prefix(images, upto)
+    def image_prefix(self, images, depth):
+        out = super().image_prefix(images, depth)
         return out * torch.where(images.flatten(1).sum(1) == self.big, 1e6, 1.0).view(-1, *[1] * (out.ndim - 1))
 
 
 def test_float16_storage_and_overflow_is_a_clear_error(tmp_path, images):
     model = ScaledBackbone()
     cache, other = FeatureCache(tmp_path / "cache"), FeatureCache(tmp_path / "other")
-    plain = compute_features(model, images, transform(), upto=1, batch_size=1, cache=cache, progress=False)
+    plain = compute_features(model, images, transform(), depth=1, batch_size=1, cache=cache, progress=False)
     assert torch.equal(plain, plain.half().float())  # float16-rounded, returned as float32
-    assert np.load(_entry(cache, model, images, upto=1).array_path, mmap_mode="r").dtype == np.float16
+    assert np.load(_entry(cache, model, images, depth=1).array_path, mmap_mode="r").dtype == np.float16
     model.big = float(transform()(load_image(images[2])).sum())
     for where in (other, None):  # never silently inf, with or without a cache
         with pytest.raises(FeatureRangeError, match=r"stub\.test: stage-1 image features reach .*train\.feature_cache"):
-            compute_features(model, images, transform(), upto=1, batch_size=1, cache=where, progress=False)
-    stopped = _entry(other, model, images, upto=1)
+            compute_features(model, images, transform(), depth=1, batch_size=1, cache=where, progress=False)
+    stopped = _entry(other, model, images, depth=1)
     assert RowFile.open(stopped.stem, stopped.key, stopped.ids).filled.tolist() == [True, True, False, False]
 
 
 def test_bad_image_is_a_data_error(tmp_path, images):
     images[1].write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=images[1].name):
-        compute_features(StubBackbone(), images, transform(), upto=1, progress=False)
+        compute_features(StubBackbone(), images, transform(), depth=1, progress=False)
     with pytest.raises(ValueError):
-        compute_features(StubBackbone(), [], transform(), upto=1, progress=False)
+        compute_features(StubBackbone(), [], transform(), depth=1, progress=False)
 
 
 @pytest.mark.slow
@@ -250,9 +250,9 @@ def test_cached_vgg_prefix_feeds_the_trainable_suffix(tmp_path, images):
     backbone = BACKBONES.build("vgg19_minilm.offline", image_size=32)
     tf = backbone.transform(train=False)
     cache = FeatureCache(tmp_path / "cache")
-    prefix = compute_features(backbone, images, tf, upto=3, cache=cache, progress=False)
+    prefix = compute_features(backbone, images, tf, depth=3, cache=cache, progress=False)
     assert prefix.shape == (4, 256, 4, 4)
-    assert torch.equal(compute_features(backbone, images, tf, upto=3, cache=cache, progress=False), prefix)
+    assert torch.equal(compute_features(backbone, images, tf, depth=3, cache=cache, progress=False), prefix)
     with torch.inference_mode():
         full = backbone.encode_image(torch.stack([tf(load_image(p)) for p in images]))
         resumed = backbone.image_suffix(prefix, 3)
@@ -262,15 +262,15 @@ def test_cached_vgg_prefix_feeds_the_trainable_suffix(tmp_path, images):
 def test_a_flipped_byte_in_another_list_is_not_copied(tmp_path, images):
     """Rows shared with another image list are copied only where their crc32 holds."""
     cache, model = FeatureCache(tmp_path / "cache"), StubBackbone()
-    some = compute_features(model, images[:3], transform(), upto=2, batch_size=1, cache=cache, progress=False)
+    some = compute_features(model, images[:3], transform(), depth=2, batch_size=1, cache=cache, progress=False)
     source = _entry(cache, model, images[:3])
     raw = bytearray(source.array_path.read_bytes())
     raw[-3] ^= 0xFF  # inside the last row (images[2])
     source.array_path.write_bytes(bytes(raw))
     calls = model.calls
-    full = compute_features(model, images, transform(), upto=2, batch_size=1, cache=cache, progress=False)
+    full = compute_features(model, images, transform(), depth=2, batch_size=1, cache=cache, progress=False)
     assert model.calls == calls + 2  # images[3], and images[2] whose copy failed its crc32
-    assert torch.equal(full[:3], some) and torch.equal(full, compute_features(model, images, transform(), upto=2,
+    assert torch.equal(full[:3], some) and torch.equal(full, compute_features(model, images, transform(), depth=2,
                                                                              progress=False))
 
 
@@ -290,9 +290,9 @@ class Slow(nn.Module):
         self.spec = BackboneSpec(name="stub.shared", weights_sha256="d" * 64)
         self.visual = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, stride=2))
 
-    def image_prefix(self, images, upto):
+    def image_prefix(self, images, depth):
         time.sleep(0.2)
-        return self.visual[:upto](images)
+        return self.visual[:depth](images)
 
 root, me = Path(sys.argv[1]), sys.argv[2]
 (root / f"ready-{me}").touch()

@@ -22,8 +22,8 @@ from capnet.features.cache import (
     cache_key,
     compute_features,
     feature_key_parts,
-    image_fingerprints,
 )
+from capnet.fileio import file_fingerprints
 from capnet.models.backbones.base import BackboneSpec
 from capnet.runtime import distributed
 
@@ -41,9 +41,9 @@ class CountingBackbone(nn.Module):
         self.visual = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, stride=2))
         self.images = 0
 
-    def image_prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
+    def image_prefix(self, images: torch.Tensor, depth: int) -> torch.Tensor:
         self.images += len(images)
-        return self.visual[:upto](images)
+        return self.visual[:depth](images)
 
 
 def transform():
@@ -63,7 +63,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     import capnet.data.check as check
     from capnet.features.cache import feature_rows
-    from capnet.features.preflight import preflight_images
+    from capnet.data.check import preflight_images
 
     decoded = []
     real = check.image_problem
@@ -126,7 +126,7 @@ def test_part_files_left_by_an_interrupted_ddp_fill_are_merged(tmp_path):
     model, cache = CountingBackbone(), FeatureCache(tmp_path / "cache")
     reference = compute_features(model, paths, transform(), 1, progress=False)
     key = cache_key(feature_key_parts(model, transform(), 1))
-    ids = [json.dumps(fp) for fp in image_fingerprints(paths)]
+    ids = [json.dumps(fp) for fp in file_fingerprints(paths)]
     entry = cache.open(key, ids)
     part = cache.part(entry, rank=1, rows=np.array([1, 3]))  # rank 1 had written rows 1 and 3
     part.write(np.array([0, 1]), reference[[1, 3]].half().numpy())

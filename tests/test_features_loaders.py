@@ -8,7 +8,7 @@ from torch.utils.data import DistributedSampler
 from capnet.data import ImageDataset, MultiLabelDataset, Split
 from capnet.evaluation.predict import predict_scores
 from capnet.plans import feature_plan
-from capnet.features.loaders import FeatureDataset, feature_start, make_loaders
+from capnet.features.loaders import FeatureDataset, feature_depth, make_loaders
 from capnet.runtime.seed import EpochSampler, reseed_loader
 
 from _toys import ToyModel, toy_config
@@ -35,7 +35,7 @@ def test_feature_cache_loaders(tmp_path, write_jpeg):
     loaders = make_loaders(ds, model, feature_plan(cfg, model, CPU, tmp_path / "cache"))
     assert set(loaders) == {"train", "val", "test"}
     for name, loader in loaders.items():
-        assert isinstance(loader.dataset, FeatureDataset) and feature_start(loader) == 1
+        assert isinstance(loader.dataset, FeatureDataset) and feature_depth(loader) == 1
         assert len(loader.dataset) == len(ds.splits[name])
     assert isinstance(loaders["train"].sampler, EpochSampler) and loaders["train"].batch_size == 4
     assert any((tmp_path / "cache").iterdir())
@@ -56,7 +56,7 @@ def test_image_loaders_and_split_selection(tmp_path, write_jpeg):
     ds = _dataset(tmp_path, write_jpeg)
     model = ToyModel(cache_depth=0)  # nothing cacheable: images even with feature_cache on
     loaders = make_loaders(ds, model, feature_plan(toy_config(), model, CPU, None))
-    assert all(isinstance(l.dataset, ImageDataset) and feature_start(l) is None for l in loaders.values())
+    assert all(isinstance(l.dataset, ImageDataset) and feature_depth(l) is None for l in loaders.values())
     x, _, _ = next(iter(loaders["val"]))
     assert x.shape == (3, 1, 3, 8, 8)  # (batch, test-time views, C, H, W)
     fit_only = make_loaders(ds, model, feature_plan(toy_config(), model, CPU, None), splits=("train", "val"))

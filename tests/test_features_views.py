@@ -14,7 +14,7 @@ from capnet.plans import feature_plan
 
 def _key(model, transform) -> str:
     """The feature-cache key of ``transform``'s features from ``model``'s backbone."""
-    return cache_key(feature_key_parts(model.backbone, transform, model.frozen_image_stages()))
+    return cache_key(feature_key_parts(model.backbone, transform, model.cached_depth()))
 
 
 def image() -> Image.Image:

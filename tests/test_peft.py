@@ -48,8 +48,8 @@ class TinyVGG(nn.Module):
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
 
-    def suffix(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        for stage in self.stages[start:]:
+    def suffix(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+        for stage in self.stages[depth:]:
             x = stage(x)
         return self.pool(x).flatten(1)
 
@@ -187,19 +187,19 @@ def test_none_freezes_and_returns_none():
 
 def test_first_stage_on_staged_cnn():
     # the adapter after stage k is a pre-hook on the next module: stage k stays in the cached prefix
-    assert apply_peft("conv_adapter", TinyVGG()).first_stage == 5
-    assert apply_peft("conv_adapter", TinyVGG(), stages=[2, 4]).first_stage == 3
-    assert apply_peft("bitfit", TinyVGG()).first_stage == 0
-    assert apply_peft("bitfit", TinyVGG(), stages=[3, 4]).first_stage == 3
-    assert apply_peft("conv_adapter", tiny_rn(), stages=[1, 3]).first_stage == 0
+    assert apply_peft("conv_adapter", TinyVGG()).cached_depth == 5
+    assert apply_peft("conv_adapter", TinyVGG(), stages=[2, 4]).cached_depth == 3
+    assert apply_peft("bitfit", TinyVGG()).cached_depth == 0
+    assert apply_peft("bitfit", TinyVGG(), stages=[3, 4]).cached_depth == 3
+    assert apply_peft("conv_adapter", tiny_rn(), stages=[1, 3]).cached_depth == 0
     for name in ("adaptformer", "lora", "vpt_deep", "bitfit"):
-        assert apply_peft(name, tiny_vit()).first_stage == 0
+        assert apply_peft(name, tiny_vit()).cached_depth == 0
     with pytest.raises(PEFTError, match="stage 5 out of range.*0..4"):
         apply_peft("conv_adapter", TinyVGG(), stages=[5])
 
 
 def test_cached_prefix_plus_suffix_equals_full_forward_after_training():
-    """What the engine does: cache stages[:first_stage], run the rest; the adapter must still act."""
+    """What the engine does: cache stages[:cached_depth], run the rest; the adapter must still act."""
     visual = TinyVGG()
     peft = apply_peft("conv_adapter", visual, stages=[4])
     with torch.no_grad():
@@ -207,9 +207,9 @@ def test_cached_prefix_plus_suffix_equals_full_forward_after_training():
             p.add_(0.1)
     x = torch.randn(2, 3, 32, 32)
     cached = x
-    for stage in visual.stages[: peft.first_stage]:
+    for stage in visual.stages[: peft.cached_depth]:
         cached = stage(cached)
-    assert torch.allclose(visual.suffix(cached, peft.first_stage), visual(x))
+    assert torch.allclose(visual.suffix(cached, peft.cached_depth), visual(x))
     frozen = TinyVGG()
     assert not torch.allclose(visual(x), frozen(x))
 

@@ -104,13 +104,13 @@ class ToyBackbone(Backbone):
         """(B, 3, H, W) -> (B, image_dim)."""
         return self.visual(images)
 
-    def image_prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        """Output of stage ``upto`` (0: the images)."""
-        return self.visual.run(images, 0, upto)
+    def image_prefix(self, images: torch.Tensor, depth: int) -> torch.Tensor:
+        """Output of stage ``depth`` (0: the images)."""
+        return self.visual.run(images, 0, depth)
 
-    def image_suffix(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        """Continue from stage ``start`` to the final features."""
-        return self.visual.run(features, start, self.num_image_stages)
+    def image_suffix(self, features: torch.Tensor, depth: int) -> torch.Tensor:
+        """Continue from stage ``depth`` to the final features."""
+        return self.visual.run(features, depth, self.num_image_stages)
 
     def transform(self, train: bool) -> Callable:
         """Resize + centre crop + normalise (a flip when training)."""
@@ -150,13 +150,13 @@ class ToyBackbone(Backbone):
 class ToyPEFT(nn.Module):
     """A minimal PEFT method for tests: a zero-initialised 1x1-conv adapter on ``stages[1]``.
 
-    It follows the PEFTMethod contract (``trainable_parameters()``, ``first_stage``) without
+    It follows the PEFTMethod contract (``trainable_parameters()``, ``cached_depth``) without
     depending on capnet.models.peft, so model tests do not wait on the real methods.
     """
 
     def __init__(self, visual: ToyVisual) -> None:
         super().__init__()
-        self.first_stage = 1  # stage 0's output is untouched, so it may be cached
+        self.cached_depth = 1  # stage 0's output is untouched, so it may be cached
         channels = visual.stages[1][0].out_channels
         self.adapter = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.adapter.weight)

@@ -25,7 +25,7 @@ from capnet.run_files import save_model, write_run_record
 from capnet.evaluation.scores import split_scores
 from capnet.features.loaders import make_loaders
 from capnet.features.plan import FeaturePlan
-from capnet.features.preflight import (
+from capnet.data.check import (
     SKIPPED_FILE,
     preflight_images,
     skipped_summary,

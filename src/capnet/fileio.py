@@ -1,18 +1,29 @@
-"""Files: atomic writes (readers never see half a file, a crash leaves the old one intact) and
-where capnet keeps what it derives (``capnet_cache_dir``)."""
+"""Files: atomic writes (readers never see half a file, a crash leaves the old one intact), where
+capnet keeps what it derives (``capnet_cache_dir``) and what a full disk under a cache means.
+
+A cache is an optimisation: every cached value is also computable (features from the tower,
+image checks by decoding) and the feature cache stores features rounded exactly as an uncached
+run rounds them, so a run whose cache cannot be written gives the same numbers, only slower
+(:func:`go_on_without_cache`). Under DDP the ranks could no longer agree on the cache's state,
+so there a full disk stops the run with one line instead.
+"""
 from __future__ import annotations
 
 import errno
+import logging
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, List, Sequence, Set, Tuple, Union
 
 import numpy as np
 
-from capnet.errors import DiskFullError
+from capnet.errors import CapnetError, DiskFullError
+from capnet.runtime import distributed
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, an exhausted quota
@@ -75,6 +86,31 @@ def _write_replace(data: bytes, path: Path) -> None:
 def is_disk_full(err: BaseException) -> bool:
     """Whether ``err`` is a write that found no space or no quota."""
     return isinstance(err, OSError) and err.errno in NO_SPACE
+
+
+_WARNED: Set[str] = set()
+
+
+def go_on_without_cache(root: PathLike, err: BaseException) -> None:
+    """Warn (once per cache ``root`` and process) that the cache could not be written, or re-raise
+    ``err``: anything that is not a full disk or quota, and a full disk under DDP (one line)."""
+    if not is_disk_full(err):
+        raise err
+    where = getattr(err, "path", None) or getattr(err, "filename", None) or root
+    if distributed.world_size() > 1:
+        raise CapnetError(f"feature cache {root}: no space left on the device to write {where}; free space "
+                          "or pass --no-cache (or --cache-dir on another disk)") from None
+    if str(root) not in _WARNED:
+        _WARNED.add(str(root))
+        log.warning("feature cache %s: no space left on the device%s; going on without the cache "
+                    "(same results, features are recomputed; free space or use --cache-dir elsewhere)", root,
+                    "" if str(where) == str(root) else f" to write {where}")
+
+
+def file_fingerprints(paths: Sequence[PathLike]) -> List[Tuple[str, int, int]]:
+    """(absolute path, size, mtime_ns) per file: a changed or replaced file changes its fingerprint."""
+    stats = [(Path(p), os.stat(p)) for p in paths]
+    return [(str(p.resolve()), int(st.st_size), int(st.st_mtime_ns)) for p, st in stats]
 
 
 def _json_default(o: Any) -> Any:

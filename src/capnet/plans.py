@@ -42,7 +42,7 @@ def feature_plan(cfg: Config, model: ClassifierBase, device: torch.device, cache
     """How ``model`` gets its inputs under ``cfg`` on ``device`` (workers: resolved or 0 when unset)."""
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else budget().workers
     return FeaturePlan(
-        cached_depth=model.frozen_image_stages() if cfg.train.feature_cache else 0,
+        cached_depth=model.cached_depth() if cfg.train.feature_cache else 0,
         views=cfg.tte.views, resize_scale=cfg.tte.resize_scale,
         batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, num_workers=workers,
         extract_amp=resolve_amp(cfg.train.extract_amp, device),

@@ -55,7 +55,7 @@ def check_split_images(ds: Any, split: str, skip: bool, cache: Optional[Path]) -
     """Decode every image of ``split`` before scoring (as ``train`` does): a bad one stops here,
     naming each, or with ``skip`` is left out with a warning."""
     from capnet.data.check import BadImagesError, drop_images
-    from capnet.features.preflight import preflight_images
+    from capnet.data.check import preflight_images
 
     if split not in ds.splits:
         return ds  # evaluate_run names the missing split

@@ -12,7 +12,7 @@ from capnet.errors import CapnetError, DiskFullError
 def run(args: argparse.Namespace) -> int:
     """Check every image, train, select on validation, evaluate on test and write the run directory."""
     from capnet.data.check import BadImagesError
-    from capnet.features.preflight import SKIPPED_FILE
+    from capnet.data.check import SKIPPED_FILE
     from capnet.experiment import default_cache_dir, train_run
     from capnet.plans import tune_process
     from capnet.report import summary_table

@@ -15,22 +15,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from capnet.errors import CapnetError
-from capnet.features.loaders import FeatureDataset, feature_start
+from capnet.features.loaders import FeatureDataset, feature_depth
 from capnet.models.heads import ClassifierBase, ModelForward
 from capnet.runtime import distributed
 from capnet.runtime.precision import autocast
 
 
-def batch_logits(forward: nn.Module, inputs: torch.Tensor, start: Optional[int], tte: bool,
+def batch_logits(forward: nn.Module, inputs: torch.Tensor, depth: Optional[int], tte: bool,
                  feature_views: bool = False, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, C) float32 logits; a batch of views ((B, V, 3, H, W) images, or (B, V, ...) cached
     features when ``feature_views``) is averaged over V in logit space."""
-    if (start is None and inputs.ndim == 5) or feature_views:
+    if (depth is None and inputs.ndim == 5) or feature_views:
         b, v = inputs.shape[:2]
         if v > 1 and not tte:
             raise CapnetError(f"the loader yields {v} views per image but tte=False: enable TTE or use a single view")
-        return forward(inputs.flatten(0, 1), start, class_embeddings).float().view(b, v, -1).mean(dim=1)
-    return forward(inputs, start, class_embeddings).float()
+        return forward(inputs.flatten(0, 1), depth, class_embeddings).float().view(b, v, -1).mean(dim=1)
+    return forward(inputs, depth, class_embeddings).float()
 
 
 def predict_scores(model: ClassifierBase, loader: DataLoader, device: torch.device, amp: str = "none",
@@ -42,7 +42,7 @@ def predict_scores(model: ClassifierBase, loader: DataLoader, device: torch.devi
     once. The class embeddings are computed once (float32, as the heads compute them) and shared
     by every batch. The model's train/eval mode is restored afterwards.
     """
-    start = feature_start(loader)
+    depth = feature_depth(loader)
     feature_views = isinstance(loader.dataset, FeatureDataset) and loader.dataset.multi_view
     forward = ModelForward(model)
     was_training = model.training
@@ -54,7 +54,7 @@ def predict_scores(model: ClassifierBase, loader: DataLoader, device: torch.devi
             with torch.autocast(device.type, enabled=False):
                 class_embeddings = model.class_embeddings()
             for inputs, target, index in loader:
-                logits = batch_logits(forward, inputs.to(device, non_blocking=True), start, tte, feature_views,
+                logits = batch_logits(forward, inputs.to(device, non_blocking=True), depth, tte, feature_views,
                                       class_embeddings)
                 scores.append(logits.float().cpu().numpy())
                 targets.append(np.asarray(target, dtype=np.float32))

@@ -38,7 +38,7 @@ def split_scores(model: ClassifierBase, split: Any, plan: FeaturePlan) -> Tuple[
     transform = eval_views(model, plan)
     if plan.cached_depth > 0:
         feats = split_features(model, split.image_paths, transform, plan)
-        loader = build_loader(FeatureDataset(feats, split.labels, start=plan.cached_depth, multi_view=True),
+        loader = build_loader(FeatureDataset(feats, split.labels, depth=plan.cached_depth, multi_view=True),
                               plan.eval_batch_size, False, plan.seed, 0, plan.device)
     else:
         loader = build_loader(ImageDataset(split, transform), plan.eval_batch_size, False, plan.seed,

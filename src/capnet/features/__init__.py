@@ -1,5 +1,5 @@
 """Images to tower features: the on-disk feature cache, test-time and cached-augmentation views,
-the train/val/test loaders over images or cached features, and the pre-flight image check.
+the train/val/test loaders over images or cached features.
 
 Everything here reads a ``FeaturePlan`` (plan.py: depth, views, batch, workers, precision, cache)
 or plain values, never the config. May import ``capnet.runtime``, ``capnet.data`` and the model

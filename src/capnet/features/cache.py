@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from capnet.data import load_image
 from capnet.errors import FeatureRangeError
-from capnet.features.full_disk import go_on_without_cache
+from capnet.fileio import file_fingerprints, go_on_without_cache
 from capnet.features.store import FORMAT_VERSION, FeatureRows, RowFile
 from capnet.runtime import distributed
 from capnet.runtime.precision import autocast
@@ -47,18 +46,12 @@ def stable_repr(obj: Any) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
 
 
-def image_fingerprints(paths: Sequence[Union[str, Path]]) -> List[Tuple[str, int, int]]:
-    """(absolute path, size, mtime_ns) per image: a changed or replaced file changes its row."""
-    stats = [(Path(p), os.stat(p)) for p in paths]
-    return [(str(p.resolve()), int(st.st_size), int(st.st_mtime_ns)) for p, st in stats]
-
-
-def feature_key_parts(backbone: Any, transform: Callable, upto: int, compute: str = "float32") -> Dict[str, Any]:
+def feature_key_parts(backbone: Any, transform: Callable, depth: int, compute: str = "float32") -> Dict[str, Any]:
     """Everything an entry's features depend on except which images (spec ``extra``: e.g. the pooling)."""
     spec = backbone.spec
     return {"format": FORMAT_VERSION, "backbone": spec.name, "weights_sha256": spec.weights_sha256,
             "spec_extra": dict(sorted(dict(spec.extra).items())), "transform": stable_repr(transform),
-            "upto": int(upto), "dtype": str(next(backbone.visual.parameters()).dtype), "compute": compute}
+            "depth": int(depth), "dtype": str(next(backbone.visual.parameters()).dtype), "compute": compute}
 
 
 class FeatureCache:
@@ -103,13 +96,13 @@ class FeatureCache:
         return copied
 
 
-def prefix_features(backbone: Any, images: torch.Tensor, upto: int) -> torch.Tensor:
-    """``backbone.image_prefix(images, upto)`` as float16 on the CPU, under the extraction autocast:
+def prefix_features(backbone: Any, images: torch.Tensor, depth: int) -> torch.Tensor:
+    """``backbone.image_prefix(images, depth)`` as float16 on the CPU, under the extraction autocast:
     the very number a cache hit returns, so ``predict`` scores what ``eval`` scored from the cache."""
-    out = backbone.image_prefix(images, upto).detach().float().cpu()
+    out = backbone.image_prefix(images, depth).detach().float().cpu()
     half = out.to(torch.float16).contiguous()
     if (torch.isfinite(out) & ~torch.isfinite(half)).any():
-        raise FeatureRangeError(f"{backbone.spec.name}: stage-{upto} image features reach "
+        raise FeatureRangeError(f"{backbone.spec.name}: stage-{depth} image features reach "
                                 f"{out.abs().max().item():.4g}, beyond float16; set train.feature_cache=false "
                                 "to run the whole image tower in float32")
     return half
@@ -144,11 +137,11 @@ def _decode(transform: Callable, paths: Sequence[Path]) -> torch.Tensor:
     return torch.stack([transform(load_image(p)) for p in paths])
 
 
-def feature_rows(backbone: Any, paths: Sequence[Union[str, Path]], transform: Callable, upto: int, batch_size: int = 64,
+def feature_rows(backbone: Any, paths: Sequence[Union[str, Path]], transform: Callable, depth: int, batch_size: int = 64,
                  num_workers: int = 0, device: Union[str, torch.device] = "cpu",
                  cache: Optional[FeatureCache] = None, progress: bool = True, amp: str = "none",
                  stopwatch: Optional[Stopwatch] = None) -> Union[FeatureRows, torch.Tensor]:
-    """(N, ...) outputs of ``backbone.image_prefix(., upto)``, float16-rounded, as float32 rows: read
+    """(N, ...) outputs of ``backbone.image_prefix(., depth)``, float16-rounded, as float32 rows: read
     per batch from ``cache`` (computing only missing rows) or computed and held in memory. ``amp``
     (none | bf16 | fp16: part of the key) is the tower's autocast; ``backbone`` sits on ``device``."""
     paths, device = [Path(p) for p in paths], torch.device(device)
@@ -156,7 +149,7 @@ def feature_rows(backbone: Any, paths: Sequence[Union[str, Path]], transform: Ca
         raise ValueError("compute_features needs at least one image path")
 
     def produce(rows: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        log.info("feature cache: computing %d of %d images (stage %d)", len(rows), len(paths), upto)
+        log.info("feature cache: computing %d of %d images (stage %d)", len(rows), len(paths), depth)
         loader = torch.utils.data.DataLoader([paths[i] for i in rows], batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=functools.partial(_decode, transform),
                                              pin_memory=device.type == "cuda", worker_init_fn=quiet_worker)
@@ -165,11 +158,11 @@ def feature_rows(backbone: Any, paths: Sequence[Union[str, Path]], transform: Ca
         try:
             with torch.inference_mode(), autocast(device, amp):
                 tic = time.perf_counter()
-                for images in tqdm(loader, desc=f"image features (stage {upto})", unit="batch",
+                for images in tqdm(loader, desc=f"image features (stage {depth})", unit="batch",
                                    disable=not (progress and on_terminal())):
                     got = time.perf_counter()
                     flat = images.flatten(0, 1) if images.ndim == 5 else images  # (B, V, 3, H, W): V views each
-                    out = prefix_features(backbone, flat.to(device, non_blocking=True), upto)
+                    out = prefix_features(backbone, flat.to(device, non_blocking=True), depth)
                     stored = out.view(*images.shape[:-3], *out.shape[1:]).numpy()
                     waited, tower = waited + got - tic, tower + time.perf_counter() - got
                     yield rows[start:start + len(stored)], stored
@@ -181,14 +174,14 @@ def feature_rows(backbone: Any, paths: Sequence[Union[str, Path]], transform: Ca
 
     if cache is None:  # held in memory as float32 (float16-rounded like the cache's rows)
         return torch.from_numpy(np.concatenate([v for _, v in produce(np.arange(len(paths)))]).astype(np.float32))
-    key = cache_key(feature_key_parts(backbone, transform, upto, "float32" if amp == "none" else amp))
+    key = cache_key(feature_key_parts(backbone, transform, depth, "float32" if amp == "none" else amp))
     try:
         with distributed.main_first():  # rank 0 checks and repairs the entry, the others then read its state
-            entry = cache.open(key, [json.dumps(fp) for fp in image_fingerprints(paths)], prepare=distributed.is_main())
+            entry = cache.open(key, [json.dumps(fp) for fp in file_fingerprints(paths)], prepare=distributed.is_main())
         return fill_missing(cache, entry, produce).rows()
     except OSError as err:  # a full disk: warn once and compute without the cache (same values)
         go_on_without_cache(cache.root, err)
-        return feature_rows(backbone, paths, transform, upto, batch_size=batch_size, num_workers=num_workers,
+        return feature_rows(backbone, paths, transform, depth, batch_size=batch_size, num_workers=num_workers,
                             device=device, cache=None, progress=progress, amp=amp, stopwatch=stopwatch)
 
 

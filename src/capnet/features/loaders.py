@@ -1,14 +1,14 @@
 """DataLoaders for train / val / test: image pipelines, or cached frozen-prefix features.
 
 When the plan caches a frozen visual prefix (``FeaturePlan.cached_depth > 0``: ``train.feature_cache``
-on and ``model.frozen_image_stages() > 0``), each split's prefix features are computed once per image
+on and ``model.cached_depth() > 0``), each split's prefix features are computed once per image
 (``src/capnet/features/views.py``; stored under ``cache_dir`` when given). Training features are (N, V, ...):
 the eval view plus ``train.augment_views`` cached augmentations, of which each epoch draws one per
 image (``FeatureDataset.set_epoch``), so cached training still sees augmentation.
 
-A feature loader's dataset carries the stage its features start at (``FeatureDataset.start``);
+A feature loader's dataset carries the stage its features start at (``FeatureDataset.depth``);
 ``models.heads.ModelForward`` routes a batch to ``model(images)`` or
-``model.forward_features(x, start)``, so ``fit`` / ``evaluate`` handle both kinds of loader.
+``model.forward_features(x, depth)``, so ``fit`` / ``evaluate`` handle both kinds of loader.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class FeatureDataset(Dataset):
     logits evaluation averages). Otherwise each row is one sample.
     """
 
-    def __init__(self, features: torch.Tensor, targets: np.ndarray, start: int,
+    def __init__(self, features: torch.Tensor, targets: np.ndarray, depth: int,
                  sample_views: bool = False, seed: int = 0, multi_view: bool = False) -> None:
         if sample_views and multi_view:
             raise ValueError("a FeatureDataset samples one view or yields all of them, not both")
@@ -43,7 +43,7 @@ class FeatureDataset(Dataset):
             raise ValueError(f"{len(features)} feature rows for {len(targets)} targets")
         self.features = features
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
-        self.start = start  # the stage the features come out of: forward_features(x, start)
+        self.depth = depth  # the stage the features come out of: forward_features(x, depth)
         self.sample_views, self.seed, self.multi_view = sample_views, seed, multi_view
         self._views: Optional[torch.Tensor] = None
         if sample_views:
@@ -73,9 +73,9 @@ class FeatureDataset(Dataset):
         return list(zip(x.unbind(0), self.targets.index_select(0, torch.from_numpy(rows)).unbind(0), indices))
 
 
-def feature_start(loader: DataLoader) -> Optional[int]:
-    """The stage a loader's cached features start at, or None when it yields images."""
-    return loader.dataset.start if isinstance(loader.dataset, FeatureDataset) else None
+def feature_depth(loader: DataLoader) -> Optional[int]:
+    """The stage a loader's cached features come out of, or None when it yields images."""
+    return loader.dataset.depth if isinstance(loader.dataset, FeatureDataset) else None
 
 
 def _sampler(size: int, train: bool, seed: int) -> Optional[Sampler]:

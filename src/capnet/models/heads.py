@@ -7,7 +7,7 @@ overrides what it uses. The hooks, in the order a run calls them:
 
 - ``needs_feature_mean`` / ``set_feature_mean``: centring on the training set's mean feature;
 - ``set_test_time``: switch the text side between its training and its deployed form;
-- ``frozen_image_stages`` / ``forward_features`` / ``forward``: where image work may be cached;
+- ``cached_depth`` / ``forward_features`` / ``forward``: where image work may be cached;
 - ``param_groups`` / ``text_parameter_names``: what the optimiser and DDP see;
 - per epoch ``start_epoch``; per optimiser step ``step_class_embeddings`` (the text pass all
   micro-batches share), ``step_rows`` (rows the optimiser step must leave as they are) and
@@ -173,16 +173,16 @@ class ClassifierBase(ModelHooks, nn.Module):
         """(B, 3, H, W) normalised images -> (B, C) logits (``class_embeddings``: reuse a text pass)."""
         return self.logits_from_image_features(self.image_features(images), class_embeddings)
 
-    def forward_features(self, features: torch.Tensor, start: int,
+    def forward_features(self, features: torch.Tensor, depth: int,
                          class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits from ``backbone.image_prefix(images, start)`` (features cached by the engine)."""
-        if start > self.frozen_image_stages():
-            raise CapnetError(f"cannot start at stage {start}: only {self.frozen_image_stages()} stages are frozen")
-        return self.logits_from_image_features(self.backbone.image_suffix(features, start), class_embeddings)
+        """Logits from ``backbone.image_prefix(images, depth)`` (features cached by the engine)."""
+        if depth > self.cached_depth():
+            raise CapnetError(f"cannot start at stage {depth}: only {self.cached_depth()} stages are frozen")
+        return self.logits_from_image_features(self.backbone.image_suffix(features, depth), class_embeddings)
 
-    def frozen_image_stages(self) -> int:
+    def cached_depth(self) -> int:
         """Depth of the frozen visual prefix whose output may be cached."""
-        return self.peft.first_stage if self.peft is not None else self.backbone.num_image_stages
+        return self.peft.cached_depth if self.peft is not None else self.backbone.num_image_stages
 
     def train(self, mode: bool = True) -> "ClassifierBase":
         """Train the head (and PEFT modules); the frozen backbone always stays in eval mode."""
@@ -230,19 +230,19 @@ class ClassifierBase(ModelHooks, nn.Module):
 
 
 class ModelForward(nn.Module):
-    """``forward(inputs, start)``: images -> ``model(inputs)``; cached prefix features from stage
-    ``start`` -> ``model.forward_features``. One module, so DDP and torch.compile see one forward."""
+    """``forward(inputs, depth)``: images -> ``model(inputs)``; cached prefix features from stage
+    ``depth`` -> ``model.forward_features``. One module, so DDP and torch.compile see one forward."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: torch.Tensor, start: Optional[int] = None,
+    def forward(self, inputs: torch.Tensor, depth: Optional[int] = None,
                 class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         extra = {} if class_embeddings is None else {"class_embeddings": class_embeddings}
-        if start is None:
+        if depth is None:
             return self.model(inputs, **extra)
-        return self.model.forward_features(inputs, start, **extra)
+        return self.model.forward_features(inputs, depth, **extra)
 
 
 class LinearProbe(ClassifierBase):

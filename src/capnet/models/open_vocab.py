@@ -95,8 +95,8 @@ class OpenVocabModel(ClassifierBase):
         emb = self.fixed_class_embeddings if class_embeddings is None else class_embeddings
         return self.base.logits_from_image_features(image_features, emb)
 
-    def frozen_image_stages(self) -> int:
-        return self.base.frozen_image_stages()
+    def cached_depth(self) -> int:
+        return self.base.cached_depth()
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """Nothing is trained after extension."""

@@ -40,7 +40,7 @@ from capnet.config import RUNTIME_KEYS, OptimConfig, TrainConfig, is_key_under
 from capnet.errors import CapnetError, CheckpointError, Interrupted, TrainingError
 from capnet.evaluation.predict import evaluate
 from capnet.evaluation.scores import test_time_templates
-from capnet.features.loaders import feature_start
+from capnet.features.loaders import feature_depth
 from capnet.models.heads import ClassifierBase, ModelForward, StepInputs
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
@@ -221,7 +221,7 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, plan: FitPlan, epoch: int
     per micro-batch: its input does not depend on the images.
     """
     parts.forward.train()
-    start, accum, n = feature_start(loader), plan.train.grad_accum, len(loader)
+    depth, accum, n = feature_depth(loader), plan.train.grad_accum, len(loader)
     total, seen = 0.0, 0
     text: Optional[_TextPass] = None
     scores: Optional[torch.Tensor] = None  # the last step's logits (StepInputs)
@@ -239,7 +239,7 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, plan: FitPlan, epoch: int
                 text = _TextPass(parts.model, StepInputs(target.to(parts.device), scores))
         with distributed.no_sync(parts.sync, skip=not boundary):
             with autocast(parts.device, parts.amp):
-                logits = parts.forward(inputs.to(parts.device, non_blocking=True), start, text.leaf)
+                logits = parts.forward(inputs.to(parts.device, non_blocking=True), depth, text.leaf)
             loss = parts.loss_fn(logits.float(), target.to(parts.device, non_blocking=True))
             mean_loss = distributed.all_reduce_sum(loss.detach().float()).item() / distributed.world_size()
             if not math.isfinite(mean_loss):

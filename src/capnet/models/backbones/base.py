@@ -52,21 +52,21 @@ class Backbone(nn.Module, abc.ABC):
     # that are not split have one stage: the prefix is the whole encoder.
     num_image_stages: int = 1
 
-    def image_prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        """Run the first ``upto`` stages (``upto == num_image_stages`` gives encode_image)."""
-        if upto == 0:
+    def image_prefix(self, images: torch.Tensor, depth: int) -> torch.Tensor:
+        """Run the first ``depth`` stages (``depth == num_image_stages`` gives encode_image)."""
+        if depth == 0:
             return images
-        if upto == self.num_image_stages:
+        if depth == self.num_image_stages:
             return self.encode_image(images)
-        raise NotImplementedError(f"{type(self).__name__} cannot stop after stage {upto}")
+        raise NotImplementedError(f"{type(self).__name__} cannot stop after stage {depth}")
 
-    def image_suffix(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        """Continue from the output of stage ``start`` to (B, image_dim) features."""
-        if start == 0:
+    def image_suffix(self, features: torch.Tensor, depth: int) -> torch.Tensor:
+        """Continue from the output of stage ``depth`` to (B, image_dim) features."""
+        if depth == 0:
             return self.encode_image(features)
-        if start == self.num_image_stages:
+        if depth == self.num_image_stages:
             return features
-        raise NotImplementedError(f"{type(self).__name__} cannot start at stage {start}")
+        raise NotImplementedError(f"{type(self).__name__} cannot start at stage {depth}")
 
     @abc.abstractmethod
     def transform(self, train: bool) -> Callable:

@@ -130,19 +130,19 @@ class OfflineBackbone(Backbone):
         if not 0 <= k <= self.num_image_stages:
             raise ValueError(f"stage must be in 0..{self.num_image_stages}, got {k}")
 
-    def image_prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        """Output of stage ``upto``: a feature map (0 = the input itself), pooled features at the last."""
-        self._check_stage(upto)
-        if upto == self.num_image_stages:
+    def image_prefix(self, images: torch.Tensor, depth: int) -> torch.Tensor:
+        """Output of stage ``depth``: a feature map (0 = the input itself), pooled features at the last."""
+        self._check_stage(depth)
+        if depth == self.num_image_stages:
             return self.encode_image(images)
-        return self.visual.prefix(images, upto)
+        return self.visual.prefix(images, depth)
 
-    def image_suffix(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        """Stages after ``start``, then global pooling -> (B, image_dim) (identity after the last)."""
-        self._check_stage(start)
-        if start == self.num_image_stages:
+    def image_suffix(self, features: torch.Tensor, depth: int) -> torch.Tensor:
+        """Stages after ``depth``, then global pooling -> (B, image_dim) (identity after the last)."""
+        self._check_stage(depth)
+        if depth == self.num_image_stages:
             return features
-        return self.visual.suffix(features, start)
+        return self.visual.suffix(features, depth)
 
     def transform(self, train: bool) -> Callable:
         """Train: RandomResizedCrop(0.6-1) + flip; eval: the whole image resized, or resize + centre crop."""

@@ -115,17 +115,17 @@ class StagedTower(nn.Module):
     stages: nn.ModuleList
     pool: nn.Module
 
-    def prefix(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        """Output of stage ``upto`` (``upto == 0`` returns the input)."""
+    def prefix(self, images: torch.Tensor, depth: int) -> torch.Tensor:
+        """Output of stage ``depth`` (``depth == 0`` returns the input)."""
         x = images.contiguous(memory_format=torch.channels_last)
-        for stage in self.stages[:upto]:
+        for stage in self.stages[:depth]:
             x = stage(x)
         return x
 
-    def suffix(self, features: torch.Tensor, start: int) -> torch.Tensor:
-        """Stages after ``start``, then global pooling -> (B, out_dim)."""
+    def suffix(self, features: torch.Tensor, depth: int) -> torch.Tensor:
+        """Stages after ``depth``, then global pooling -> (B, out_dim)."""
         x = features.contiguous(memory_format=torch.channels_last)
-        for stage in self.stages[start:]:
+        for stage in self.stages[depth:]:
             x = stage(x)
         return self.pool(x)
 

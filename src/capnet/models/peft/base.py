@@ -4,9 +4,9 @@
 through forward hooks or ``torch.nn.utils.parametrize`` (never by replacing submodules), such
 that -- except for VPT -- the patched tower's output equals the frozen tower's at initialisation.
 
-``first_stage`` tells the engine how deep it may cache frozen features: the method leaves the
-outputs of stages ``0 .. first_stage - 1`` unchanged, so ``Backbone.image_prefix(x, first_stage)``
-is cacheable and ``image_suffix(cached, first_stage)`` runs everything the method touches. CLIP
+``cached_depth`` tells the engine how deep it may cache frozen features: the method leaves the
+outputs of stages ``0 .. cached_depth - 1`` unchanged, so ``Backbone.image_prefix(x, cached_depth)``
+is cacheable and ``image_suffix(cached, cached_depth)`` runs everything the method touches. CLIP
 towers are one stage, so their methods report 0. For the offline VGG (``visual.stages[k]``), a
 method that changes ``stages[k]`` or hooks its output reports ``k``.
 """
@@ -78,7 +78,7 @@ class PEFTMethod(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.first_stage: int = 0
+        self.cached_depth: int = 0
         self.tower: Optional[str] = None  # kind of the tower patched, set by apply()
         self._handles: List[Any] = []
 

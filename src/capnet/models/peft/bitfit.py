@@ -2,7 +2,7 @@
 
 ViT: every bias (attention in/out projections, MLP, LayerNorms). RN50 (ModifiedResNet): its convs
 have no bias, so the BatchNorm biases and the attention-pool projection biases. Staged CNN (the
-offline VGG): the conv biases of the chosen ``stages`` (default all; ``first_stage`` = the first
+offline VGG): the conv biases of the chosen ``stages`` (default all; ``cached_depth`` = the first
 chosen index). The biases stay where they are; this module saves and loads them in its own
 state_dict under ``tower.<name>`` so a PEFT checkpoint holds them.
 """
@@ -33,7 +33,7 @@ class BitFit(PEFTMethod):
         if kind == STAGED_CNN:
             count = len(visual.stages)
             chosen = resolve_stages(self.name, self.stages, count, list(range(count)))
-            self.first_stage = chosen[0]
+            self.cached_depth = chosen[0]
             found = {
                 f"stages.{k}.{name}": p for k in chosen for name, p in named_biases(visual.stages[k])
             }

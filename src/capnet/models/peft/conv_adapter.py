@@ -7,9 +7,9 @@ the last stage only.
 
 On a staged CNN the adapter is a forward PRE-hook on the module after stage k (``stages[k+1]``,
 or ``visual.pool`` after the last stage), so stage k itself stays in the frozen, cacheable
-prefix: ``first_stage = min(stages) + 1``. An adapter on the last VGG block therefore trains on
+prefix: ``cached_depth = min(stages) + 1``. An adapter on the last VGG block therefore trains on
 cached block-5 maps and never re-runs a convolution of the tower. A tower without ``pool`` falls
-back to a forward hook on stage k (``first_stage = k``). On the unsplit CLIP RN50, first_stage=0.
+back to a forward hook on stage k (``cached_depth = k``). On the unsplit CLIP RN50, cached_depth=0.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class ConvAdapter(PEFTMethod):
             else:
                 self.hook(blocks[k].register_forward_hook(self._residual(adapter)))
                 first.append(k)
-        self.first_stage = min(first) if kind == STAGED_CNN else 0
+        self.cached_depth = min(first) if kind == STAGED_CNN else 0
 
     @staticmethod
     def _next_module(visual: nn.Module, blocks: List[nn.Module], k: int) -> Optional[nn.Module]:
