@@ -152,9 +152,8 @@ def capnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.
     """``train_step`` the way the training loop drives CAPNET: ``model.step_class_embeddings``
     (exact, or the budgeted subset ranked by the previous step's logits), then the logits on those
     embeddings; a budgeted step keeps the rows outside its subset through the optimiser step
-    (``KeepRows``, a no-op for the exact model)."""
+    (``around_optimizer_step``, a no-op for the exact model)."""
     from capnet.models.heads import StepInputs
-    from capnet.train.loop import KeepRows
 
     device, state = images.device, {"scores": None}
     with torch.no_grad(), autocast(device, amp):
@@ -166,9 +165,8 @@ def capnet_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.
             emb = model.step_class_embeddings(StepInputs(targets, state["scores"]))
             logits = model(images, emb)
         loss_fn(logits.float(), targets).backward()
-        keep = KeepRows(model, optimizer)
-        optimizer.step()
-        keep.restore(optimizer)
+        with model.around_optimizer_step(optimizer):
+            optimizer.step()
         state["scores"] = logits.detach()
 
     return step

@@ -269,7 +269,6 @@ def test_budgeted_step_backward_under_bf16_autocast(sparse):
 
 def test_adamw_step_keeps_rows_outside_the_budgeted_subset():
     """Lazy updates: an AdamW step moves only the subset's prompt rows, whose moments alone change."""
-    from capnet.train.loop import KeepRows
 
     m = _make(class_specific=True, budget=3).train()
     opt = torch.optim.AdamW([m.prompt_learner.ctx], lr=0.1, weight_decay=0.5)
@@ -282,9 +281,8 @@ def test_adamw_step_keeps_rows_outside_the_budgeted_subset():
         before = m.prompt_learner.ctx.detach().clone()
         moments = {k: v.clone() for k, v in opt.state.get(m.prompt_learner.ctx, {}).items() if torch.is_tensor(v) and v.dim()}
         m.budgeted_embeddings(sel).pow(2).sum().backward()
-        keep = KeepRows(m, opt)
-        opt.step()
-        keep.restore(opt)
+        with m.around_optimizer_step(opt):
+            opt.step()
         opt.zero_grad()
         rest = torch.tensor([i for i in range(C) if i not in sel.tolist()])
         ctx = m.prompt_learner.ctx.detach()
@@ -301,7 +299,6 @@ def test_adamw_step_keeps_rows_outside_the_budgeted_subset():
 def test_keep_rows_steps_only_the_subset_as_a_full_step_then_restore_would():
     """KeepRows steps a proxy of the subset's rows: the same values and moments as stepping the
     whole parameter and putting the other rows (and their moments) back."""
-    from capnet.train.loop import KeepRows
 
     def run(proxy: bool):
         m = _make(class_specific=True, budget=3, residual=True).train()
@@ -312,9 +309,8 @@ def test_keep_rows_steps_only_the_subset_as_a_full_step_then_restore_would():
             (m.budgeted_embeddings(rows) * torch.randn(C, 32, generator=gen)).sum().backward()
             ctx = m.prompt_learner.ctx
             if proxy:
-                keep = KeepRows(m, opt)
-                opt.step()
-                keep.restore(opt)
+                with m.around_optimizer_step(opt):
+                    opt.step()
             else:
                 others = torch.ones(C, dtype=torch.bool)
                 others[rows] = False

@@ -1,6 +1,7 @@
 """fit(): exact resume, NaN stop keeping the last good checkpoint, CSV log, selection, accumulation."""
 from __future__ import annotations
 
+import contextlib
 import csv
 
 import pytest
@@ -232,9 +233,9 @@ class HookedToy(TextToyModel):
         self.log.append(("step", step.scores is None))
         return self.class_embeddings()
 
-    def step_rows(self):
+    def around_optimizer_step(self, optimizer):
         self.log.append(("rows",))
-        return None
+        return contextlib.nullcontext()
 
     def after_optimizer_step(self):
         self.log.append(("after",))
@@ -250,7 +251,7 @@ class HookedToy(TextToyModel):
 def test_the_loop_calls_each_declared_hook_in_order_and_resume_restores_model_state(tmp_path):
     """The loop's contract with a model, observed from the model: one start_epoch per epoch with a
     seed fixed by (train.seed, epoch); per optimiser step one text pass (the first one without
-    previous scores), then step_rows and after_optimizer_step; resume_state survives a resume."""
+    previous scores), then around_optimizer_step and after_optimizer_step; resume_state survives a resume."""
     cfg = toy_config(train={"epochs": 3, "grad_accum": 2})
     train = build_loader(toy_data(16, seed=1), cfg.data.batch_size, True, cfg.train.seed, 0, CPU)  # 4 batches
     val = build_loader(toy_data(8, seed=2), cfg.data.eval_batch_size, False, cfg.train.seed, 0, CPU)

@@ -88,17 +88,12 @@ def _sampler(size: int, train: bool, seed: int) -> Optional[Sampler]:
 def build_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, num_workers: int,
                  device: torch.device) -> DataLoader:
     """A deterministic DataLoader (seeded sampler, generator and worker init)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=_sampler(len(dataset), train, seed),
-        num_workers=num_workers,
-        pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=init_worker,  # seeds; quiet if the main process stops first (Ctrl-C)
-        generator=make_generator(seed),
-        drop_last=False,
-        persistent_workers=train and num_workers > 0,  # the train loader is iterated every epoch
-    )
+    # init_worker seeds, and keeps a worker quiet if the main process stops first (Ctrl-C); the
+    # train loader is iterated every epoch, so its workers persist.
+    return DataLoader(dataset, batch_size=batch_size, sampler=_sampler(len(dataset), train, seed),
+                      num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+                      worker_init_fn=init_worker, generator=make_generator(seed), drop_last=False,
+                      persistent_workers=train and num_workers > 0)
 
 
 def make_loaders(dataset: Any, model: Any, plan: FeaturePlan, splits: Sequence[str] = SPLITS) -> Dict[str, DataLoader]:
@@ -112,8 +107,7 @@ def make_loaders(dataset: Any, model: Any, plan: FeaturePlan, splits: Sequence[s
     from capnet.data import ImageDataset
     from capnet.features.views import eval_views, split_features, train_features
 
-    depth = plan.cached_depth
-    world = distributed.world_size()
+    depth, world = plan.cached_depth, distributed.world_size()
     loaders: Dict[str, DataLoader] = {}
     for name in splits:
         if name not in dataset.splits:

@@ -10,7 +10,7 @@ overrides what it uses. The hooks, in the order a run calls them:
 - ``cached_depth`` / ``forward_features`` / ``forward``: where image work may be cached;
 - ``param_groups`` / ``text_parameter_names``: what the optimiser and DDP see;
 - per epoch ``start_epoch``; per optimiser step ``step_class_embeddings`` (the text pass all
-  micro-batches share), ``step_rows`` (rows the optimiser step must leave as they are) and
+  micro-batches share), ``around_optimizer_step`` (what the optimiser step must leave as it is) and
   ``after_optimizer_step`` (project parameters back into range);
 - ``resume_state`` / ``load_resume_state``: training state beyond weights and optimiser;
 - ``run_state`` / ``load_run_state``: non-trainable tensors a saved run needs.
@@ -20,8 +20,9 @@ cached features stay valid).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -115,10 +116,10 @@ class ModelHooks:
         """The class embeddings of one optimiser step, shared by its micro-batches."""
         return self.class_embeddings()
 
-    def step_rows(self) -> Optional[Tuple[torch.Tensor, List[nn.Parameter]]]:
-        """(rows, parameters) whose other rows the last optimiser step must leave untouched
-        (values and optimiser moments), or None: every row steps."""
-        return None
+    def around_optimizer_step(self, optimizer: torch.optim.Optimizer) -> ContextManager[Any]:
+        """Entered around each optimiser step: what the step must leave as it is (the budgeted
+        CAPNET keeps the prompt rows outside the step's classes, ``lazy_rows.py``); a no-op here."""
+        return contextlib.nullcontext()
 
     def after_optimizer_step(self) -> None:
         """Project parameters back into their range after an optimiser step (no-op by default)."""

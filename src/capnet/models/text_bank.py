@@ -24,7 +24,7 @@ subset is not dropped: it is summed per class (``TextBank.pending``) and added t
 of that class's head output the next time the class is in a subset, so it reaches the class's
 prompt then (backpropagated through the text tower once, for all the steps it waited). With
 class-specific prompts a row's prompt does not change between its visits (the training loop
-keeps rows outside the subset, ``train.loop.KeepRows``), so the text tower's part of that
+keeps rows outside the subset, ``lazy_rows.KeepRows``), so the text tower's part of that
 accumulated gradient is exact. The per-class residual is cheap (C x D) and always gets its
 exact gradient.
 
@@ -33,7 +33,8 @@ again every ``refresh_every`` steps when asked. With rows = all classes this is 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import Any, ContextManager, Dict, Optional
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ from torch import nn
 from capnet.errors import CapnetError
 from capnet.models.capnet import CAPNET
 from capnet.models.heads import StepInputs
+from capnet.models.lazy_rows import KeepRows
 
 
 def resolve_text_budget(num_classes: int, budget: Optional[int], exact_up_to: int, auto_budget: int) -> Optional[int]:
@@ -220,21 +222,22 @@ class BudgetedCAPNET(CAPNET):
             head = bank.head.index_copy(0, rows, fresh)
         return self.text.with_residual(head)
 
-    def step_rows(self) -> Optional[Tuple[torch.Tensor, List[nn.Parameter]]]:
-        """The last budgeted step's class rows and the per-class parameters only they train.
+    def around_optimizer_step(self, optimizer: torch.optim.Optimizer) -> ContextManager[Any]:
+        """Step only the last budgeted step's rows of the per-class parameters only they train.
 
-        The training loop keeps every other row of these parameters (and their optimiser moments)
-        as they were: with Adam-style moments and decoupled weight decay, a row outside the subset
-        would otherwise keep moving without a gradient (``train.loop.KeepRows``), and its owed
-        gradient would no longer match its prompt. The class residual gets its gradient on every
-        row, every step, so it is not among them.
+        Every other row of these parameters (and its optimiser moments) stays as it was: with
+        Adam-style moments and decoupled weight decay, a row outside the subset would otherwise
+        keep moving without a gradient (``lazy_rows.KeepRows``), and its owed gradient would no
+        longer match its prompt. The class residual gets its gradient on every row, every step,
+        so it is not among them.
         """
         if self._step_rows is None or self.prompt_learner is None:
-            return None
+            return contextlib.nullcontext()
         ctx = self.prompt_learner.ctx
-        params = [ctx] if (isinstance(ctx, nn.Parameter) and ctx.requires_grad and ctx.dim() >= 1
-                           and ctx.shape[0] == self.num_classes) else []
-        return (self._step_rows, params) if params else None
+        if not (isinstance(ctx, nn.Parameter) and ctx.requires_grad and ctx.dim() >= 1
+                and ctx.shape[0] == self.num_classes):
+            return contextlib.nullcontext()
+        return KeepRows(self._step_rows, [ctx], optimizer)
 
     def resume_state(self) -> Dict[str, torch.Tensor]:
         """The owed gradient (the bank's rows are recomputed at the next epoch's start)."""

@@ -12,7 +12,7 @@ Files in ``run_dir`` (written by rank 0 only, each atomically):
 Each epoch is also one log line (``capnet.train.tracking``), and W&B gets the scalars when
 ``train.log.wandb`` is set. ``train.compile`` / ``train.grad_checkpointing`` change how the
 forward runs, not what it computes. The loop calls only the hooks ``ClassifierBase`` declares
-(models/heads.py): ``start_epoch``, ``step_class_embeddings``, ``step_rows`` and
+(models/heads.py): ``start_epoch``, ``step_class_embeddings``, ``around_optimizer_step`` and
 ``after_optimizer_step`` (CLIP's cap on the logit scale) around every optimiser step.
 Model selection only ever sees the validation loader; the test split is never passed here.
 On return the model holds the selected weights.
@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -163,57 +163,6 @@ class _TextPass:
         self.output.backward(grad)
 
 
-class KeepRows:
-    """Lazy updates for a budgeted text branch: class rows outside the step's subset keep their
-    values and optimiser moments through ``optimizer.step`` (as a sparse / lazy Adam would).
-
-    Without it, AdamW moves every prompt row on its stored moments and decays it at every step,
-    so with 4 of 16 classes per step a row moved ~3 times without a gradient for each time with one.
-    The optimiser steps a proxy holding only the subset's rows (and their slices of the moments) in
-    the parameter's place, so the cost is the subset's, not C's; any optimiser whose per-parameter
-    state tensors have the parameter's shape (SGD momentum, Adam, AdamW) is handled.
-    """
-
-    def __init__(self, model: ClassifierBase, optimizer: torch.optim.Optimizer) -> None:
-        self.swapped: List[Tuple[nn.Parameter, torch.Tensor, torch.Tensor, Dict[str, Any], Dict[str, Any], int]] = []
-        got = model.step_rows()  # None: every row steps (nothing to keep)
-        if got is None:
-            return
-        rows, params = got
-        for p in params:
-            group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
-            if p.grad is None or group is None:
-                continue
-            r = rows.to(p.device)
-            proxy = p.detach().index_select(0, r).requires_grad_(True)
-            proxy.grad = p.grad.index_select(0, r)
-            state = optimizer.state.pop(p, {})
-            optimizer.state[proxy] = {k: v.index_select(0, r) if self._row_state(v, p) else v for k, v in state.items()}
-            index = next(i for i, q in enumerate(group["params"]) if q is p)
-            group["params"][index] = proxy
-            self.swapped.append((p, r, proxy, state, group, index))
-
-    @staticmethod
-    def _row_state(value: Any, param: torch.Tensor) -> bool:
-        return torch.is_tensor(value) and value.shape == param.shape
-
-    def restore(self, optimizer: torch.optim.Optimizer) -> None:
-        """Write the subset's stepped rows and moments back into the full parameter and state."""
-        with torch.no_grad():
-            for p, r, proxy, state, group, index in self.swapped:
-                group["params"][index] = p
-                p.index_copy_(0, r, proxy.detach())
-                for k, v in optimizer.state.pop(proxy, {}).items():
-                    if torch.is_tensor(v) and v.shape == proxy.shape:
-                        full = state.get(k)
-                        if full is None:  # first step: rows never stepped have zero moments
-                            full = torch.zeros_like(p)
-                        state[k] = full.index_copy_(0, r, v)
-                    else:
-                        state[k] = v
-                optimizer.state[p] = state
-
-
 def train_one_epoch(parts: _Parts, loader: DataLoader, plan: FitPlan, epoch: int, last_path: Path) -> float:
     """One pass over ``loader`` with gradient accumulation; returns the mean batch loss.
 
@@ -248,10 +197,9 @@ def train_one_epoch(parts: _Parts, loader: DataLoader, plan: FitPlan, epoch: int
             scores = logits.detach()
         if boundary:
             text.backward()
-            keep = KeepRows(parts.model, parts.optimizer)
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-            keep.restore(parts.optimizer)
+            with parts.model.around_optimizer_step(parts.optimizer):
+                parts.scaler.step(parts.optimizer)
+                parts.scaler.update()
             parts.model.after_optimizer_step()
             parts.optimizer.zero_grad(set_to_none=True)
             parts.scheduler.step()
