@@ -125,7 +125,7 @@ def fit_and_score(cfg: Any, ds: Any, cache: Path, score_cfgs: Sequence[Any]) -> 
     seed_everything(cfg.train.seed)
     model = build_model(cfg, ds.classes, ds.splits["train"].labels)
     with tempfile.TemporaryDirectory() as tmp:
-        _, record = fit_and_select(model, ds, cfg, Path(tmp), torch.device("cpu"), cache)
+        _, record = fit_and_select(model, ds, cfg, Path(tmp), feature_plan(cfg, model, torch.device("cpu"), cache))
     out = []
     for sc in score_cfgs:
         sc = tune_process(sc)

@@ -41,7 +41,7 @@ def run_variant(config: List[str], overrides: List[str], seed: int, cache: Path)
 
     from capnet.config import load_config
     from capnet.experiment import fit_and_select, prepare_dataset
-    from capnet.plans import tune_process
+    from capnet.plans import feature_plan, tune_process
     from capnet.runtime.seed import seed_everything
     from capnet.models.build import build_model
 
@@ -50,7 +50,7 @@ def run_variant(config: List[str], overrides: List[str], seed: int, cache: Path)
     ds = prepare_dataset(cfg.data)
     model = build_model(cfg, ds.classes, ds.splits["train"].labels)
     with tempfile.TemporaryDirectory() as tmp:
-        _, record = fit_and_select(model, ds, cfg, Path(tmp), torch.device("cpu"), cache)
+        _, record = fit_and_select(model, ds, cfg, Path(tmp), feature_plan(cfg, model, torch.device("cpu"), cache))
     if not record:  # nothing to fit (zero-shot): score validation as it stands
         record = {"val": frozen_val_metrics(model, ds, cfg, cache)}
     val = record.get("val") or {"mAP": record.get("val_mAP")}

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from capnet.config import Config, DataConfig, config_hash, replace, save_config
+from capnet.config import Config, DataConfig, LossConfig, config_hash, replace, save_config
 from capnet.data import Split
 from capnet.errors import CapnetError, DataError
 from capnet.run_files import save_model, write_run_record
@@ -41,7 +41,7 @@ from capnet.registry import FEATURE_FITS
 from capnet.runtime.precision import resolve_amp
 from capnet.runtime.seed import seed_everything
 from capnet.runtime.stopwatch import Stopwatch
-from capnet.train.loop import fit
+from capnet.train.loop import FitPlan, fit
 
 log = logging.getLogger(__name__)
 
@@ -137,38 +137,37 @@ def _fit_on_features(model: ClassifierBase, ds: Any, kind: str, plan: FeaturePla
     return fit_feature_head(model, kind, (x, y), val, refit=refit, seed=plan.seed)
 
 
-def _train(model: ClassifierBase, ds: Any, cfg: Config, run_dir: Path, plan: FeaturePlan, resume: bool) -> Any:
+def _train(model: ClassifierBase, ds: Any, loss: LossConfig, fit_with: FitPlan, run_dir: Path, plan: FeaturePlan,
+           resume: bool) -> Any:
     """Gradient training with validation selection (``fit``); returns its FitResult."""
     from capnet.losses import build_loss
+    from capnet.train.test_curve import test_curve_callbacks  # train.log.test_curve: read-only test scores
 
     model.set_test_time(False)  # template ensembling is a test-time step
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.options, ds.class_freq("train"), len(ds.splits["train"]),
+    loss_fn = build_loss(loss.name, loss.options, ds.class_freq("train"), len(ds.splits["train"]),
                          class_names=ds.classes)
     # Only train/val here: test is scored once, after selection, with its test-time views.
     loaders = make_loaders(ds, model, plan, splits=("train", "val"))
     _center(model, ds, plan)
-    from capnet.train.test_curve import test_curve_callbacks  # train.log.test_curve: read-only test scores
-
-    return fit(model, loss_fn, loaders["train"], loaders.get("val"), fit_plan(cfg), run_dir, resume=resume,
-               callbacks=test_curve_callbacks(model, ds, cfg, run_dir, plan),
+    return fit(model, loss_fn, loaders["train"], loaders.get("val"), fit_with, run_dir, resume=resume,
+               callbacks=test_curve_callbacks(model, ds, fit_with, run_dir, plan),
                groups=ds.groups(), class_names=ds.classes, device=plan.device)
 
 
-def fit_and_select(model: ClassifierBase, ds: Any, cfg: Config, run_dir: Path, device: torch.device,
-                   cache_dir: Optional[Path], resume: bool = False,
-                   stopwatch: Optional[Stopwatch] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+def fit_and_select(model: ClassifierBase, ds: Any, cfg: Config, run_dir: Path, plan: FeaturePlan,
+                   resume: bool = False) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """Fit ``model`` on train and select on val: the probe's C, or the epoch of gradient training.
 
-    Returns the per-epoch history and a record with ``val_mAP`` (of the selection) plus either
-    ``probe`` or ``selected_epoch``. Test is not touched (``benchmarks/sweep_val.py`` relies on it).
+    ``plan`` is ``plans.feature_plan`` of ``cfg`` for ``model``. Returns the per-epoch history and
+    a record with ``val_mAP`` (of the selection) plus either ``probe`` or ``selected_epoch``. Test
+    is not touched (``benchmarks/sweep_val.py`` relies on it).
     """
-    plan = feature_plan(cfg, model, device, cache_dir, stopwatch)
     if cfg.model.kind in FEATURE_FITS:
         probe = _fit_on_features(model, ds, cfg.model.kind, plan, cfg.train.refit)
         return [], {"probe": probe, "val_mAP": probe.get("val_mAP")}
     if not any(p.requires_grad for p in model.parameters()):
         return [], {}
-    result = _train(model, ds, cfg, run_dir, plan, resume)
+    result = _train(model, ds, cfg.loss, fit_plan(cfg), run_dir, plan, resume)
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
     record = {"selected_epoch": result.best_epoch, "val_mAP": result.best_val_map,
               "val": {k: best.get(f"val_{k}") for k in ("mAP", "head", "medium", "tail")}}
@@ -218,11 +217,10 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
     """
     from capnet.models.build import build_model
 
-    clock = Stopwatch()
-    run_dir = Path(run_dir)
+    clock, run_dir = Stopwatch(), Path(run_dir)
+    run_cfg = resolve_runtime(cfg)
     seed_everything(cfg.train.seed)
     device = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s).device
-    run_cfg = resolve_runtime(cfg)
     ds = prepare_dataset(cfg.data)
     ds, skipped = preflight_images(ds, skip_bad_images, cache_dir)
     clock.lap("read and check the data")
@@ -237,14 +235,14 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
             log.warning("the %s reader dropped %d image(s) (%s); listed in %s", cfg.data.reader, len(ds.dropped),
                         ds.dropped[0][1], run_dir / DROPPED_FILE)
     clock.lap("build the model")
-    history, extra = fit_and_select(model, ds, run_cfg, run_dir, device, cache_dir, resume, clock)
-    plan = feature_plan(run_cfg, model, device, cache_dir, clock)  # what scoring reads (the refit's features are the same)
+    plan = feature_plan(run_cfg, model, device, cache_dir, clock)  # training and scoring (the refit's too)
+    history, extra = fit_and_select(model, ds, run_cfg, run_dir, plan, resume)
     thresholds = _thresholds(model, ds, plan, cfg.tte.templates)
     if cfg.train.refit and "selected_epoch" in extra and "val" in ds.splits:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, ds.classes, ds.splits["train"].labels).to(device)  # same graph as selection
         refit_cfg = replace(run_cfg, train=replace(run_cfg.train, epochs=max(1, extra["selected_epoch"]), select="last"))
-        refit = _train(model, merged_train(ds), refit_cfg, run_dir / "refit", plan, resume)
+        refit = _train(model, merged_train(ds), cfg.loss, fit_plan(refit_cfg), run_dir / "refit", plan, resume)
         history = history + [{**row, "refit": 1} for row in refit.history]
     clock.lap("train")
     if distributed.is_main():

@@ -18,16 +18,18 @@ import io
 import logging
 import random
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from capnet.config import Config
 from capnet.features.plan import FeaturePlan
 from capnet.fileio import atomic_write_bytes
 from capnet.runtime import distributed
+
+if TYPE_CHECKING:  # the loop's plan, a type only (the loop does not import this module)
+    from capnet.train.loop import FitPlan
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +128,12 @@ def _write_csv(path: Path, rows: List[Dict[str, str]]) -> None:
     atomic_write_bytes(buf.getvalue().encode(), path)
 
 
-def test_curve_callbacks(model: nn.Module, ds: Any, cfg: Config, run_dir: Path, plan: FeaturePlan) -> List[TestCurve]:
+def test_curve_callbacks(model: nn.Module, ds: Any, fit: "FitPlan", run_dir: Path,
+                         plan: FeaturePlan) -> List[TestCurve]:
     """``[TestCurve(...)]`` when ``train.log.test_curve`` is on and ``ds`` has a test split, else ``[]``."""
-    if not cfg.train.log.test_curve or "test" not in ds.splits:
+    if not fit.train.log.test_curve or "test" not in ds.splits:
         return []
-    return [TestCurve(model, ds.splits["test"], plan, run_dir, cfg.tte.templates, cfg.train.ema, ds.groups(),
+    return [TestCurve(model, ds.splits["test"], plan, run_dir, fit.test_time_templates, fit.train.ema, ds.groups(),
                       ds.classes)]
 
 
