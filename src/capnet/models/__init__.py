@@ -2,7 +2,8 @@
 
 ``heads.ClassifierBase`` is the contract with the engine: every hook the training loop,
 evaluation, the feature cache and serving call is declared there with a no-op default.
-``text_bank.BudgetedCAPNET`` is CAPNET with a per-step class budget (large class counts only).
+``text_bank.BudgetedCAPNET`` is CAPNET with a per-step class budget (large class counts only);
+its lazy optimiser step for the rows outside a step's classes is ``lazy_rows.KeepRows``.
 A model knows no training loop and no config beyond what ``build.py`` hands it.
 """
 from capnet.models import backbones, peft  # noqa: F401  (register backbones and PEFT methods)
