@@ -20,7 +20,7 @@ import torch
 
 from capnet.config import Config, DataConfig, LossConfig, config_hash, replace, save_config
 from capnet.data import Split
-from capnet.errors import CapnetError, DataError
+from capnet.errors import DataError
 from capnet.run_files import save_model, write_run_record
 from capnet.evaluation.scores import split_scores
 from capnet.features.loaders import make_loaders
@@ -31,7 +31,7 @@ from capnet.data.check import (
     skipped_summary,
     write_skipped,
 )
-from capnet.features.views import eval_views, single_view, split_features, train_features
+from capnet.features.views import single_view, split_features
 from capnet.fileio import capnet_cache_dir, write_json_atomic
 from capnet.report import write_report
 from capnet.runtime import distributed
@@ -41,6 +41,7 @@ from capnet.registry import FEATURE_FITS
 from capnet.runtime.precision import resolve_amp
 from capnet.runtime.seed import seed_everything
 from capnet.runtime.stopwatch import Stopwatch
+from capnet.train.feature_fit import fit_on_features
 from capnet.train.loop import FitPlan, fit
 
 log = logging.getLogger(__name__)
@@ -115,28 +116,6 @@ def _center(model: ClassifierBase, ds: Any, plan: FeaturePlan) -> None:
     model.set_feature_mean(torch.cat(final).mean(dim=0))
 
 
-def _fit_on_features(model: ClassifierBase, ds: Any, kind: str, plan: FeaturePlan, refit: bool) -> Dict[str, Any]:
-    """Fit a head on cached final features (``FEATURE_FITS``: the scikit-learn probe, ZS-LP, CLAP),
-    choosing on val under the test-time views; returns its selection record."""
-    from capnet.train.probe import fit_feature_head
-
-    if plan.cached_depth != model.backbone.num_image_stages:
-        raise CapnetError(f"model.kind={kind} reads cached final features: set train.feature_cache=true "
-                          "and model.peft.method=none")
-
-    def features(name: str, views: Any) -> Tuple[np.ndarray, np.ndarray]:
-        split = ds.splits[name]
-        feats = split_features(model, split.image_paths, views, plan)
-        return feats[:].numpy(), split.labels  # FeatureRows: read every row (final features are small)
-
-    x, y = features("train", single_view(model))
-    x = x[:, 0]
-    if plan.augment_views and getattr(FEATURE_FITS.get(kind), "fits_train_views", False):  # e.g. clap_authors
-        x = train_features(model, ds.splits["train"], plan)[:].numpy()  # eval view + cached augmentations
-    val = features("val", eval_views(model, plan)) if "val" in ds.splits else None
-    return fit_feature_head(model, kind, (x, y), val, refit=refit, seed=plan.seed)
-
-
 def _train(model: ClassifierBase, ds: Any, loss: LossConfig, fit_with: FitPlan, run_dir: Path, plan: FeaturePlan,
            resume: bool) -> Any:
     """Gradient training with validation selection (``fit``); returns its FitResult."""
@@ -163,7 +142,7 @@ def fit_and_select(model: ClassifierBase, ds: Any, cfg: Config, run_dir: Path, p
     is not touched (``benchmarks/sweep_val.py`` relies on it).
     """
     if cfg.model.kind in FEATURE_FITS:
-        probe = _fit_on_features(model, ds, cfg.model.kind, plan, cfg.train.refit)
+        probe = fit_on_features(model, ds, cfg.model.kind, plan, cfg.train.refit)
         return [], {"probe": probe, "val_mAP": probe.get("val_mAP")}
     if not any(p.requires_grad for p in model.parameters()):
         return [], {}
