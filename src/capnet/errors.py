@@ -1,7 +1,7 @@
 """Errors a user can act on. Each message names the file, key or class at fault."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 
 class CapnetError(Exception):
@@ -14,6 +14,19 @@ class DataError(CapnetError, ValueError):
 
 class CheckpointError(CapnetError, ValueError):
     """A checkpoint that is missing, of the wrong architecture, or of the wrong shapes."""
+
+
+def check_state(expected: Mapping[str, Any], found: Mapping[str, Any], where: Any) -> None:
+    """Raise CheckpointError naming ``where`` and every missing / unexpected / mis-shaped tensor of
+    ``found`` against ``expected`` (both name -> tensor)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(found)) if tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
+             f"shape mismatches [{'; '.join(shapes)}]" if shapes else ""]
+    if any(parts):
+        raise CheckpointError(f"{where}: does not match the model: " + ", ".join(p for p in parts if p))
 
 
 class FeatureRangeError(CapnetError, ValueError):

@@ -71,26 +71,6 @@ def with_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, t
 
 # ---------------------------------------------------------- weights <-> model
 
-def check_compatible(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], path: PathLike) -> None:
-    """Raise CheckpointError naming the file and every missing / unexpected / mis-shaped key."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if tuple(found[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatches [{'; '.join(shapes)}]")
-        raise CheckpointError(f"{path}: does not match the model: " + ", ".join(parts))
-
-
 def model_identity(model: Any) -> Dict[str, Any]:
     """Backbone name and weights checksum, recorded so a checkpoint is not paired with another."""
     return dict(model.backbone_identity())

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capnet.errors import CapnetError, CheckpointError
+from capnet.errors import CapnetError, check_state
 from capnet.models.backbones.base import Backbone
 
 GROUP_NAMES = ("prompts", "gcn", "peft", "head")  # keys param_groups() may return
@@ -219,12 +219,7 @@ class ClassifierBase(ModelHooks, nn.Module):
     def load_trainable_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         """Strictly load tensors saved by ``trainable_state_dict`` (CheckpointError on any mismatch)."""
         own = dict((n, p) for n, p in self.named_parameters() if p.requires_grad)
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or wrong:
-            parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "", f"shape mismatches {wrong}" if wrong else ""]
-            raise CheckpointError(f"trainable state does not fit this {type(self).__name__}: " + "; ".join(p for p in parts if p))
+        check_state(own, state, f"trainable state for {type(self).__name__}")
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(state[k].to(device=p.device, dtype=p.dtype))

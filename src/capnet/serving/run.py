@@ -21,14 +21,14 @@ from torch import nn
 
 from capnet.config import SERVING_KEYS, Config, ConfigError, DataConfig, config_hash, is_key_under, load_config
 from capnet.data.lt_stats import GROUP_NAMES
-from capnet.errors import CheckpointError, DataError
+from capnet.errors import CheckpointError, DataError, check_state
 from capnet.evaluation.scores import split_scores
 from capnet.features.cache import prefix_features
 from capnet.features.views import eval_views
 from capnet.plans import feature_plan, resolve_runtime
 from capnet.runtime import distributed
 from capnet.runtime.precision import autocast
-from capnet.run_files import EXTRA_STATE_KEYS, check_compatible, load_extra_state, load_file, split_prefix
+from capnet.run_files import EXTRA_STATE_KEYS, load_extra_state, load_file, split_prefix
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def load_run(run_dir: Path, device: str = "auto", add_classes: Optional[Sequence
                               f"{found}: point --weights / $CAPNET_WEIGHTS_DIR at the file the run was trained with")
     extra = {k: tensors.pop(k) for k in EXTRA_STATE_KEYS if k in tensors}
     weights = model.upgrade_state(split_prefix(tensors, "model."))
-    check_compatible(model.trainable_state_dict(), weights, run_dir / "model.safetensors")
+    check_state(model.trainable_state_dict(), weights, run_dir / "model.safetensors")
     model.load_trainable_state_dict(weights)
     load_extra_state(model, extra)
     metrics_path = run_dir / "metrics.json"

@@ -15,8 +15,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from capnet.errors import CheckpointError
-from capnet.run_files import check_compatible, load_file, model_identity, save_file, split_prefix, with_prefix
+from capnet.errors import CheckpointError, check_state
+from capnet.run_files import load_file, model_identity, save_file, split_prefix, with_prefix
 
 PathLike = Union[str, Path]
 
@@ -32,7 +32,7 @@ def load_weights(model: Any, path: PathLike) -> Dict[str, Any]:
     """Load trainable weights saved by :func:`save_weights` into ``model``; returns the meta."""
     tensors, meta = load_file(path)
     weights = model.upgrade_state(split_prefix(tensors, "model."))
-    check_compatible(model.trainable_state_dict(), weights, path)
+    check_state(model.trainable_state_dict(), weights, path)
     model.load_trainable_state_dict(weights)
     return meta
 
@@ -96,13 +96,13 @@ def load_training_state(path: PathLike, *, model: Any, optimizer: Any, scheduler
 
     tensors, meta = load_file(path)
     weights = model.upgrade_state(split_prefix(tensors, "model."))
-    check_compatible(model.trainable_state_dict(), weights, path)
+    check_state(model.trainable_state_dict(), weights, path)
     model.load_trainable_state_dict(weights)
     if ema is not None:
         averages = model.upgrade_state(split_prefix(tensors, "ema."))
         if not averages:
             raise CheckpointError(f"{path}: has no EMA weights but train.ema is set (resume with the same config)")
-        check_compatible(ema.state_dict(), averages, path)
+        check_state(ema.state_dict(), averages, path)
         ema.load_state_dict(averages)
     try:
         optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
