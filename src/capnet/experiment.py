@@ -228,7 +228,7 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
         save_model(model, run_dir / "model.safetensors", ds.classes, train_statistics(ds))
     header = {"name": run_dir.name, "dataset": f"{ds.name} ({cfg.data.root})", "backbone": cfg.model.backbone,
               "model": cfg.model.kind, "loss": cfg.loss.name, "PEFT": cfg.model.peft.method,
-              "test-time views": cfg.tte.views, "feature precision": resolve_amp(cfg.train.extract_amp, device),
+              "test-time views": cfg.tte.views, "feature precision": plan.extract_amp,
               "training precision": resolve_amp(cfg.train.amp, device),
               "train/val/test images":
               "/".join(str(len(ds.splits[s])) for s in ("train", "val", "test") if s in ds.splits)}

@@ -46,7 +46,7 @@ def atomic_write_bytes(data: bytes, path: PathLike) -> None:
     try:
         _write_replace(data, path)
     except OSError as err:
-        if err.errno in NO_SPACE and not isinstance(err, DiskFullError):
+        if err.errno in NO_SPACE:
             raise DiskFullError(str(path), err.errno) from None
         raise
 

@@ -39,7 +39,8 @@ def tune_process(cfg: Config) -> Config:
 
 def feature_plan(cfg: Config, model: ClassifierBase, device: torch.device, cache_dir: Optional[Path] = None,
                  stopwatch: Optional[Stopwatch] = None) -> FeaturePlan:
-    """How ``model`` gets its inputs under ``cfg`` on ``device`` (workers: resolved or 0 when unset)."""
+    """How ``model`` gets its inputs under ``cfg`` on ``device`` (workers: resolved, or this machine's
+    budget when unset)."""
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else budget().workers
     return FeaturePlan(
         cached_depth=model.cached_depth() if cfg.train.feature_cache else 0,

@@ -85,8 +85,9 @@ class FeatureCache:
             if stem != entry.stem and want:
                 try:
                     ids = json.loads(index.read_text())["ids"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    ids = []  # unreadable: nothing to copy
+                except (OSError, ValueError, KeyError, TypeError) as err:
+                    log.warning("feature cache: %s is unreadable (%s); its rows are recomputed", index, err)
+                    ids = []
                 if any(i in want for i in ids):
                     copied += entry.copy_from(RowFile.open(stem, entry.key, ids, verify=False), want)
             if stem.name.startswith(parts):
@@ -97,9 +98,10 @@ class FeatureCache:
 
 
 def prefix_features(backbone: Any, images: torch.Tensor, depth: int) -> torch.Tensor:
-    """``backbone.image_prefix(images, depth)`` as float16 on the CPU, under the extraction autocast:
-    the very number a cache hit returns, so ``predict`` scores what ``eval`` scored from the cache."""
-    out = backbone.image_prefix(images, depth).detach().float().cpu()
+    """``backbone.image_prefix(images, depth)`` rounded to float16 (on the images' device), under the
+    extraction autocast: the very number a cache hit returns, so ``predict`` scores what ``eval``
+    scored from the cache."""
+    out = backbone.image_prefix(images, depth).detach().float()
     half = out.to(torch.float16).contiguous()
     if (torch.isfinite(out) & ~torch.isfinite(half)).any():
         raise FeatureRangeError(f"{backbone.spec.name}: stage-{depth} image features reach "
@@ -146,7 +148,7 @@ def feature_rows(backbone: Any, paths: Sequence[Union[str, Path]], transform: Ca
     (none | bf16 | fp16: part of the key) is the tower's autocast; ``backbone`` sits on ``device``."""
     paths, device = [Path(p) for p in paths], torch.device(device)
     if not paths:
-        raise ValueError("compute_features needs at least one image path")
+        raise ValueError("feature_rows needs at least one image path")
 
     def produce(rows: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         log.info("feature cache: computing %d of %d images (stage %d)", len(rows), len(paths), depth)
@@ -163,7 +165,7 @@ def feature_rows(backbone: Any, paths: Sequence[Union[str, Path]], transform: Ca
                     got = time.perf_counter()
                     flat = images.flatten(0, 1) if images.ndim == 5 else images  # (B, V, 3, H, W): V views each
                     out = prefix_features(backbone, flat.to(device, non_blocking=True), depth)
-                    stored = out.view(*images.shape[:-3], *out.shape[1:]).numpy()
+                    stored = out.view(*images.shape[:-3], *out.shape[1:]).cpu().numpy()
                     waited, tower = waited + got - tic, tower + time.perf_counter() - got
                     yield rows[start:start + len(stored)], stored
                     start, tic = start + len(stored), time.perf_counter()

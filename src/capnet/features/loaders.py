@@ -120,7 +120,7 @@ def make_loaders(dataset: Any, model: Any, plan: FeaturePlan, splits: Sequence[s
             else:
                 feats = split_features(model, split.image_paths, eval_views(model, plan), plan)
                 data = FeatureDataset(feats, split.labels, depth, multi_view=True)
-            workers = 0  # tensors already in memory
+            workers = 0  # rows in memory or read by positional reads: no decoding to spread
         else:
             data = ImageDataset(split, model.backbone.transform(train=True) if train else eval_views(model, plan))
             workers = plan.num_workers

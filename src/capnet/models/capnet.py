@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from capnet.errors import CapnetError
-from capnet.models.backbones.base import Backbone
+from capnet.models.backbones.base import Backbone, is_aligned
 from capnet.models.gcn import GCN
 from capnet.models.heads import ClassifierBase, cosine_logits
 from capnet.models.prompts import PromptLearner
@@ -76,8 +76,7 @@ class CAPNET(ClassifierBase):
                                gcn_residual=gcn_residual, proj=projection(backbone.text_dim, proj_dim) if proj_dim else None,
                                class_residual=class_residual, residual_gate=residual_gate,
                                ensemble_templates=ensemble_templates, text_chunk=text_chunk)
-        aligned = backbone.image_dim == backbone.text_dim and backbone.spec.extra.get("aligned", True)
-        if proj_dim is None and not aligned:
+        if proj_dim is None and not is_aligned(backbone):
             raise CapnetError(f"{backbone.spec.name}: towers are not aligned, set model.proj_dim")
         log_scale = torch.tensor(min(math.log(logit_scale), LOG_MAX_LOGIT_SCALE))
         if learn_logit_scale:

@@ -72,7 +72,7 @@ def propagate(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class GCN(nn.Module):
-    """Stacked graph convolutions ``dim -> hidden -> ... -> dim`` with a zero last layer."""
+    """Stacked graph convolutions ``dim -> hidden -> ... -> dim`` (``init``: zero last layer, or uniform)."""
 
     def __init__(self, dim: int, hidden: int, layers: int = 2, dropout: float = 0.0, init: str = "zero_last") -> None:
         super().__init__()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capnet.errors import CapnetError
+from capnet.models.backbones.base import is_aligned
 from capnet.models.capnet import CAPNET
 from capnet.models.heads import ClassifierBase, ZeroShot
 from capnet.models.label_graph import GraphInputs, text_graph
@@ -108,8 +109,7 @@ class OpenVocabModel(ClassifierBase):
 
 def _require_bridge(model: ClassifierBase) -> None:
     backbone = model.backbone
-    aligned = backbone.image_dim == backbone.text_dim and backbone.spec.extra.get("aligned", True)
-    if not aligned or (isinstance(model, CAPNET) and model.text.proj is not None):
+    if not is_aligned(backbone) or (isinstance(model, CAPNET) and model.text.proj is not None):
         raise CapnetError(
             f"{backbone.spec.name}: cannot add classes: its image and text towers are not aligned and it has no "
             f"text bridge (the learned text projection only knows the trained class names); use a CLIP backbone "

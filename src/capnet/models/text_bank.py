@@ -23,12 +23,12 @@ Deferred gradient: the loss's gradient with respect to the bank rows of classes 
 subset is not dropped: it is summed per class (``TextBank.pending``) and added to the gradient
 of that class's head output the next time the class is in a subset, so it reaches the class's
 prompt then (backpropagated through the text tower once, for all the steps it waited). With
-class-specific prompts a row's prompt does not change between its visits (the training loop
-keeps rows outside the subset, ``lazy_rows.KeepRows``), so the text tower's part of that
+class-specific prompts a row's prompt does not change between its visits (the model's
+``around_optimizer_step`` keeps rows outside the subset, ``lazy_rows.KeepRows``), so the text tower's part of that
 accumulated gradient is exact. The per-class residual is cheap (C x D) and always gets its
 exact gradient.
 
-The bank is filled by one no-grad pass over all classes (in chunks) at the first step, and
+The bank is filled by one no-grad pass over all classes (in chunks) at every epoch's start, and
 again every ``refresh_every`` steps when asked. With rows = all classes this is the exact branch.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ class TextBank(nn.Module):
     ``head``: (C, D) head outputs (GCN, projection; before the class residual); ``pending``:
     (C, D) the gradient owed to each class's head output since it last ran (module docstring).
     ``prompt`` and ``head`` are recomputed from the parameters at every full refresh; ``pending``
-    is not, so a resumed run needs it (``CAPNET.resume_state``). None of them is in the weights.
+    is not, so a resumed run needs it (``BudgetedCAPNET.resume_state``). None of them is in the weights.
     """
 
     def __init__(self) -> None:

@@ -116,8 +116,8 @@ def view_transform(
     else:
         to_tensor = eval_transform or T.Compose([T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size), normalize])
     mirror = "+mirror_after_transform" if views == "flip" else ""  # feature-cache key: flip-before-crop entries are stale
-    desc = (f"views={views}{mirror}(size={image_size}, resize_scale={resize_scale}, interpolation={interpolation}) "
-            f"then {to_tensor!r}")
+    scale = f", resize_scale={resize_scale}" if views in CROP_VIEWS else ""  # single / flip ignore it
+    desc = f"views={views}{mirror}(size={image_size}{scale}, interpolation={interpolation}) then {to_tensor!r}"
     return StackViews(VIEWS.build(views, image_size, resize_scale, mode), to_tensor, desc.replace("\n", " "))
 
 

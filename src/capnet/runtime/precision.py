@@ -18,7 +18,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo
 BF16_ARM_FLAGS = ("bf16",)  # aarch64 "Features"
 # Scores of a trained model (validation, thresholds, test, ``capnet eval``, ``predict``, export)
 # are computed in float32 after the frozen prefix: every command ranks the same numbers. Only
-# the training step uses ``train.amp``; the frozen prefix runs at ``extraction_amp`` wherever
+# the training step uses ``train.amp``; the frozen prefix runs at ``FeaturePlan.extract_amp`` wherever
 # torch runs it (the feature cache and ``predict``), so a run's cached and fresh features agree.
 SCORE_AMP = "none"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,8 +26,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """Autocast for ``amp`` in none | auto | bf16 | fp16 (fp16 needs CUDA; auto: bf16 where native)."""
-    if amp == "auto":
-        amp = "bf16" if native_bf16(device) else "none"
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:

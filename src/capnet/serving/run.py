@@ -261,7 +261,7 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
             if depth > 0:
                 with prefix_amp:
                     flat = prefix_features(run.model.backbone, flat, depth)
-                logits = run.model.forward_features(flat.float(), depth)
+                logits = run.model.forward_features(flat.to(run.device).float(), depth)
             else:
                 logits = run.model(flat)
             logits = logits.float().view(b, v, -1).mean(dim=1)

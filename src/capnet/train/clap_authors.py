@@ -75,7 +75,7 @@ def soft_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def lagrangian_multipliers(zs_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """lambda_c = mean softmax probability of class c over the samples containing c (adapters.py:240-242)."""
+    """lambda_c = mean softmax probability of class c over the samples containing c (adapters.py:242-243)."""
     return mean_over_positives(torch.softmax(zs_logits, dim=-1), labels)
 
 

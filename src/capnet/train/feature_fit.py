@@ -13,7 +13,6 @@ from capnet.features.plan import FeaturePlan
 from capnet.features.views import eval_views, single_view, split_features, train_features
 from capnet.models.heads import ClassifierBase
 from capnet.registry import FEATURE_FITS
-from capnet.train.probe import fit_feature_head
 
 
 def fit_on_features(model: ClassifierBase, ds: Any, kind: str, plan: FeaturePlan, refit: bool) -> Dict[str, Any]:
@@ -27,9 +26,10 @@ def fit_on_features(model: ClassifierBase, ds: Any, kind: str, plan: FeaturePlan
         feats = split_features(model, split.image_paths, views, plan)
         return feats[:].numpy(), split.labels  # FeatureRows: read every row (final features are small)
 
-    x, y = features("train", single_view(model))
-    x = x[:, 0]
+    train = ds.splits["train"]
     if plan.augment_views and getattr(FEATURE_FITS.get(kind), "fits_train_views", False):  # e.g. clap_authors
-        x = train_features(model, ds.splits["train"], plan)[:].numpy()  # eval view + cached augmentations
+        x = train_features(model, train, plan)[:].numpy()  # (N, 1 + K, D): eval view + cached augmentations
+    else:
+        x = features("train", single_view(model))[0][:, 0]
     val = features("val", eval_views(model, plan)) if "val" in ds.splits else None
-    return fit_feature_head(model, kind, (x, y), val, refit=refit, seed=plan.seed)
+    return FEATURE_FITS.build(kind, model, (x, train.labels), val, refit=refit, seed=plan.seed)

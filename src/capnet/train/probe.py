@@ -8,8 +8,8 @@ evaluated, saved and exported like every other model kind.
 
 Validation features may carry a view axis ((M, V, D): the test-time views), so the choice is made
 on the same view-averaged logits that test is scored with; for a linear head, the mean of the
-logits over views is the logit of the mean feature. ``fit_feature_head`` is the one entry the
-engine calls for every kind fitted on cached final features (this probe, ZS-LP and CLAP).
+logits over views is the logit of the mean feature. The engine reaches this probe, ZS-LP and the
+CLAPs through ``FEATURE_FITS`` (``train/feature_fit.py``).
 """
 from __future__ import annotations
 
@@ -103,10 +103,3 @@ def fit_linear_probe(model: Any, train: Tuple[np.ndarray, np.ndarray], val: Opti
     model.load_fit(fitted.coef, fitted.intercept, fitted.mean, fitted.scale)
     best = max(fitted.val_map.values()) if fitted.val_map else None
     return {"C": fitted.C, "val_mAP_by_C": fitted.val_map, "refit": refit, "val_mAP": best}
-
-
-def fit_feature_head(model: Any, kind: str, train: Tuple[np.ndarray, np.ndarray],
-                     val: Optional[Tuple[np.ndarray, np.ndarray]], refit: bool = False, seed: int = 0) -> Dict[str, Any]:
-    """Fit ``model``'s head for ``kind`` (a ``FEATURE_FITS`` name) on (N, D) train features, choosing
-    on (M, V, D) val features; load the fit into the model and return the selection record."""
-    return FEATURE_FITS.build(kind, model, train, val, refit=refit, seed=seed)

@@ -112,3 +112,8 @@ class Backbone(nn.Module, abc.ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def is_aligned(backbone: "Backbone") -> bool:
+    """Whether image and text features already live in one space (CLIP yes, offline VGG+MiniLM no)."""
+    return backbone.image_dim == backbone.text_dim and bool(backbone.spec.extra.get("aligned", True))

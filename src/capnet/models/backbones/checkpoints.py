@@ -48,8 +48,6 @@ class RawCheckpoint:
     hf_config: Optional[dict] = None  # config.json of a Hugging Face directory
 
 
-from capnet.fileio import sha256_of  # noqa: E402,F401  (re-exported: one implementation)
-
 
 # ------------------------------------------------------------------------------- reading
 def is_torchscript_archive(path: Path) -> bool:

@@ -31,10 +31,10 @@ from capnet.errors import CapnetError, CheckpointError
 from capnet.models.backbones import pretrained as hub
 from capnet.models.backbones.attention import use_contiguous_attention
 from capnet.models.backbones.base import Backbone, BackboneSpec
-from capnet.models.backbones.checkpoints import load_clip_weights, sha256_of
-from capnet.models.backbones.specs import CLIP_ARCHS, HF_HUB_PREFIX, CLIPArch, looks_like_path, resolve_arch
+from capnet.fileio import sha256_of
+from capnet.models.backbones.checkpoints import load_clip_weights
+from capnet.models.backbones.specs import CLIP_ARCHS, HF_HUB_PREFIX, RANDOM, CLIPArch, looks_like_path, resolve_arch
 
-RANDOM = "random"  # the `weights` value asking for random initialisation
 RANDOM_INIT_SEED = 0  # random-init backbones are seeded: one name, one set of weights
 
 

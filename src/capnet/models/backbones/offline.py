@@ -26,7 +26,7 @@ from torchvision import transforms as T
 
 from capnet.models.backbones.base import Backbone, BackboneSpec
 from capnet.errors import CheckpointError
-from capnet.fileio import sha256_of
+from capnet.fileio import file_fingerprints, sha256_of
 from capnet.models.backbones.offline_text import MiniLMText, capnet_cache_dir, extract_minilm, minilm_zip_path
 from capnet.models.backbones import efficientnet_lite
 from capnet.models.backbones.offline_vision import CAFFE_MEAN_RGB, build_vgg19_visual
@@ -52,9 +52,7 @@ _hash_files = sha256_of  # one implementation of "sha256 over these files, in or
 
 def weights_sha256(paths: Sequence[Path], cache_dir: Optional[Path] = None) -> str:
     """sha256 over all weight files, cached by (path, size, mtime) so ~100 MB is hashed once."""
-    ident = json.dumps(
-        [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths]
-    )
+    ident = json.dumps([list(fp) for fp in file_fingerprints(paths)])
     store = (Path(cache_dir) if cache_dir is not None else capnet_cache_dir()) / DIGEST_FILE
     try:
         known = json.loads(store.read_text())
