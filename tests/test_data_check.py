@@ -65,3 +65,20 @@ def test_class_names_match_after_normalising_case_spaces_underscores():
 def test_class_match_errors(run, data, class_map, match):
     with pytest.raises(DataError, match=match):
         match_classes(run, data, class_map)
+
+
+def test_preflight_memory_of_good_images_is_per_pixel_limit(folder_tree, tmp_path):
+    """An image that decoded under Pillow's limit is checked again under a lower data.max_image_pixels
+    (the loader would reject it mid-run), not skipped as remembered-good."""
+    from capnet.data import set_max_image_pixels
+    from capnet.data.check import BadImagesError, preflight_images
+
+    ds = load_dataset("folder", folder_tree)
+    cache = tmp_path / "cache"
+    try:
+        assert preflight_images(ds, False, cache)[1] == []  # all good, remembered in the cache
+        set_max_image_pixels(8)  # the 8x8 images are now decompression bombs (> 2x the limit)
+        with pytest.raises(BadImagesError):
+            preflight_images(ds, False, cache)
+    finally:
+        set_max_image_pixels(None)

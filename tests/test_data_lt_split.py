@@ -51,12 +51,29 @@ def test_selection_follows_dbs_greedy_rules():
     last = sel.order[-1]  # nothing after the last visit changes its count: it sits exactly on its reference
     assert counts[last] == sel.reference[-1] and not sel.short
     assert sel.order[0] == 0  # the class that comes with everything is visited first
-    np.testing.assert_array_equal(visiting_order(y), sel.order)
     assert sel == select_longtail(y, max_count=VOC_LT_MAX, seed=0)
     assert sel.indices != select_longtail(y, max_count=VOC_LT_MAX, seed=1).indices
     assert len(sel.indices) < len(y) and counts.max() <= VOC_LT_MAX * 1.5
     groups = db_groups(counts, [str(k) for k in range(20)])
     assert sum(len(v) for v in groups.values()) == 20 and groups["head"] and groups["tail"]
+
+
+def test_visiting_order_by_hand():
+    """sum_i P(j | i) worked out on paper: scores 4/3, 5/2, 4/3 for classes 0-2 (tie kept in class
+    order), and the class without images last."""
+    y = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0], [0, 1, 0, 0]], dtype=np.float32)
+    assert visiting_order(y).tolist() == [1, 0, 2, 3]
+
+
+def test_a_split_folder_of_other_origin_is_not_overwritten(tmp_path, write_jpeg, capsys):
+    """DB's own split folders (or a dataset root) have no lt_split.json: their files still stand."""
+    root = native_trees(tmp_path / "native", write_jpeg, n_train=40, n_test=6)["voc"]
+    out = tmp_path / "db_split"
+    out.mkdir()
+    (out / "train.csv").write_text("theirs\n")
+    args = ["data", "lt-split", str(root), "--reader", "voc", "--out", str(out), "--max-count", "12"]
+    assert main(args) == 1 and "train.csv" in capsys.readouterr().err
+    assert (out / "train.csv").read_text() == "theirs\n" and not (out / "lt_split.json").exists()
 
 
 def test_short_classes_are_reported():

@@ -9,7 +9,7 @@ gets the same resolved values without the side effects (``resolve_runtime``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -19,7 +19,9 @@ from capnet.models.heads import ClassifierBase
 from capnet.runtime.precision import resolve_amp
 from capnet.runtime.resources import apply_budget, budget, resolve_budget
 from capnet.runtime.stopwatch import Stopwatch
-from capnet.train.loop import FitPlan
+
+if TYPE_CHECKING:  # serving imports this module for feature_plan alone: no training package there
+    from capnet.train.loop import FitPlan
 
 
 def resolve_runtime(cfg: Config) -> Config:
@@ -52,7 +54,9 @@ def feature_plan(cfg: Config, model: ClassifierBase, device: torch.device, cache
     )
 
 
-def fit_plan(cfg: Config) -> FitPlan:
+def fit_plan(cfg: Config) -> "FitPlan":
     """What the training loop needs of ``cfg``: its train and optim sections, the deployed text side
     (``tte.templates``, for validation) and the resolved config saved with each checkpoint."""
+    from capnet.train.loop import FitPlan
+
     return FitPlan(train=cfg.train, optim=cfg.optim, test_time_templates=cfg.tte.templates, record=to_dict(cfg))

@@ -203,6 +203,17 @@ def _scores(metrics: Mapping[str, Any]) -> Dict[str, Optional[float]]:
     return out
 
 
+def _same_config(run_dir: Path, cfg: Any) -> bool:
+    """Whether ``run_dir`` was started with ``cfg`` (its config.yaml hashes alike): only such a run is
+    resumed; a row whose config changed since is trained afresh, not failed on the resume check."""
+    from capnet.config import ConfigError, config_hash, load_config
+
+    try:
+        return config_hash(load_config([str(run_dir / "config.yaml")])) == config_hash(cfg)
+    except (OSError, ConfigError):
+        return False
+
+
 def run_row(row: Row, out: Path, overrides: List[str], cache_dir: Optional[Path], resume: bool) -> RowResult:
     """Train and score one row (or read back its finished run); any failure becomes the row's error."""
     from capnet.config import load_config
@@ -218,11 +229,10 @@ def run_row(row: Row, out: Path, overrides: List[str], cache_dir: Optional[Path]
             log.info("%s: finished before in %s, read back", row.name, run_dir)
             return RowResult(row, "reused", _scores(done), 0.0, None, recipe, overrides=overrides)
         log.info("%s: training (%s)", row.name, ", ".join(p.name for p in row.configs))
-        metrics = train_run(cfg, run_dir, resume=resume and (run_dir / "last.safetensors").is_file(), cache_dir=cache_dir)
+        metrics = train_run(cfg, run_dir, resume=resume and _same_config(run_dir, cfg), cache_dir=cache_dir)
         return RowResult(row, "ok", _scores(metrics), time.perf_counter() - start, None, recipe, overrides=overrides)
     except Exception as err:  # noqa: BLE001  (one row's failure must not stop the table)
-        log.warning("%s failed: %s", row.name, one_line(err))
-        log.debug("%s failed", row.name, exc_info=True)
+        log.warning("%s failed: %s", row.name, one_line(err), exc_info=not isinstance(err, CapnetError))
         return RowResult(row, "failed", {}, time.perf_counter() - start, one_line(err), overrides=overrides)
     finally:
         _free_accelerator()

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from capnet.data.base import MultiLabelDataset, image_problem
@@ -109,13 +110,15 @@ def preflight_images(ds: MultiLabelDataset, skip_bad_images: bool,
     """Decode every image before any long work: a bad file fails here, not after training.
 
     Images that decoded in an earlier run and have not changed since (same path, size and
-    mtime, recorded in ``cache_dir/checked_images.json``) are not decoded again. Under DDP each
+    mtime, under the same pixel limit, recorded in ``cache_dir/checked_images.json``) are not
+    decoded again. Under DDP each
     rank decodes every ``world``-th image and the bad ones are all-gathered, so each image is
     decoded once in all. With ``skip_bad_images`` the bad files are dropped from their splits
     and returned, so the caller can list them; otherwise a ``BadImagesError`` names them.
     """
     paths = list(dict.fromkeys(p for split in ds.splits.values() for p in split.image_paths))
-    keys = [json.dumps(fp) for fp in file_fingerprints(paths)]
+    limit = Image.MAX_IMAGE_PIXELS  # data.max_image_pixels: whether a file decodes depends on it too
+    keys = [json.dumps([*fp, limit]) for fp in file_fingerprints(paths)]
     known = _known_good(cache_dir)
     todo = [(p, k) for p, k in zip(paths, keys) if k not in known]
     mine = [p for p, _ in todo[distributed.rank()::distributed.world_size()]]

@@ -133,8 +133,6 @@ def write_longtail_split(dataset: MultiLabelDataset, out: Path, max_count: int, 
     if "train" not in dataset.splits:
         raise DataError(f"{dataset.root}: a long-tailed split subsamples train, but the data has no train split")
     out = Path(out)
-    if (out / SPLIT_RECORD).exists() and not force:
-        raise DataError(f"{out / SPLIT_RECORD} exists; pass --force to overwrite the split in {out}")
     train = dataset.splits["train"]
     sel = select_longtail(train.labels, max_count, min_count, b, tail, seed)
     classes = list(dataset.classes)
@@ -155,6 +153,9 @@ def write_longtail_split(dataset: MultiLabelDataset, out: Path, max_count: int, 
     files["class_freq.json"] = json.dumps({c: n for c, n in zip(classes, sel.counts)}, indent=1, sort_keys=True) + "\n"
     files["class_split.json"] = json.dumps(groups, indent=1, sort_keys=True) + "\n"
     files[SPLIT_RECORD] = json.dumps(record, indent=1) + "\n"
+    present = [name for name in files if (out / name).exists()]
+    if present and not force:  # e.g. DB's own split folder, or a dataset root with its classes.txt
+        raise DataError(f"{out}: {', '.join(present)} exist(s); pass --force to overwrite them, or choose another --out")
     for name, text in files.items():
         atomic_write_bytes(text.encode(), out / name)
     return sel

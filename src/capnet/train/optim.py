@@ -103,7 +103,8 @@ def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, steps_per_epoch: int
         if total < 2:
             raise TrainingError(f"optim.scheduler=onecycle needs at least 2 steps, got {total}")
         peaks = [group["lr"] for group in optimizer.param_groups]
-        return OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=min(max(warmup, 1) / total, 1.0))
+        return OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=min(max(warmup, 1) / total, 1.0),
+                          cycle_momentum=cfg.optimizer != "sgd")  # SGD keeps optim.momentum
     return LambdaLR(optimizer, WarmupSchedule(warmup, total, cfg.scheduler))
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capnet.errors import CapnetError
 from capnet.registry import FEATURE_FITS
 
 ZS_LRS = (1e-4, 3e-4, 1e-3, 3e-3)  # Adam learning rates tried on validation
@@ -169,7 +170,7 @@ def _fit_kind(clap: bool):
             refit: bool = False, seed: int = 0) -> Dict[str, Any]:
         kind = "clap" if clap else "zs_linear_probe"
         if refit:
-            raise ValueError(f"model.kind={kind} chooses its step on validation and is not refitted: set train.refit=false")
+            raise CapnetError(f"model.kind={kind} chooses its step on validation and is not refitted: set train.refit=false")
         fitted = fit_zs_probe(train, val, model.zeroshot_weight.cpu().numpy(), float(model.fixed_logit_scale),
                               clap=clap, seed=seed)
         model.load_fit(fitted.weight, fitted.bias)
