@@ -6,7 +6,9 @@
 
 Every row builds capnet and its peer on the same random full-size weights (``clip_vit_b16.openai`` /
 ``clip_rn50.openai`` architectures, QuickGELU, ``model.weights=random``), the same batch (32 train /
-64 inference, 224 px, 20 VOC classes), the same trainable parameters, the same loss and SGD; bf16
+64 inference, 224 px, 20 VOC classes), the same PEFT modules (capnet's cosine head reads the 512-d
+projection, LIFT's the 768-d token: 56,364 vs 61,464 trainable scalars on ViT-B/16), the same loss and
+the same SGD on both sides; bf16
 autocast where the CPU computes it natively (``capnet.runtime.precision``). Steps of capnet and the
 peer alternate in one process (``_timing.measure``), warm-up excluded; medians and per-round paired
 ratios (capnet / peer) go to ``peer_speed_cpu.{json,md}`` with the command, CPU, torch, threads and
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -94,7 +96,10 @@ def _infer(model: Callable[[torch.Tensor], Any], images: torch.Tensor, amp: str)
 
 def _cached_step(capnet: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
                  images: torch.Tensor, targets: torch.Tensor, amp: str) -> Callable[[], None]:
-    """capnet's step on cached image features (frozen image tower: the feature cache's training step)."""
+    """capnet's step on cached image features (frozen image tower: the feature cache's training step).
+
+    The image features are computed once, outside the timed step, so this row is the cost per step
+    from the second epoch on; the first epoch also pays one image-tower forward per image."""
     from capnet.models.heads import StepInputs
 
     with torch.no_grad(), autocast(images.device, amp):
@@ -143,7 +148,7 @@ def _capnet(variant: str, kind: str, pair: Any, images: torch.Tensor, targets: t
             ) -> Tuple[Dict[str, Callable[[], None]], int]:
     """capnet's case(s) and trainable scalars: the bare twin (AdaptFormer + head) or the CAPNET model."""
     model = pair.bare if variant == "adaptformer" else pair.capnet
-    optimizer = pair.optimizers["bare" if variant == "adaptformer" else "capnet"]
+    optimizer = _sgd(p for p in model.parameters() if p.requires_grad)  # the peers' optimiser, not the recipe's Adam
     if kind == "infer":
         model.eval()
         return {"capnet": _infer(model, images, amp)}, trainable_count(model)
@@ -224,7 +229,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = json.loads(args.render.read_text())
         args.render.with_suffix(".md").write_text(render(results))
         return 0
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, list(argv if argv is not None else sys.argv[1:]))
+    finally:
+        torch.set_num_threads(threads)  # an in-process caller (the test) keeps its own setting
+
+
+def _run(args: argparse.Namespace, argv: List[str]) -> int:
     device = torch.device("cpu")
     amp = ("bf16" if native_bf16(device) else "none") if args.amp == "auto" else args.amp
     sizes = QUICK if args.quick else FULL
@@ -233,9 +246,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="peer_speed_")) if args.quick else REPO / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = {
-        "command": "python -m benchmarks.peer_speed " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        # the peers' folder is this machine's path: recorded as PEERS_DIR
+        "command": "python -m benchmarks.peer_speed " + " ".join(
+            "PEERS_DIR" if args.peers and a == str(args.peers) else shlex.quote(a) for a in argv),
         "machine": machine_info(device, REPO), "amp": amp, "repeats": repeats, "warmup": args.warmup,
-        "peer_source": f"peers' code from {args.peers}" if peers else "reference layout (no --peers)",
+        "peer_source": "peers' code from PEERS_DIR" if peers else "reference layout (no --peers)",
         "peer_commits": _commits(args.peers) if peers else None, "rows": [],
     }
     stem = "peer_speed_cpu" + ("_quick" if args.quick else "")

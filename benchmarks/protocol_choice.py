@@ -315,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--inner-folds", type=int, default=5)
     p.add_argument("--rep-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the inner k-fold repetitions")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
-    p.add_argument("--rows", nargs="+", default=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--aug", type=int, default=4, help="train.augment_views of the `aug` row")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--set", action="append", default=[], dest="overrides", help="extra key=value for every row")

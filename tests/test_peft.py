@@ -185,7 +185,7 @@ def test_none_freezes_and_returns_none():
     assert count_trainable(visual) == 0
 
 
-def test_first_stage_on_staged_cnn():
+def test_cached_depth_on_staged_cnn():
     # the adapter after stage k is a pre-hook on the next module: stage k stays in the cached prefix
     assert apply_peft("conv_adapter", TinyVGG()).cached_depth == 5
     assert apply_peft("conv_adapter", TinyVGG(), stages=[2, 4]).cached_depth == 3

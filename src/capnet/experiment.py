@@ -265,10 +265,12 @@ def train_run(cfg: Config, run_dir: Path, *, resume: bool = False, cache_dir: Op
 
 def selection_note(cfg: Config, ds: Any) -> str:
     """One line for report.md: how the epoch and the F1 thresholds were chosen (never on test)."""
+    chosen = (f"model.kind={cfg.model.kind}'s own choices (e.g. the probe's C)" if cfg.model.kind in FEATURE_FITS
+              else f"train.select={cfg.train.select}")
     if "val" not in ds.splits:
-        return (f"train.select={cfg.train.select} on every training image, no validation part; "
+        return (f"{chosen} on every training image, no validation part; "
                 "F1 thresholds 0.5 for every class (test is never used to set them)")
-    return (f"train.select={cfg.train.select} on a {cfg.data.val_fraction:g} validation part of train; "
+    return (f"{chosen} on a validation part of {len(ds.splits['val'])} images (never trained on before any refit); "
             "F1 thresholds per class F1-optimal on validation")
 
 

@@ -280,9 +280,11 @@ def render_markdown(table: Table, results: Sequence[RowResult], out: Path) -> st
     if table.paper_table:
         lines += [f"Paper: {table.paper_table}.", ""]
     lines += ["Measured: test mAP of each row's run (its run directory under this folder). Published: the",
-              "figure the row matches in configs/tables/published.yaml (* quoted second-hand; - none found).", "",
-              "| row | method | mAP | head | medium | tail | published mAP | head | medium | tail | published source | status |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "figure the row matches in configs/tables/published.yaml (* quoted second-hand; - none found). A",
+              "published figure follows its paper's own protocol (LMPT and LT-GCN report the best test epoch,",
+              "docs/protocol.md); the measured rows follow their configs' (CAPNET: the last epoch).", "",
+              "| row | method | views | mAP | head | medium | tail | published mAP | head | medium | tail | published source | status |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         pub = r.published or {}
         star = "*" if pub.get("second_hand") else ""
@@ -290,7 +292,8 @@ def render_markdown(table: Table, results: Sequence[RowResult], out: Path) -> st
         measured = [_fmt(r.metrics.get(m)) for m in METRICS]
         shown = [(_fmt(pub.get(m)) + star) if pub.get(m) is not None else "-" for m in METRICS]
         source = str(pub.get("source", "-")).replace("|", "/")
-        lines.append(f"| {r.row.name} | {r.row.label} | " + " | ".join(measured + shown) + f" | {source} | {status} |")
+        views = (r.recipe or {}).get("views", "-")
+        lines.append(f"| {r.row.name} | {r.row.label} | {views} | " + " | ".join(measured + shown) + f" | {source} | {status} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from capnet.errors import CapnetError
+from capnet.errors import CapnetError, Interrupted
 
 
 def _weights(items: List[str]) -> Dict[str, str]:
@@ -49,8 +49,12 @@ def run(args: argparse.Namespace) -> int:
         raise CapnetError("name a table and --out DIR (capnet reproduce --list shows the tables)")
     table = find_table(args.table, folder)
     cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    result = run_table(table, Path(args.out), Path(args.data_root) if args.data_root else None, _weights(args.weights),
-                       args.overrides, cache, only=args.rows, resume=not args.no_resume)
+    try:
+        result = run_table(table, Path(args.out), Path(args.data_root) if args.data_root else None,
+                           _weights(args.weights), args.overrides, cache, only=args.rows, resume=not args.no_resume)
+    except Interrupted as err:  # reproduce has no --resume flag: it resumes by default
+        raise KeyboardInterrupt(f"interrupted in epoch {err.epoch} of a row; rerun the same command to continue "
+                                "(finished rows are kept, the row resumes from its last finished epoch)") from None
     print((Path(args.out) / "table.md").read_text())
     failed = [r["name"] for r in result["rows"] if r["status"] == "failed"]
     if failed:
