@@ -197,6 +197,10 @@ def test_predict_scores_every_readable_image_and_reports_the_bad_one(trained, tm
     for r in rows:
         if "error" not in r:
             assert r["scores"] == pytest.approx(alone[r["image"]], abs=1e-5)
+    # one row per image, in the order given, the bad one in its place inside its batch
+    order = [good[0], broken, good[1], good[2]]
+    assert main(["predict", "--run", str(trained), "--batch-size", "4", *map(str, order)]) == 3
+    assert [json.loads(line)["image"] for line in _lines(capsys.readouterr().out)] == [str(p) for p in order]
 
 
 def test_eval_names_bad_images_before_scoring_and_can_skip_them(trained, data, tmp_path, capsys, write_jpeg) -> None:

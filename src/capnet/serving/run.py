@@ -245,31 +245,31 @@ def predict_images(run: LoadedRun, paths: Sequence[Path], batch_size: int = 16) 
     added = {"classes": run.added_classes, "threshold": round(float(run.thresholds[-1]), 6),
              "threshold_policy": ADDED_THRESHOLD_POLICY} if run.added_classes else None
     for start in range(0, len(paths), batch_size):
+        rows: List[Dict[str, Any]] = []  # the batch's rows in input order; an unreadable image's is its error
         chunk, decoded = [], []
         for path in paths[start:start + batch_size]:
             try:
                 decoded.append(views_of(load_image(path)))
-                chunk.append(path)
+                chunk.append(len(rows))
+                rows.append({"image": str(path)})
             except DataError as err:  # one bad file among many: report it in place, score the rest
-                yield {"image": str(path), "error": str(err)}
-        if not chunk:
-            continue
-        views = torch.stack(decoded).to(run.device)
-        b, v = views.shape[:2]
-        with torch.inference_mode():
-            flat = views.flatten(0, 1)
-            if depth > 0:
-                with prefix_amp:
-                    flat = prefix_features(run.model.backbone, flat, depth)
-                logits = run.model.forward_features(flat.to(run.device).float(), depth)
-            else:
-                logits = run.model(flat)
-            logits = logits.float().view(b, v, -1).mean(dim=1)
-        probs = torch.sigmoid(logits.double()).cpu().numpy()
-        for path, p in zip(chunk, probs):
-            row = {"image": str(path),
-                   "labels": [c for c, s, t in zip(run.classes, p, run.thresholds) if s >= t],
-                   "scores": {c: round(float(s), 6) for c, s in zip(run.classes, p)}}
-            if added is not None:
-                row["open_vocab"] = added
-            yield row
+                rows.append({"image": str(path), "error": str(err)})
+        if chunk:
+            views = torch.stack(decoded).to(run.device)
+            b, v = views.shape[:2]
+            with torch.inference_mode():
+                flat = views.flatten(0, 1)
+                if depth > 0:
+                    with prefix_amp:
+                        flat = prefix_features(run.model.backbone, flat, depth)
+                    logits = run.model.forward_features(flat.to(run.device).float(), depth)
+                else:
+                    logits = run.model(flat)
+                logits = logits.float().view(b, v, -1).mean(dim=1)
+            probs = torch.sigmoid(logits.double()).cpu().numpy()
+            for i, p in zip(chunk, probs):
+                rows[i]["labels"] = [c for c, s, t in zip(run.classes, p, run.thresholds) if s >= t]
+                rows[i]["scores"] = {c: round(float(s), 6) for c, s in zip(run.classes, p)}
+                if added is not None:
+                    rows[i]["open_vocab"] = added
+        yield from rows
