@@ -125,4 +125,5 @@ def test_row_overrides_aim_data_weights_and_sets_at_the_right_rows(tmp_path):
     assert "data.batch_size=4" not in rn50 and rn50[-1] == "train.epochs=2"
     assert f"data.root={tmp_path / 'VOCdevkit'}" in vit and "model.weights=/w/ViT-B-16.pt" in vit
     assert vit[-2:] == ["data.batch_size=4", "train.epochs=2"]  # the user's overrides come last
-    assert row_overrides(rows["voc_lt.rn50.coop"], None, {}, []) == []  # no root: the config's own data.root
+    # no root: the config's own data.root; the table's common views stay
+    assert row_overrides(rows["voc_lt.rn50.coop"], None, {}, []) == ["tte.views=five_crop"]
